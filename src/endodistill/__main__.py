@@ -1,0 +1,3 @@
+from endodistill.cli import main
+
+main()

@@ -1,0 +1,222 @@
+"""The ``endodistill`` command line (Typer).
+
+Every command turns an :class:`~endodistill.errors.EndodistillError` into one line on stderr and its
+exit code (2 for bad input); ``--debug`` shows the traceback instead. Ctrl-C exits with 130.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from endodistill.errors import EXIT_INTERRUPTED, EndodistillError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Distil ultrasound knowledge into an MRI classifier (POD obliteration, arXiv 2307.02000).",
+)
+_STATE = {"debug": False}
+log = logging.getLogger("endodistill")
+
+ConfigOpt = Annotated[
+    Optional[str], typer.Option("--config", "-c", help="YAML config file or preset name (demo, paper, tiny).")
+]
+SetOpt = Annotated[
+    Optional[list[str]], typer.Option("--set", help="Override a config value: --set finetune.epochs=3 (repeatable).")
+]
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="More log output.")] = False,
+) -> None:
+    _STATE["debug"] = debug
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr
+    )
+
+
+@app.command()
+def synth(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the cohort into.")],
+    preset: Annotated[str, typer.Option(help="Cohort size: demo, paper or tiny.")] = "demo",
+    seed: Annotated[int, typer.Option(help="Generator seed (same seed -> identical files).")] = 0,
+    paired_fraction: Annotated[
+        float, typer.Option(help="Share of TVUS subjects that also have an MRI (same subject_id).")
+    ] = 0.0,
+) -> None:
+    """Write the synthetic pelvic cohort (MRI NIfTI, TVUS mp4, manifest.csv, cohort.json)."""
+    from endodistill.data.synthetic import format_summary, generate_cohort
+
+    summary = generate_cohort(out, preset=preset, seed=seed, paired_fraction=paired_fraction)
+    typer.echo(format_summary(summary))
+
+
+@app.command()
+def validate(
+    manifest: Annotated[Path, typer.Argument(help="manifest.csv to check.")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    decode: Annotated[bool, typer.Option(help="Also decode every file (slower, catches broken files).")] = True,
+) -> None:
+    """Check a manifest and the files it names; report every problem at once (exit 2 if any)."""
+    from endodistill.config import load_config
+    from endodistill.data.manifest import validate_manifest
+
+    cfg = load_config(config, set_)
+    problems = validate_manifest(manifest, cfg=cfg, decode=decode)
+    if problems:
+        for p in problems:
+            typer.echo(str(p), err=True)
+        typer.echo(f"{manifest}: {len(problems)} problem(s) found", err=True)
+        raise typer.Exit(2)
+    typer.echo(f"{manifest}: OK")
+
+
+@app.command()
+def inspect(path: Annotated[Path, typer.Argument(help="An MRI volume, DICOM folder or ultrasound clip.")]) -> None:
+    """Print what endodistill sees in one file: format, shape, spacing, orientation, range, frames."""
+    from endodistill.data.inspect import format_inspection, inspect_path
+
+    typer.echo(format_inspection(inspect_path(path)))
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory.")] = Path("demo_run"),
+    config: ConfigOpt = "demo",
+    set_: SetOpt = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted demo run.")] = False,
+) -> None:
+    """Generate the synthetic demo cohort (when absent) and run the whole protocol on it."""
+    from endodistill.config import load_config
+    from endodistill.evaluate.protocol import run_demo
+
+    cfg = load_config(config, set_)
+    run_demo(cfg, out, resume=resume)
+
+
+@app.command()
+def run(
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory.")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    resume: Annotated[
+        Optional[Path], typer.Option("--resume", help="Continue the interrupted run in this directory.")
+    ] = None,
+) -> None:
+    """Run the whole experiment: teacher, MAE, 5-fold ablation, final model, report."""
+    from endodistill.evaluate.protocol import load_run_config, run_experiment
+
+    if resume is not None:
+        cfg = load_run_config(resume, set_)
+        run_experiment(cfg, resume, resume=True)
+        return
+    if out is None or config is None:
+        raise typer.BadParameter("give --config and --out (or --resume RUN_DIR)")
+    from endodistill.config import load_config
+
+    run_experiment(load_config(config, set_), out, resume=False)
+
+
+@app.command()
+def train(
+    stage: Annotated[str, typer.Argument(help="teacher, pretrain or distill.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory.")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    method: Annotated[str, typer.Option(help="Method name for distill.")] = "mae_kd_ce",
+    fold: Annotated[Optional[int], typer.Option(help="Fold for distill (default: train on all).")] = None,
+    resume: Annotated[bool, typer.Option(help="Resume from the stage's last checkpoint.")] = False,
+) -> None:
+    """Run one training stage on its own, writing into a run directory."""
+    from endodistill.config import load_config
+    from endodistill.evaluate.protocol import run_stage
+
+    run_stage(load_config(config, set_), out, stage=stage, method=method, fold=fold, resume=resume)
+
+
+@app.command()
+def predict(
+    model: Annotated[Path, typer.Option("--model", "-m", help="Model directory (RUN_DIR/model).")],
+    input_: Annotated[
+        list[Path], typer.Option("--input", "-i", help="NIfTI, DICOM folder, MHA/NRRD, folder or manifest.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
+    heatmap: Annotated[bool, typer.Option(help="Write explanation heatmaps.")] = True,
+) -> None:
+    """Predict POD obliteration on new MRI scans (exit 3 when some cases failed)."""
+    from endodistill.infer.predict import predict_cases
+
+    n_failed = predict_cases(model, input_, out, heatmap=heatmap)
+    if n_failed:
+        raise typer.Exit(3)
+
+
+@app.command()
+def export(
+    model: Annotated[Path, typer.Option("--model", "-m", help="Model directory (RUN_DIR/model).")],
+    format_: Annotated[str, typer.Option("--format", "-f", help="onnx or monai-bundle.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output file (onnx) or folder (bundle).")],
+) -> None:
+    """Export the deployable model to ONNX or a MONAI bundle."""
+    from endodistill.infer.export import export_model
+
+    typer.echo(export_model(model, format_, out))
+
+
+@app.command()
+def bench(
+    out: Annotated[Path, typer.Option("--out", "-o", help="JSON file for the results.")] = Path(
+        "benchmarks/results/bench.json"
+    ),
+    quick: Annotated[bool, typer.Option(help="Small sizes only.")] = True,
+) -> None:
+    """Run the benchmark suite (same as ``python -m benchmarks``)."""
+    from endodistill.bench import run_benchmarks
+
+    res = run_benchmarks(out, quick=quick)
+    typer.echo(json.dumps(res, indent=2)[:2000])
+
+
+def main() -> None:
+    """Console-script entry point with one-line errors."""
+    t0 = time.perf_counter()
+    try:
+        app(standalone_mode=False)
+    except EndodistillError as e:
+        if _STATE["debug"]:
+            raise
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except SystemExit:
+        raise
+    except Exception as e:  # a click usage error or an unexpected failure
+        import click
+
+        if isinstance(e, click.exceptions.Abort):
+            typer.echo("interrupted", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(2)
+        if _STATE["debug"]:
+            raise
+        typer.echo(f"error: unexpected {type(e).__name__}: {e} (rerun with --debug for the traceback)", err=True)
+        sys.exit(1)
+    finally:
+        log.debug("done in %.1fs", time.perf_counter() - t0)

@@ -1,0 +1,355 @@
+"""Typed configuration: every command reads one YAML file validated by these models.
+
+Unknown keys and wrong types are a :class:`ConfigError` naming the key. ``--set a.b=value`` overrides
+any value (the value is parsed as YAML, so ``--set finetune.epochs=3`` gives an int).
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from endodistill.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TaskConfig(_Strict):
+    """What is predicted, and which manifest modalities feed the student and the teacher."""
+
+    num_classes: int = Field(2, ge=2)
+    class_names: list[str] = ["not_obliterated", "obliterated"]
+    student_modality: str = "mri"
+    teacher_modality: str = "tvus"
+    positive_class: int = Field(1, ge=0)
+
+    @model_validator(mode="after")
+    def _names_match(self) -> TaskConfig:
+        if len(self.class_names) != self.num_classes:
+            raise ValueError(f"class_names has {len(self.class_names)} names for {self.num_classes} classes")
+        if self.positive_class >= self.num_classes:
+            raise ValueError("positive_class must be < num_classes")
+        return self
+
+
+class SynthConfig(_Strict):
+    """The synthetic pelvic cohort (used when ``data.manifest`` is empty)."""
+
+    preset: Literal["demo", "paper", "tiny"] = "demo"
+    seed: int = 0
+    n_mri_labelled: int | None = Field(None, ge=4)
+    n_mri_unlabelled: int | None = Field(None, ge=0)
+    n_tvus: int | None = Field(None, ge=4)
+    paired_fraction: float = Field(0.0, ge=0.0, le=1.0)
+
+
+class DataConfig(_Strict):
+    """Where the cohort comes from and where preprocessed tensors are cached."""
+
+    manifest: Path | None = None
+    synth: SynthConfig = SynthConfig()
+    cache_dir: Path | None = None
+    allow_outside_paths: bool = False
+    dicom_series: dict[str, str] = {}
+
+
+class MRIPreprocessConfig(_Strict):
+    """MRI preprocessing: canonical orientation, spacing, robust intensity scaling, crop/pad."""
+
+    orientation: str = "RAS"
+    spacing: tuple[float, float, float] = (4.0, 4.0, 4.0)
+    size: tuple[int, int, int] = (32, 32, 32)
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    crop: Literal["center", "foreground"] = "foreground"
+    interpolation: Literal["linear", "nearest"] = "linear"
+
+    @model_validator(mode="after")
+    def _check(self) -> MRIPreprocessConfig:
+        if any(s <= 0 for s in self.spacing):
+            raise ValueError("spacing must be positive")
+        if any(s < 4 or s > 1024 for s in self.size):
+            raise ValueError("size must be between 4 and 1024 voxels per axis")
+        lo, hi = self.percentiles
+        if not 0 <= lo < hi <= 100:
+            raise ValueError("percentiles must satisfy 0 <= low < high <= 100")
+        return self
+
+
+class ClipPreprocessConfig(_Strict):
+    """Ultrasound clip preprocessing: grayscale, sector crop, resize, temporal sampling."""
+
+    frames: int = Field(8, ge=1, le=512)
+    size: tuple[int, int] = (64, 64)
+    sector_crop: bool = True
+    fps: float | None = Field(None, gt=0)
+    max_source_frames: int = Field(4096, ge=1)
+
+
+class TeacherConfig(_Strict):
+    """The video teacher (ResNet(2+1)D)."""
+
+    arch: Literal["r2plus1d_18", "r2plus1d_narrow"] = "r2plus1d_narrow"
+    width: int = Field(8, ge=2)
+    weights: Path | None = None
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    folds: int = Field(1, ge=1)
+    holdout_fraction: float = Field(0.25, gt=0, lt=1)
+    targets: Literal["in_sample", "oof"] = "in_sample"
+    augment: bool = True
+
+
+class StudentConfig(_Strict):
+    """The MRI student: a 3D ViT (MONAI ``ViT``), shared by MAE pre-training."""
+
+    patch_size: tuple[int, int, int] = (8, 8, 8)
+    hidden_size: int = Field(48, ge=6)
+    mlp_dim: int = Field(96, ge=1)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(3, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    qkv_bias: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> StudentConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError("hidden_size must be divisible by num_heads")
+        if self.hidden_size % 6:
+            raise ValueError("hidden_size must be divisible by 6 (3D sin-cos position embedding of the MAE)")
+        return self
+
+
+class MAEConfig(_Strict):
+    """3D masked auto-encoder pre-training on the unlabelled pool."""
+
+    enabled: bool = True
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(1.5e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    mask_ratio: float = Field(0.5, gt=0, lt=1)
+    norm_pix_loss: bool = False
+    decoder_hidden_size: int = Field(48, ge=6)
+    decoder_layers: int = Field(1, ge=1)
+    decoder_heads: int = Field(3, ge=1)
+    use_labelled_train: bool = False
+
+
+class ScheduleConfig(_Strict):
+    """The KD weight a_e over epochs e: ``exp`` alpha**e (paper), ``constant``, ``linear``, ``cosine``."""
+
+    kind: Literal["exp", "constant", "linear", "cosine"] = "exp"
+    alpha: float = Field(0.85, ge=0, le=1)
+
+
+class MethodConfig(_Strict):
+    """One compared method: initialisation, KD loss and its weight schedule."""
+
+    init: Literal["scratch", "mae"] = "mae"
+    schedule: ScheduleConfig = ScheduleConfig()
+    kd_loss: Literal["mse_logits", "mse_probs", "kl", "prototype"] = "mse_logits"
+    temperature: float = Field(2.0, gt=0)
+    pairing: Literal["label_matched", "paired"] = "label_matched"
+
+
+def default_methods() -> dict[str, MethodConfig]:
+    """The paper's ablation: the five methods every run compares."""
+    return {
+        "scratch_ce": MethodConfig(init="scratch", schedule=ScheduleConfig(kind="constant", alpha=0.0)),
+        "mae_ce": MethodConfig(init="mae", schedule=ScheduleConfig(kind="constant", alpha=0.0)),
+        "scratch_kd_ce": MethodConfig(init="scratch", schedule=ScheduleConfig(kind="exp", alpha=0.85)),
+        "mae_kd": MethodConfig(init="mae", schedule=ScheduleConfig(kind="constant", alpha=1.0)),
+        "mae_kd_ce": MethodConfig(init="mae", schedule=ScheduleConfig(kind="exp", alpha=0.85)),
+    }
+
+
+class FinetuneConfig(_Strict):
+    """Distillation + fine-tuning of the student on labelled MRI."""
+
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    val_fraction: float = Field(0.2, ge=0, lt=1)
+    class_balance: Literal["weights", "sampler", "none"] = "weights"
+    augment: bool = True
+
+
+class ProtocolConfig(_Strict):
+    """The cross-validated experiment."""
+
+    folds: int = Field(5, ge=2)
+    methods: dict[str, MethodConfig] = Field(default_factory=default_methods)
+    full_method: str = "mae_kd_ce"
+    high_sensitivity: float = Field(0.9, gt=0, lt=1)
+    final_model: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> ProtocolConfig:
+        if self.full_method not in self.methods:
+            raise ValueError(f"full_method {self.full_method!r} is not one of methods")
+        return self
+
+
+class TrainerConfig(_Strict):
+    """Hardware and Lightning settings shared by every stage."""
+
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "cpu"
+    devices: int | str = 1
+    strategy: str = "auto"
+    num_nodes: int = Field(1, ge=1)
+    precision: str = "32-true"
+    num_workers: int = Field(0, ge=0)
+    compile: bool = False
+    threads: int | None = Field(None, ge=1)
+    deterministic: bool = True
+    log_every_n_steps: int = Field(10, ge=1)
+
+
+class Config(_Strict):
+    """The whole configuration of a run."""
+
+    name: str = "endodistill"
+    seed: int = 0
+    task: TaskConfig = TaskConfig()
+    data: DataConfig = DataConfig()
+    mri: MRIPreprocessConfig = MRIPreprocessConfig()
+    tvus: ClipPreprocessConfig = ClipPreprocessConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    student: StudentConfig = StudentConfig()
+    mae: MAEConfig = MAEConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    protocol: ProtocolConfig = ProtocolConfig()
+    trainer: TrainerConfig = TrainerConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        for ax, (s, p) in enumerate(zip(self.mri.size, self.student.patch_size)):
+            if s % p:
+                raise ValueError(f"mri.size[{ax}]={s} is not a multiple of student.patch_size[{ax}]={p}")
+        return self
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    parts = []
+    for e in err.errors():
+        key = ".".join(str(x) for x in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            parts.append(f"unknown key '{key}'")
+        else:
+            parts.append(f"'{key}': {e['msg']}")
+    return f"{source}: invalid config: " + "; ".join(parts)
+
+
+def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    cur = d
+    for k in keys[:-1]:
+        nxt = cur.get(k)
+        if nxt is None:
+            nxt = cur[k] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(None, f"--set {dotted}: '{k}' is not a section")
+        cur = nxt
+    cur[keys[-1]] = value
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """Turn ``["a.b=1", "c=x"]`` into a nested dict (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(None, f"--set {item!r}: expected KEY=VALUE")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(out, key.strip(), value)
+    return out
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """Recursively merge ``extra`` into a copy of ``base``."""
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def preset_path(name: str) -> Path:
+    """Path of a preset shipped with the package (``demo``, ``paper``, ``tiny``)."""
+    p = Path(str(resources.files("endodistill") / "configs" / f"{name}.yaml"))
+    if not p.is_file():
+        raise ConfigError(name, "no such preset (known: demo, paper, tiny)")
+    return p
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None
+) -> Config:
+    """Read and validate a YAML config, apply ``--set`` overrides.
+
+    Args:
+        path: a YAML file, or a preset name (``demo``, ``paper``, ``tiny``); None gives the defaults.
+        overrides: ``KEY=VALUE`` strings or a nested dict applied on top.
+
+    Raises:
+        ConfigError: unreadable YAML, unknown keys, wrong types or impossible values.
+    """
+    raw: dict[str, Any] = {}
+    source = "<defaults>"
+    base_dir: Path | None = None
+    if path is not None:
+        p = Path(path)
+        if not p.exists() and p.suffix == "" and "/" not in str(path):
+            p = preset_path(str(path))
+        source = str(p)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(p, "config file not found") from None
+        except (UnicodeDecodeError, IsADirectoryError, PermissionError) as e:
+            raise ConfigError(p, f"cannot read config ({type(e).__name__})") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            line = getattr(getattr(e, "problem_mark", None), "line", None)
+            where = f" at line {line + 1}" if line is not None else ""
+            raise ConfigError(p, f"not valid YAML{where}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(p, "config must be a YAML mapping of sections")
+        raw = loaded
+        base_dir = p.parent
+    if overrides:
+        extra = parse_overrides(overrides) if isinstance(overrides, list) else overrides
+        raw = deep_merge(raw, extra)
+        source = f"{source} (with --set overrides)"
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(None, _format_validation_error(e, source)) from None
+    # A relative manifest path in a config file is relative to that file, like nnU-Net's plans.
+    if base_dir is not None and cfg.data.manifest is not None and not cfg.data.manifest.is_absolute():
+        candidate = (base_dir / cfg.data.manifest).resolve()
+        if candidate.exists():
+            cfg.data.manifest = candidate
+    return cfg
+
+
+def dump_config(cfg: Config) -> str:
+    """The fully resolved config as YAML (what every run saves)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
