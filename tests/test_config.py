@@ -30,7 +30,7 @@ def test_wrong_type_is_named(tmp_path: Path) -> None:
 
 
 def test_impossible_size() -> None:
-    with pytest.raises(ConfigError, match="multiple of student.patch_size"):
+    with pytest.raises(ConfigError, match=r"multiple of student\.patch_size"):
         load_config(None, ["mri.size=[30,32,32]"])
 
 

@@ -11,7 +11,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -27,10 +27,11 @@ _STATE = {"debug": False}
 log = logging.getLogger("endodistill")
 
 ConfigOpt = Annotated[
-    Optional[str], typer.Option("--config", "-c", help="YAML config file or preset name (demo, paper, tiny).")
+    str | None, typer.Option("--config", "-c", help="YAML config file or preset name (demo, paper, tiny).")
 ]
 SetOpt = Annotated[
-    Optional[list[str]], typer.Option("--set", help="Override a config value: --set finetune.epochs=3 (repeatable).")
+    list[str] | None,
+    typer.Option("--set", help="Override a config value: --set finetune.epochs=3 (repeatable)."),
 ]
 
 
@@ -66,7 +67,9 @@ def validate(
     manifest: Annotated[Path, typer.Argument(help="manifest.csv to check.")],
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    decode: Annotated[bool, typer.Option(help="Also decode every file (slower, catches broken files).")] = True,
+    decode: Annotated[
+        bool, typer.Option(help="Also decode every file (slower, catches broken files).")
+    ] = True,
 ) -> None:
     """Check a manifest and the files it names; report every problem at once (exit 2 if any)."""
     from endodistill.config import load_config
@@ -83,7 +86,9 @@ def validate(
 
 
 @app.command()
-def inspect(path: Annotated[Path, typer.Argument(help="An MRI volume, DICOM folder or ultrasound clip.")]) -> None:
+def inspect(
+    path: Annotated[Path, typer.Argument(help="An MRI volume, DICOM folder or ultrasound clip.")],
+) -> None:
     """Print what endodistill sees in one file: format, shape, spacing, orientation, range, frames."""
     from endodistill.data.inspect import format_inspection, inspect_path
 
@@ -107,25 +112,28 @@ def demo(
 
 @app.command()
 def run(
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory.")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     resume: Annotated[
-        Optional[Path], typer.Option("--resume", help="Continue the interrupted run in this directory.")
+        Path | None, typer.Option("--resume", help="Continue the interrupted run in this directory.")
     ] = None,
 ) -> None:
     """Run the whole experiment: teacher, MAE, 5-fold ablation, final model, report."""
-    from endodistill.evaluate.protocol import load_run_config, run_experiment
+    from endodistill.config import load_config
 
     if resume is not None:
+        from endodistill.evaluate.protocol import load_run_config, run_experiment
+
         cfg = load_run_config(resume, set_)
         run_experiment(cfg, resume, resume=True)
         return
     if out is None or config is None:
         raise typer.BadParameter("give --config and --out (or --resume RUN_DIR)")
-    from endodistill.config import load_config
+    cfg = load_config(config, set_)  # a bad config fails before any heavy import or output
+    from endodistill.evaluate.protocol import run_experiment
 
-    run_experiment(load_config(config, set_), out, resume=False)
+    run_experiment(cfg, out, resume=False)
 
 
 @app.command()
@@ -135,7 +143,7 @@ def train(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     method: Annotated[str, typer.Option(help="Method name for distill.")] = "mae_kd_ce",
-    fold: Annotated[Optional[int], typer.Option(help="Fold for distill (default: train on all).")] = None,
+    fold: Annotated[int | None, typer.Option(help="Fold for distill (default: train on all).")] = None,
     resume: Annotated[bool, typer.Option(help="Resume from the stage's last checkpoint.")] = False,
 ) -> None:
     """Run one training stage on its own, writing into a run directory."""
@@ -216,7 +224,9 @@ def main() -> None:
             sys.exit(2)
         if _STATE["debug"]:
             raise
-        typer.echo(f"error: unexpected {type(e).__name__}: {e} (rerun with --debug for the traceback)", err=True)
+        typer.echo(
+            f"error: unexpected {type(e).__name__}: {e} (rerun with --debug for the traceback)", err=True
+        )
         sys.exit(1)
     finally:
         log.debug("done in %.1fs", time.perf_counter() - t0)
