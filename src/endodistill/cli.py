@@ -6,7 +6,6 @@ exit code (2 for bad input); ``--debug`` shows the traceback instead. Ctrl-C exi
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -180,20 +179,6 @@ def export(
     from endodistill.infer.export import export_model
 
     typer.echo(export_model(model, format_, out))
-
-
-@app.command()
-def bench(
-    out: Annotated[Path, typer.Option("--out", "-o", help="JSON file for the results.")] = Path(
-        "benchmarks/results/bench.json"
-    ),
-    quick: Annotated[bool, typer.Option(help="Small sizes only.")] = True,
-) -> None:
-    """Run the benchmark suite (same as ``python -m benchmarks``)."""
-    from endodistill.bench import run_benchmarks
-
-    res = run_benchmarks(out, quick=quick)
-    typer.echo(json.dumps(res, indent=2)[:2000])
 
 
 def main() -> None:
