@@ -358,11 +358,14 @@ def _decode_problems(rec: Record, cfg: Config, student: str, teacher: str) -> li
         if rec.modality == teacher:
             return _check_clip(rec, cfg)
     except InputError as e:
-        return [f"cannot decode: {e.reason}"]
+        # A DICOM folder's error may name one file inside it: keep that name.
+        inner = f" ({Path(e.path).name})" if e.path and Path(e.path) != rec.path else ""
+        return [f"cannot load{inner}: {e.reason}"]
     except MemoryError:
-        return ["cannot decode: too large to load into memory"]
+        return ["cannot load: too large to fit in memory"]
     except Exception as e:  # a reader bug or an exotic file must not hide the other problems
-        return [f"cannot decode ({type(e).__name__}: {e})"]
+        first_line = next(iter(str(e).splitlines()), "")
+        return [f"cannot load: unexpected {type(e).__name__} ({first_line[:160]})"]
     return []
 
 
