@@ -577,3 +577,23 @@ def test_cli_validate_end_to_end(cohort: Path) -> None:
     broken = _cli("validate", str(cohort / "missing.csv"))
     assert broken.returncode == 2 and "manifest not found" in broken.stderr
     assert "Traceback" not in broken.stderr
+
+
+@pytest.mark.real
+@needs_readers
+def test_real_files_validate_clean(real_data: Path, tmp_path: Path) -> None:
+    """A manifest over the real DICOM series, its NIfTI conversion and real mp4 clips has no problem."""
+    from endodistill.config import load_config
+
+    pelvis = real_data / "prostatex_t2_pelvis"
+    clips = sorted((real_data / "us_sonocrop_pocus").glob("*.mp4"))
+    rows = [
+        ["a", "mri", str(pelvis / "ProstateX-0000_t2_tse_sag"), "0", "real"],
+        ["b", "mri", str(pelvis / "ProstateX-0000_t2_tse_sag.nii.gz"), "1", "real"],
+        ["c", "tvus", str(clips[0]), "0", "real"],
+        ["d", "tvus", str(clips[1]), "1", "real"],
+    ]
+    path = write_manifest(tmp_path, rows)
+    assert any("absolute path" in p.reason for p in validate_manifest(path, decode=False))
+    cfg = load_config(None, {"data": {"allow_outside_paths": True}})
+    assert validate_manifest(path, cfg=cfg, decode=True) == []
