@@ -185,7 +185,9 @@ def main() -> None:
     """Console-script entry point with one-line errors."""
     t0 = time.perf_counter()
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)  # returns typer.Exit's code instead of raising it
+        if isinstance(rc, int) and rc:
+            sys.exit(rc)
     except EndodistillError as e:
         if _STATE["debug"]:
             raise
