@@ -1,0 +1,190 @@
+"""The report on a fabricated run directory: every section, self-contained HTML, the Markdown table."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from endodistill.errors import InputError
+from endodistill.evaluate.report import SECTION_IDS, format_ablation_table, write_report
+from endodistill.evaluate.stats import compare_methods, nan_to_none, summarise_methods
+
+METHODS = ["scratch_ce", "mae_ce", "scratch_kd_ce", "mae_kd", "mae_kd_ce"]
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        w.writerows(rows)
+
+
+def _fake_run(root: Path, manifest: str | None = None) -> Path:
+    rng = np.random.default_rng(0)
+    run = root / "run"
+    n = 40
+    y = rng.integers(0, 2, n)
+    y[:2] = [0, 1]
+    rows = []
+    for k, m in enumerate(METHODS):
+        p = 1 / (1 + np.exp(-(rng.normal(size=n) + 0.5 * k * (2 * y - 1))))
+        rows += [
+            {"subject_id": f"s{i:02d}", "fold": i % 5, "method": m, "label": int(y[i]), "prob": float(p[i])}
+            for i in range(n)
+        ]
+    _write_csv(
+        run / "oof_predictions.csv",
+        ["subject_id", "fold", "method", "label", "prob"],
+        [[r["subject_id"], r["fold"], r["method"], r["label"], r["prob"]] for r in rows],
+    )
+    ty = rng.integers(0, 2, 30)
+    _write_csv(
+        run / "teacher" / "predictions.csv",
+        ["subject_id", "label", "prob"],
+        [[f"t{i}", int(ty[i]), float(np.clip(0.3 * ty[i] + 0.7 * rng.random(), 0, 1))] for i in range(30)],
+    )
+    # Lightning CSVLogger layout: sparse rows, train and val on separate lines.
+    for sub in [
+        "teacher/logs/version_0",
+        "mae/logs/version_0",
+        *[f"folds/fold_{f}/{m}/logs/version_0" for f in range(2) for m in METHODS[:2]],
+    ]:
+        log_rows = []
+        for e in range(4):
+            log_rows.append([e, 2 * e + 1, f"{1 / (e + 1):.4f}", "", "", "0.001"])
+            log_rows.append([e, 2 * e + 1, "", f"{1.2 / (e + 1):.4f}", f"{0.6 + 0.05 * e:.3f}", ""])
+        _write_csv(
+            run / sub / "metrics.csv",
+            ["epoch", "step", "train_loss", "val_loss", "val_auc", "lr-AdamW"],
+            log_rows,
+        )
+    results = {
+        "methods": summarise_methods(rows, high_sensitivity=0.9),
+        "teacher": {"auc": 0.9, "auc_ci95": [0.8, 0.97], "n": 30},
+        "comparisons": compare_methods(rows),
+        "cohort": {
+            "n_mri_labelled": n,
+            "prevalence": 0.3,
+            "ceilings": {"mri": 0.88, "tvus": 0.97},
+            **({"manifest": manifest} if manifest else {}),
+        },
+        "config": {
+            "name": "fake",
+            "seed": 7,
+            "protocol": {"folds": 5, "full_method": "mae_kd_ce"},
+            "task": {"student_modality": "mri", "teacher_modality": "tvus"},
+        },
+        "seed": 7,
+        "timings": {"teacher": 12.5, "mae": 30.25, "folds": 100.0},
+        "versions": {"python": "3.11", "torch": "2.14.1"},
+    }
+    (run / "results.json").write_text(json.dumps(nan_to_none(results)))
+    return run
+
+
+def _check_html(text: str) -> None:
+    for sid in SECTION_IDS:
+        assert f'<h2 id="{sid}">' in text, sid
+    # Self-contained: nothing fetched from anywhere.
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", text, re.I)
+    assert "<script" not in text.lower() and "<link" not in text.lower()
+    for src in re.findall(r"""<img[^>]*src="([^"]+)\"""", text):
+        assert src.startswith("data:image/png;base64,")
+
+
+def test_report_on_fabricated_run(tmp_path: Path) -> None:
+    run = _fake_run(tmp_path)
+    (run / "examples").mkdir()
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(1, 1))
+    fig.add_subplot().plot([0, 1])
+    fig.savefig(run / "examples" / "mri_s00.png")
+
+    html_path, md_path = write_report(run)
+    assert (html_path, md_path) == (run / "report.html", run / "report.md")
+    text = html_path.read_text()
+    _check_html(text)
+    # ROC, calibration, teacher ROC, folds, 4 training groups (teacher, mae, 2 CV methods), the example.
+    assert len(re.findall(r"<img ", text)) >= 9
+    assert "Holm-Bonferroni" in text and "p adjusted" in text
+    assert "90.6" in text and "65.0" in text  # the paper's numbers next to ours
+    assert "AUC [95% CI, DeLong]" in text or "AUC [95% CI" in text
+    assert "mri</b> 88.0" in text  # ceilings
+    assert "torch" in text and "2.14.1" in text and "<code>7</code>" in text
+    assert "full_method: mae_kd_ce" in text  # YAML config
+    assert "cross-validation: scratch_ce" in text and "mae" in text
+    md = md_path.read_text()
+    assert md.count("\n| ") >= 1 + len(METHODS)
+    assert "| Method | AUC [95% CI] |" in md and "| mae_kd_ce |" in md and "90.6" in md
+    assert "Holm" in md
+    table = format_ablation_table(json.loads((run / "results.json").read_text()))
+    lines = table.splitlines()
+    assert lines[0].startswith("Method") and set(lines[1]) <= {"-", " "}
+    assert sum(1 for ln in lines if ln.split(" ")[0] in METHODS) == len(METHODS)
+    assert "ceilings" in lines[-1]
+
+
+def test_report_minimal_results_only(tmp_path: Path) -> None:
+    """A run that got no further than results.json still gets every section, with notes."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_text(
+        json.dumps({"methods": {"scratch_ce": {"auc": None, "fold_aucs": [None]}}})
+    )
+    html_path, md_path = write_report(run)
+    text = html_path.read_text()
+    _check_html(text)
+    assert "oof_predictions.csv not found" in text
+    assert "| scratch_ce | — |" in md_path.read_text()
+
+
+def test_report_draws_examples_from_manifest(tmp_path: Path) -> None:
+    import av
+    import nibabel as nib
+
+    data = tmp_path / "cohort"
+    (data / "mri").mkdir(parents=True)
+    (data / "tvus").mkdir()
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(2):
+        nib.save(
+            nib.Nifti1Image(rng.random((16, 16, 6)).astype(np.float32), np.eye(4)), data / f"mri/m{i}.nii.gz"
+        )
+        rows.append([f"m{i}", "mri", f"mri/m{i}.nii.gz", i])
+        with av.open(str(data / f"tvus/t{i}.mp4"), "w") as c:
+            st = c.add_stream("mpeg4", rate=5)
+            st.width = st.height = 32
+            st.pix_fmt = "yuv420p"
+            for _ in range(4):
+                frame = av.VideoFrame.from_ndarray(
+                    rng.integers(0, 255, (32, 32), dtype=np.uint8), format="gray"
+                )
+                c.mux(st.encode(frame))
+            c.mux(st.encode())
+        rows.append([f"t{i}", "tvus", f"tvus/t{i}.mp4", i])
+    _write_csv(data / "manifest.csv", ["subject_id", "modality", "path", "label"], rows)
+    run = _fake_run(tmp_path, manifest=str(data / "manifest.csv"))
+    text = write_report(run)[0].read_text()
+    _check_html(text)
+    examples = text.split('<h2 id="examples">')[1].split("</section>")[0]
+    assert "data:image/png;base64," in examples and "drawn from manifest.csv" in examples
+    # An unreadable manifest is a note, not a crash.
+    run2 = _fake_run(tmp_path / "b", manifest=str(tmp_path / "missing.csv"))
+    text2 = write_report(run2)[0].read_text()
+    assert "not readable" in text2
+
+
+def test_missing_or_bad_results_is_input_error(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="not found"):
+        write_report(tmp_path)
+    (tmp_path / "results.json").write_text("{bad")
+    with pytest.raises(InputError, match="not valid JSON"):
+        write_report(tmp_path)
