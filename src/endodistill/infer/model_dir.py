@@ -1,0 +1,376 @@
+"""The deployable model directory: weights, resolved config and metadata, with no pickle anywhere.
+
+Layout of ``MODEL_DIR`` (written by :func:`save_model_dir`, read by :func:`load_model_dir`)::
+
+    model.safetensors   student weights (safetensors: a JSON header and raw tensors, nothing executable)
+    config.yaml         the resolved run config (``endodistill.config.dump_config``)
+    metadata.json       name, version, creation time, architecture summary, preprocessing, threshold,
+                        metrics and the SHA-256 of model.safetensors
+
+Loading checks, in this order, and refuses with an :class:`~endodistill.errors.InputError` naming the file
+and the problem: pickle files (never opened), missing files, metadata that is not JSON, weights whose
+SHA-256 differs from the one recorded in metadata.json (truncated or modified), a safetensors header that
+does not parse, an architecture summary that disagrees with config.yaml (the key is named), and tensors
+whose names or shapes do not fit the architecture (the tensor is named).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import Tensor, nn
+
+import endodistill
+from endodistill.config import Config, dump_config, load_config
+from endodistill.errors import ConfigError, InputError
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.yaml"
+METADATA_FILE = "metadata.json"
+FORMAT = "endodistill-model-dir"
+FORMAT_VERSION = 1
+
+# Files whose loading would run the pickle machinery: refused by name, never opened.
+PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin", ".joblib", ".npz", ".tar")
+# Magic bytes of pickle streams (protocol 2+) and of torch.save zip archives.
+_PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")
+_MAX_WEIGHTS_BYTES = 4 << 30  # 4 GiB: far above any student; refuses absurd files before reading them
+
+
+@dataclass
+class LoadedModel:
+    """A model directory read back: the student in eval mode and everything needed to use it.
+
+    Attributes:
+        model: the student (``StudentViT``), eval mode, on CPU.
+        cfg: the resolved config it was trained with.
+        threshold: decision threshold on the positive-class probability.
+        metadata: the content of metadata.json.
+        weights_sha256: SHA-256 of model.safetensors (checked against metadata.json).
+        path: the model directory.
+    """
+
+    model: nn.Module
+    cfg: Config
+    threshold: float
+    metadata: dict[str, Any]
+    weights_sha256: str
+    path: Path = field(default_factory=Path)
+
+    @property
+    def name(self) -> str:
+        """Model name recorded in metadata.json."""
+        return str(self.metadata.get("name", ""))
+
+    @property
+    def version(self) -> str:
+        """endodistill version that wrote the model directory."""
+        return str(self.metadata.get("version", ""))
+
+    def identity(self) -> dict[str, str]:
+        """Name, version and weights hash: what every prediction records about the model."""
+        return {"model_name": self.name, "model_version": self.version, "weights_sha256": self.weights_sha256}
+
+
+def arch_summary(cfg: Config) -> dict[str, Any]:
+    """The architecture facts a model directory must agree on (metadata vs config vs tensors).
+
+    Args:
+        cfg: the run config.
+
+    Returns:
+        A JSON-serialisable dict: network family, input channels and size, student hyper-parameters,
+        number and names of classes, positive class.
+    """
+    s = cfg.student
+    return {
+        "network": "monai.networks.nets.ViT",
+        "in_channels": 1,
+        "input_size": [int(v) for v in cfg.mri.size],
+        "patch_size": [int(v) for v in s.patch_size],
+        "hidden_size": s.hidden_size,
+        "mlp_dim": s.mlp_dim,
+        "num_layers": s.num_layers,
+        "num_heads": s.num_heads,
+        "qkv_bias": s.qkv_bias,
+        "dropout": s.dropout,
+        "num_classes": cfg.task.num_classes,
+        "class_names": list(cfg.task.class_names),
+        "positive_class": cfg.task.positive_class,
+    }
+
+
+def _build(cfg: Config) -> nn.Module:
+    from endodistill.models.student import build_student
+
+    return build_student(cfg)
+
+
+def _check_tensors(state: Mapping[str, Tensor], expected: Mapping[str, Tensor], where: Path | str) -> None:
+    """Refuse a state dict whose keys or shapes differ from the architecture's, naming the first culprit."""
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    if missing:
+        raise InputError(
+            where,
+            f"tensor '{missing[0]}' is missing ({len(missing)} missing): the weights are for a different architecture",
+        )
+    if unexpected:
+        raise InputError(
+            where,
+            f"unexpected tensor '{unexpected[0]}' ({len(unexpected)} unexpected): "
+            "the weights are for a different architecture",
+        )
+    for k in sorted(expected):
+        got, want = tuple(state[k].shape), tuple(expected[k].shape)
+        if got != want:
+            raise InputError(
+                where,
+                f"tensor '{k}' has shape {list(got)} but the architecture needs {list(want)}: "
+                "the model was trained for a different input size or architecture",
+            )
+        if not state[k].is_floating_point():
+            raise InputError(where, f"tensor '{k}' has dtype {state[k].dtype}, expected floating point")
+
+
+def save_model_dir(
+    out_dir: str | Path,
+    state_dict: Mapping[str, Tensor],
+    cfg: Config,
+    threshold: float,
+    metrics: Mapping[str, Any],
+    name: str = "endodistill-pod",
+) -> Path:
+    """Write a deployable model directory atomically (a staging folder renamed into place).
+
+    The weights are checked against ``build_student(cfg)`` first, so a directory that would not load is
+    never written.
+
+    Args:
+        out_dir: the model directory (e.g. ``RUN_DIR/model``); replaced if it exists.
+        state_dict: the student's weights.
+        cfg: the resolved config the student was trained with.
+        threshold: decision threshold on the positive-class probability, in [0, 1].
+        metrics: evaluation figures to record (JSON-serialisable).
+        name: model name recorded in metadata.json and in every prediction.
+
+    Returns:
+        The model directory.
+
+    Raises:
+        ValueError: a threshold outside [0, 1] or weights that do not fit the architecture.
+    """
+    out_dir = Path(out_dir)
+    threshold = float(threshold)
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in state_dict.items()}
+    try:
+        _check_tensors(tensors, _build(cfg).state_dict(), "state_dict")
+    except InputError as e:
+        raise ValueError(str(e)) from None
+    blob = st_save(tensors, metadata={"format": "pt", "producer": f"endodistill {endodistill.__version__}"})
+    digest = hashlib.sha256(blob).hexdigest()
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "version": endodistill.__version__,
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "task": "pouch of Douglas obliteration from pelvic MRI (arXiv 2307.02000)",
+        "arch": arch_summary(cfg),
+        "preprocessing": cfg.mri.model_dump(mode="json"),
+        "threshold": threshold,
+        "metrics": json.loads(json.dumps(dict(metrics), default=_json_default)),
+        "weights_file": WEIGHTS_FILE,
+        "weights_sha256": digest,
+        "torch_version": torch.__version__,
+    }
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".staging", dir=out_dir.parent))
+    os.chmod(staging, 0o755)  # mkdtemp makes it 0700; a model directory is meant to be shared
+    try:
+        files = {
+            WEIGHTS_FILE: blob,
+            CONFIG_FILE: dump_config(cfg).encode("utf-8"),
+            METADATA_FILE: (json.dumps(metadata, indent=2, sort_keys=True) + "\n").encode("utf-8"),
+        }
+        for fname, data in files.items():
+            with open(staging / fname, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        _swap_into_place(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _swap_into_place(staging: Path, target: Path) -> None:
+    """Rename a finished staging folder to ``target``; an existing target is moved aside, then deleted."""
+    old: Path | None = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(target, old)
+    try:
+        os.replace(staging, target)
+    except BaseException:
+        if old is not None:
+            os.replace(old, target)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "item"):
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    return str(obj)
+
+
+def _refuse_pickles(path: Path) -> None:
+    """Raise on a pickle file given as the model, or found in place of model.safetensors."""
+    if path.is_file():
+        if path.name.endswith(PICKLE_SUFFIXES):
+            raise InputError(
+                path, "is a pickle-based checkpoint: refusing to unpickle it (a model directory is needed)"
+            )
+        raise InputError(
+            path,
+            f"not a model directory (expected a folder with {WEIGHTS_FILE}, {CONFIG_FILE}, {METADATA_FILE})",
+        )
+    weights = path / WEIGHTS_FILE
+    if not weights.exists():
+        pickles = sorted(p.name for p in path.iterdir() if p.name.endswith(PICKLE_SUFFIXES))
+        if pickles:
+            raise InputError(
+                path / pickles[0],
+                f"pickle-based checkpoint in place of {WEIGHTS_FILE}: refusing to unpickle it "
+                "(endodistill loads safetensors only)",
+            )
+        raise InputError(path, f"not a model directory: {WEIGHTS_FILE} is missing")
+
+
+def _read_metadata(path: Path) -> dict[str, Any]:
+    meta_path = path / METADATA_FILE
+    if not meta_path.is_file():
+        raise InputError(path, f"not a model directory: {METADATA_FILE} is missing")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(meta_path, f"not valid JSON ({type(e).__name__})") from None
+    if not isinstance(meta, dict):
+        raise InputError(meta_path, "must be a JSON object")
+    for key in ("name", "version", "arch", "threshold", "weights_sha256"):
+        if key not in meta:
+            raise InputError(meta_path, f"missing key '{key}'")
+    if meta.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+        raise InputError(
+            meta_path, f"format_version {meta['format_version']} is newer than this endodistill understands"
+        )
+    thr = meta["threshold"]
+    if not isinstance(thr, int | float) or isinstance(thr, bool) or not 0.0 <= float(thr) <= 1.0:
+        raise InputError(meta_path, f"'threshold' must be a number in [0, 1], got {thr!r}")
+    if not isinstance(meta["arch"], dict):
+        raise InputError(meta_path, "'arch' must be an object")
+    return meta
+
+
+def _check_arch(meta: dict[str, Any], cfg: Config, meta_path: Path) -> None:
+    """metadata.json's architecture summary must equal the one derived from config.yaml."""
+    want = arch_summary(cfg)
+    got = meta["arch"]
+    for key, value in want.items():
+        if key not in got:
+            raise InputError(meta_path, f"arch.{key} is missing")
+        a = json.loads(json.dumps(got[key]))
+        b = json.loads(json.dumps(value))
+        if a != b:
+            raise InputError(
+                meta_path,
+                f"arch.{key} is {a} but config.yaml gives {b}: the model was trained for a different "
+                "input size or architecture than its config describes",
+            )
+
+
+def _read_weights(weights: Path, expected_sha: str) -> dict[str, Tensor]:
+    size = weights.stat().st_size
+    if size > _MAX_WEIGHTS_BYTES:
+        raise InputError(weights, f"is {size} bytes: implausibly large for a student model")
+    blob = weights.read_bytes()
+    if blob[:2] in _PICKLE_MAGIC or blob[:4] in _PICKLE_MAGIC:
+        raise InputError(weights, "is a pickle / torch.save file, not safetensors: refusing to unpickle it")
+    digest = hashlib.sha256(blob).hexdigest()
+    if digest != expected_sha:
+        raise InputError(
+            weights,
+            f"SHA-256 {digest[:12]}... does not match metadata.json ({str(expected_sha)[:12]}...): "
+            "the weights file is truncated or was modified",
+        )
+    try:
+        return st_load(blob)
+    except (SafetensorError, ValueError, RuntimeError, OverflowError) as e:
+        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise InputError(weights, f"not a valid safetensors file ({reason})") from None
+
+
+def load_model_dir(path: str | Path) -> LoadedModel:
+    """Read a model directory safely (safetensors, JSON, YAML only) and rebuild the student.
+
+    Args:
+        path: the model directory written by :func:`save_model_dir`.
+
+    Returns:
+        A :class:`LoadedModel` with the student in eval mode.
+
+    Raises:
+        InputError: not a model directory, a pickle file, a truncated or tampered weights file, or an
+            architecture / input size that does not match (the key or tensor is named).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "model directory not found")
+    _refuse_pickles(path)
+    meta = _read_metadata(path)
+    cfg_path = path / CONFIG_FILE
+    if not cfg_path.is_file():
+        raise InputError(path, f"not a model directory: {CONFIG_FILE} is missing")
+    try:
+        cfg = load_config(cfg_path)
+    except ConfigError as e:
+        raise InputError(cfg_path, e.reason) from None
+    _check_arch(meta, cfg, path / METADATA_FILE)
+    weights = path / WEIGHTS_FILE
+    state = _read_weights(weights, str(meta["weights_sha256"]))
+    model = _build(cfg)
+    _check_tensors(state, model.state_dict(), weights)
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return LoadedModel(
+        model=model,
+        cfg=cfg,
+        threshold=float(meta["threshold"]),
+        metadata=meta,
+        weights_sha256=str(meta["weights_sha256"]),
+        path=path,
+    )

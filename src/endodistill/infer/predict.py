@@ -1,0 +1,500 @@
+"""Predict POD obliteration on new MRI scans with a model directory.
+
+``predict_cases`` expands the inputs into cases (a NIfTI / MetaImage / NRRD file, a DICOM series folder,
+a folder of such cases, or a manifest's MRI rows), then for each case: reads it, preprocesses it into
+the model grid, computes the positive-class probability and the decision at the model's threshold, and
+writes an attention-rollout heatmap on the ORIGINAL voxel grid (same shape and world affine as the input
+volume) with a PNG of central sagittal slices.
+
+Outputs (each file written atomically)::
+
+    OUT_DIR/predictions.csv              one row per case (failed cases too, with the reason)
+    OUT_DIR/predictions.json             the same, plus the model identity
+    OUT_DIR/heatmaps/CASE_heatmap.nii.gz
+    OUT_DIR/heatmaps/CASE_heatmap.png
+
+Case ids come from file and folder names (or the manifest's subject_id), never from DICOM tags, and no
+DICOM header field is copied into outputs or logs. Outputs hold no timestamps, so predicting the same
+inputs twice gives byte-identical predictions files.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import logging
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import endodistill
+from endodistill.errors import EndodistillError, InputError
+from endodistill.infer.model_dir import LoadedModel, load_model_dir
+from endodistill.utils import atomic_write_bytes, atomic_write_json, atomic_write_text, file_sha256
+
+log = logging.getLogger(__name__)
+
+HEATMAP_METHOD = "attention_rollout"
+CSV_COLUMNS = (
+    "case_id",
+    "input",
+    "input_sha256",
+    "status",
+    "probability",
+    "decision",
+    "decision_label",
+    "threshold",
+    "model_name",
+    "model_version",
+    "weights_sha256",
+    "heatmap_nifti",
+    "heatmap_png",
+    "error",
+)
+_VOLUME_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr")
+_STRIP_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
+_MAX_DICOM_PROBE = 64  # files looked at to decide whether a folder holds DICOM
+
+
+@dataclass
+class Case:
+    """One scan to predict.
+
+    Attributes:
+        case_id: file-system-safe id (file/folder name or manifest subject_id), unique in the run.
+        path: the NIfTI/MHA/NRRD file or DICOM series folder.
+        series_uid: SeriesInstanceUID to pick in a folder with several series (manifest column).
+    """
+
+    case_id: str
+    path: Path
+    series_uid: str | None = None
+
+
+@dataclass
+class CaseResult:
+    """What one case gave, plus the time each step took (seconds)."""
+
+    case: Case
+    probability: float | None = None
+    probabilities: list[float] = field(default_factory=list)
+    input_sha256: str = ""
+    error: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------ input expansion
+
+
+def _safe_id(name: str) -> str:
+    """A case id usable as a file name: keep letters, digits, ``._-``; the rest becomes ``_``."""
+    s = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")
+    return s or "case"
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suf in _STRIP_SUFFIXES:
+        if name.lower().endswith(suf):
+            return name[: -len(suf)]
+    return name
+
+
+def _looks_dicom(f: Path) -> bool:
+    """DICOM by name (``.dcm``) or by the ``DICM`` magic after the 128-byte preamble."""
+    if f.name.lower().endswith(".dcm"):
+        return True
+    try:
+        with open(f, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:] == b"DICM"
+
+
+def _has_dicom(folder: Path, recursive: bool) -> bool:
+    it = folder.rglob("*") if recursive else folder.iterdir()
+    n = 0
+    for f in it:
+        if f.name.startswith(".") or not f.is_file():
+            continue
+        if _looks_dicom(f):
+            return True
+        n += 1
+        if n >= _MAX_DICOM_PROBE:
+            break
+    return False
+
+
+def _is_volume_file(p: Path) -> bool:
+    return p.is_file() and p.name.lower().endswith(_VOLUME_SUFFIXES)
+
+
+def _manifest_cases(path: Path, lm: LoadedModel) -> list[Case]:
+    from endodistill.data.manifest import read_manifest
+
+    cfg = lm.cfg
+    manifest = read_manifest(
+        path, allow_outside=cfg.data.allow_outside_paths, num_classes=cfg.task.num_classes
+    )
+    records = manifest.select(modality=cfg.task.student_modality)
+    if not records:
+        raise InputError(path, f"no rows with modality '{cfg.task.student_modality}' to predict")
+    return [Case(_safe_id(r.subject_id), r.path, r.series_uid) for r in records]
+
+
+def expand_inputs(inputs: Sequence[str | Path], lm: LoadedModel, out_dir: Path | None = None) -> list[Case]:
+    """Turn the ``--input`` paths into cases.
+
+    A ``.csv`` is a manifest (its rows of the student modality); a folder that directly holds DICOM files
+    is one series; any other folder is a folder of cases (each NIfTI/MHA/NRRD file and each subfolder
+    holding DICOM is a case; other files are ignored); any other file is one case.
+
+    Args:
+        inputs: paths given by the user.
+        lm: the loaded model (its config names the student modality).
+        out_dir: the output folder, never taken as a case.
+
+    Returns:
+        Cases with unique ids, in input order (folders sorted by name).
+
+    Raises:
+        InputError: an input that does not exist, a folder with no case, or a bad manifest.
+    """
+    skip = out_dir.resolve() if out_dir is not None else None
+    cases: list[Case] = []
+    for raw in inputs:
+        p = Path(raw)
+        if not p.exists():
+            raise InputError(p, "no such file or folder")
+        if p.is_file() and p.suffix.lower() == ".csv":
+            cases.extend(_manifest_cases(p, lm))
+        elif p.is_file():
+            cases.append(Case(_safe_id(_stem(p)), p))
+        elif _has_dicom(p, recursive=False):
+            cases.append(Case(_safe_id(p.name), p))
+        else:
+            found = []
+            for child in sorted(p.iterdir()):
+                if child.name.startswith(".") or (skip is not None and child.resolve() == skip):
+                    continue
+                if _is_volume_file(child):
+                    found.append(Case(_safe_id(_stem(child)), child))
+                elif child.is_dir() and _has_dicom(child, recursive=True):
+                    found.append(Case(_safe_id(child.name), child))
+                else:
+                    log.debug("%s: not an MRI case, ignored", child)
+            if not found:
+                raise InputError(
+                    p, "no MRI case in this folder (NIfTI/MHA/NRRD files or DICOM series folders)"
+                )
+            cases.extend(found)
+    seen: dict[str, int] = {}
+    for c in cases:
+        n = seen.get(c.case_id, 0) + 1
+        seen[c.case_id] = n
+        if n > 1:
+            c.case_id = f"{c.case_id}_{n}"
+    return cases
+
+
+# ---------------------------------------------------------------------------------------- one case
+
+
+def forward_probabilities(model: torch.nn.Module, arr: np.ndarray) -> np.ndarray:
+    """Class probabilities of one preprocessed volume.
+
+    Args:
+        model: the student in eval mode.
+        arr: ``(1, *size)`` float32 (``preprocess_volume`` output).
+
+    Returns:
+        ``(K,)`` float64 softmax of the logits.
+    """
+    x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None]
+    with torch.inference_mode():
+        logits = model(x)
+    return torch.softmax(logits.to(torch.float64), dim=1)[0].numpy()
+
+
+def heatmap_nifti_bytes(heat: np.ndarray, affine: np.ndarray) -> bytes:
+    """A gzip-compressed NIfTI-1 of ``heat`` with ``affine`` as sform and qform (scanner space).
+
+    gzip's timestamp is fixed so that the same heatmap gives the same bytes.
+    """
+    import nibabel as nib
+
+    img = nib.Nifti1Image(np.asarray(heat, dtype=np.float32), np.asarray(affine, dtype=np.float64))
+    img.header.set_xyzt_units("mm")
+    img.set_sform(affine, code=1)
+    img.set_qform(affine, code=1)
+    img.header["descrip"] = b"endodistill attention rollout"
+    return gzip.compress(img.to_bytes(), compresslevel=6, mtime=0)
+
+
+def sagittal_png_bytes(
+    volume: np.ndarray, heat: np.ndarray, affine: np.ndarray, title: str, n_slices: int = 3
+) -> bytes:
+    """PNG of central sagittal slices (RAS-reoriented) with the heatmap overlaid.
+
+    Args:
+        volume: source voxels (file order).
+        heat: heatmap on the same grid, in [0, 1].
+        affine: voxel -> RAS world affine of both.
+        title: figure title (case id, probability, decision; no patient identifiers).
+        n_slices: slices shown around the centre of the left-right axis.
+
+    Returns:
+        The PNG file content.
+    """
+    import nibabel as nib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    ornt = nib.orientations.io_orientation(affine)
+    vol = nib.orientations.apply_orientation(volume, ornt)
+    hm = nib.orientations.apply_orientation(heat, ornt)
+    zooms = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+    ras_zooms = np.empty(3)
+    for i in range(3):
+        ras_zooms[int(ornt[i, 0])] = zooms[i]
+    nx = vol.shape[0]
+    if n_slices == 1 or nx < 3:
+        idx = [nx // 2]
+    else:
+        idx = sorted({round(float(f) * (nx - 1)) for f in np.linspace(0.35, 0.65, n_slices)})
+    lo, hi = (float(v) for v in np.percentile(vol, [1.0, 99.0]))
+    hi = hi if hi > lo else lo + 1.0
+    fig = Figure(figsize=(3.2 * len(idx), 3.6), dpi=100)
+    FigureCanvasAgg(fig)
+    fig.subplots_adjust(left=0.02, right=0.98, top=0.84, bottom=0.07, wspace=0.05)
+    for j, i in enumerate(idx):
+        ax = fig.add_subplot(1, len(idx), j + 1)
+        # Sagittal plane of a RAS array: axis 1 (P->A) horizontal, axis 2 (I->S) vertical, superior up.
+        extent = (0.0, vol.shape[1] * ras_zooms[1], 0.0, vol.shape[2] * ras_zooms[2])
+        ax.imshow(vol[i].T, cmap="gray", vmin=lo, vmax=hi, origin="lower", extent=extent)
+        overlay = np.ma.masked_less_equal(hm[i].T, 0.05)
+        ax.imshow(overlay, cmap="jet", vmin=0.0, vmax=1.0, alpha=0.4, origin="lower", extent=extent)
+        ax.set_title(f"sagittal slice {i + 1}/{nx}", fontsize=8)
+        ax.set_axis_off()
+    fig.suptitle(title, fontsize=9)
+    fig.text(
+        0.5, 0.01, "attention rollout heatmap; research use only, not for diagnosis", ha="center", fontsize=7
+    )
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    return buf.getvalue()
+
+
+def _decision_label(lm: LoadedModel, positive: bool) -> str:
+    names = lm.cfg.task.class_names
+    pos = lm.cfg.task.positive_class
+    if positive:
+        return names[pos]
+    return names[1 - pos] if len(names) == 2 else f"not_{names[pos]}"
+
+
+def _one_line(text: object, limit: int = 240) -> str:
+    s = re.sub(r"\s+", " ", str(text)).strip()
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+def predict_one(
+    lm: LoadedModel, case: Case, out_dir: Path | None, heatmap: bool = True, hash_input: bool = True
+) -> CaseResult:
+    """Predict one case and write its heatmap files (errors propagate to the caller).
+
+    Args:
+        lm: the loaded model.
+        case: the case.
+        out_dir: output folder for heatmaps (None: compute the heatmap but write nothing).
+        heatmap: compute and write the heatmap.
+        hash_input: compute the SHA-256 of the input's bytes.
+
+    Returns:
+        The :class:`CaseResult` with per-step timings (``load``, ``preprocess``, ``forward``, ``heatmap``,
+        ``write``).
+    """
+    from endodistill.data.mri import load_volume
+    from endodistill.data.preprocess import preprocess_volume, to_source_grid
+    from endodistill.infer.heatmap import heatmap_model_space
+
+    res = CaseResult(case)
+    t = time.perf_counter()
+    if hash_input:
+        res.input_sha256 = file_sha256(case.path)
+    res.timings["hash"] = time.perf_counter() - t
+    t = time.perf_counter()
+    vol = load_volume(case.path, series_uid=case.series_uid)
+    res.timings["load"] = time.perf_counter() - t
+    t = time.perf_counter()
+    arr, geometry = preprocess_volume(vol, lm.cfg.mri)
+    res.timings["preprocess"] = time.perf_counter() - t
+    t = time.perf_counter()
+    probs = forward_probabilities(lm.model, arr)
+    res.timings["forward"] = time.perf_counter() - t
+    pos = lm.cfg.task.positive_class
+    res.probabilities = [float(p) for p in probs]
+    res.probability = float(probs[pos])
+    res.info = {
+        "format": vol.format,
+        "shape": [int(s) for s in vol.array.shape],
+        "spacing_mm": [round(float(s), 6) for s in vol.spacing],
+    }
+    if heatmap:
+        t = time.perf_counter()
+        hm_model = heatmap_model_space(lm.model, torch.from_numpy(arr)[None])
+        hm = np.clip(to_source_grid(hm_model, geometry), 0.0, 1.0).astype(np.float32)
+        res.timings["heatmap"] = time.perf_counter() - t
+        if (
+            hm.shape != vol.array.shape
+        ):  # to_source_grid guarantees this; a wrong overlay must never be written
+            raise RuntimeError(f"heatmap shape {hm.shape} differs from the input {vol.array.shape}")
+        if out_dir is not None:
+            t = time.perf_counter()
+            positive = res.probability >= lm.threshold
+            title = (
+                f"{case.case_id}: P({lm.cfg.task.class_names[pos]}) = {res.probability:.3f} -> "
+                f"{_decision_label(lm, positive)} (threshold {lm.threshold:.3f})"
+            )
+            hdir = out_dir / "heatmaps"
+            nii = hdir / f"{case.case_id}_heatmap.nii.gz"
+            png = hdir / f"{case.case_id}_heatmap.png"
+            atomic_write_bytes(nii, heatmap_nifti_bytes(hm, vol.affine))
+            atomic_write_bytes(png, sagittal_png_bytes(vol.array, hm, vol.affine, title))
+            res.info["heatmap_nifti"] = nii.relative_to(out_dir).as_posix()
+            res.info["heatmap_png"] = png.relative_to(out_dir).as_posix()
+            res.timings["write"] = time.perf_counter() - t
+    return res
+
+
+# ------------------------------------------------------------------------------------------- runs
+
+
+def _row(lm: LoadedModel, r: CaseResult) -> dict[str, Any]:
+    ok = not r.error
+    positive = ok and r.probability is not None and r.probability >= lm.threshold
+    row: dict[str, Any] = {
+        "case_id": r.case.case_id,
+        "input": str(r.case.path),
+        "input_sha256": r.input_sha256,
+        "status": "ok" if ok else "failed",
+        "probability": r.probability if ok else None,
+        "decision": (1 if positive else 0) if ok else None,
+        "decision_label": _decision_label(lm, positive) if ok else None,
+        "threshold": lm.threshold,
+        **lm.identity(),
+        "heatmap_nifti": r.info.get("heatmap_nifti"),
+        "heatmap_png": r.info.get("heatmap_png"),
+        "error": r.error or None,
+    }
+    return row
+
+
+def _csv_text(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(CSV_COLUMNS), lineterminator="\n", extrasaction="ignore")
+    w.writeheader()
+    for row in rows:
+        w.writerow({k: ("" if row.get(k) is None else row[k]) for k in CSV_COLUMNS})
+    return buf.getvalue()
+
+
+def predict_cases(
+    model_dir: str | Path,
+    inputs: Sequence[str | Path],
+    out_dir: str | Path,
+    heatmap: bool = True,
+    progress: bool | None = None,
+    on_result: Callable[[CaseResult], None] | None = None,
+) -> int:
+    """Predict every case in ``inputs`` with the model in ``model_dir``; write results to ``out_dir``.
+
+    A case that fails (unreadable file, broken DICOM, ...) is reported in one log line naming its input,
+    recorded with ``status=failed`` and skipped; the others still run.
+
+    Args:
+        model_dir: a model directory (``RUN_DIR/model``).
+        inputs: NIfTI/MHA/NRRD files, DICOM series folders, folders of cases, or manifest csv files.
+        out_dir: output folder (created).
+        heatmap: write attention-rollout heatmaps (NIfTI on the input grid and a PNG).
+        progress: show a progress bar (default: when there are several cases and stderr is a terminal).
+        on_result: called with each :class:`CaseResult` (benchmarks use it for timings).
+
+    Returns:
+        The number of failed cases (the CLI exits with 3 when it is not 0).
+
+    Raises:
+        InputError: an unusable model directory, a missing input path, an empty folder or a bad manifest
+            (nothing is predicted then).
+    """
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    out = Path(out_dir)
+    lm = load_model_dir(model_dir)
+    cases = expand_inputs(inputs, lm, out_dir=out)
+    if out.exists() and not out.is_dir():
+        raise InputError(out, "output path exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    if progress is None:
+        progress = len(cases) > 1 and sys.stderr.isatty()
+    results: list[CaseResult] = []
+    with logging_redirect_tqdm():
+        for case in tqdm(cases, desc="predict", unit="case", disable=not progress, file=sys.stderr):
+            try:
+                res = predict_one(lm, case, out, heatmap=heatmap)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except EndodistillError as e:
+                res = CaseResult(case, error=_one_line(e))
+            except Exception as e:  # one broken case must not stop the others
+                res = CaseResult(case, error=_one_line(f"{case.path}: {type(e).__name__}: {e}"))
+            if res.error:
+                log.error("failed: %s", res.error)
+                if not res.input_sha256:
+                    try:
+                        res.input_sha256 = file_sha256(case.path)
+                    except OSError:
+                        res.input_sha256 = ""
+            results.append(res)
+            if on_result is not None:
+                on_result(res)
+    rows = [_row(lm, r) for r in results]
+    n_failed = sum(1 for r in results if r.error)
+    report = {
+        "endodistill_version": endodistill.__version__,
+        "model": {
+            **lm.identity(),
+            "threshold": lm.threshold,
+            "positive_class": lm.cfg.task.class_names[lm.cfg.task.positive_class],
+            "class_names": list(lm.cfg.task.class_names),
+            "input_size": list(lm.cfg.mri.size),
+        },
+        "heatmap_method": HEATMAP_METHOD if heatmap else None,
+        "n_cases": len(results),
+        "n_failed": n_failed,
+        "cases": [
+            {
+                **row,
+                "probabilities": dict(zip(lm.cfg.task.class_names, r.probabilities)) if not r.error else None,
+                "input_info": r.info or None,
+            }
+            for row, r in zip(rows, results)
+        ],
+    }
+    atomic_write_text(out / "predictions.csv", _csv_text(rows))
+    atomic_write_json(out / "predictions.json", report)
+    log.info(
+        "predicted %d case(s), %d failed -> %s", len(results) - n_failed, n_failed, out / "predictions.csv"
+    )
+    return n_failed
