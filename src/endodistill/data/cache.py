@@ -1,0 +1,183 @@
+"""On-disk cache of preprocessed tensors: decode and resample once, memory-map afterwards.
+
+Layout: ``ROOT/{mri,clip}/<k[:2]>/<k>.npy`` plus ``<k>.json`` (geometry and provenance), where the key
+``k`` is the SHA-256 of the source content hash (file bytes, or a DICOM folder's files), the preprocessing
+config section, the DICOM series and :data:`CACHE_VERSION`. A changed file or config therefore gets a new
+key and never reads a stale entry. Arrays are plain ``.npy`` written with ``allow_pickle=False`` and read
+with ``mmap_mode="r"``; the sidecar is JSON: nothing in the cache is unpickled.
+
+Writes go to a temporary file and are renamed into place (``os.replace``), the array before the
+sidecar, so two processes filling the same entry at once both succeed and readers never see a partial
+file. MONAI's ``PersistentDataset`` does not fit: it pickles, and keys on the file name rather than
+on its content and the transform settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from endodistill.config import ClipPreprocessConfig, MRIPreprocessConfig
+from endodistill.data.preprocess import Geometry
+from endodistill.utils import atomic_path, atomic_write_json, file_sha256
+
+log = logging.getLogger(__name__)
+
+#: Bump when preprocessing code changes its output: old entries then stop matching.
+CACHE_VERSION = "1"
+
+_HASH_MEMO: dict[tuple[str, tuple[Any, ...]], str] = {}
+
+
+def _signature(path: Path) -> tuple[Any, ...]:
+    """Cheap identity of a file or folder's current content: (name, size, mtime_ns) of every file."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    sig = []
+    for f in files:
+        st = f.stat()
+        sig.append((f.name if f == path else f.relative_to(path).as_posix(), st.st_size, st.st_mtime_ns))
+    return tuple(sig)
+
+
+def content_hash(path: str | Path) -> str:
+    """SHA-256 of a file's bytes (or a folder's files), memoised per (path, size, mtime_ns) in this process.
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+    """
+    p = Path(path).resolve()
+    key = (str(p), _signature(p))
+    h = _HASH_MEMO.get(key)
+    if h is None:
+        h = file_sha256(p)
+        _HASH_MEMO[key] = h
+    return h
+
+
+def _config_dict(cfg: MRIPreprocessConfig | ClipPreprocessConfig) -> dict[str, Any]:
+    return cfg.model_dump(mode="json")
+
+
+class TensorCache:
+    """Content- and config-keyed cache of preprocessed MRI volumes and ultrasound clips.
+
+    Args:
+        root: the cache folder (created on first write).
+
+    Attributes:
+        hits: entries served from disk since creation.
+        misses: entries computed (and written) since creation.
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.hits = 0
+        self.misses = 0
+        self._warned = False
+
+    # ------------------------------------------------------------------------------- keys/files
+    def key(self, kind: str, path: str | Path, cfg: Any, series_uid: str | None = None) -> str:
+        """The entry key for ``path`` preprocessed with ``cfg`` (``kind`` is ``mri`` or ``clip``)."""
+        blob = {
+            "kind": kind,
+            "content": content_hash(path),
+            "config": _config_dict(cfg),
+            "series_uid": series_uid or "",
+            "version": CACHE_VERSION,
+        }
+        return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+
+    def _paths(self, kind: str, key: str) -> tuple[Path, Path]:
+        d = self.root / kind / key[:2]
+        return d / f"{key}.npy", d / f"{key}.json"
+
+    def _read(self, kind: str, key: str) -> tuple[np.ndarray, dict[str, Any]] | None:
+        npy, side = self._paths(kind, key)
+        if not (npy.is_file() and side.is_file()):
+            return None
+        try:
+            info = json.loads(side.read_text(encoding="utf-8"))
+            arr = np.load(npy, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError, UnicodeDecodeError):
+            log.warning("cache entry %s is unreadable; rebuilding it", npy)
+            return None
+        if list(arr.shape) != info.get("shape") or str(arr.dtype) != info.get("dtype"):
+            log.warning("cache entry %s does not match its sidecar; rebuilding it", npy)
+            return None
+        return arr, info
+
+    def _write(self, kind: str, key: str, arr: np.ndarray, info: dict[str, Any]) -> np.ndarray:
+        npy, side = self._paths(kind, key)
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        info = {**info, "shape": list(arr.shape), "dtype": str(arr.dtype), "version": CACHE_VERSION}
+        try:
+            with atomic_path(npy) as tmp, open(tmp, "wb") as fh:
+                np.save(fh, arr, allow_pickle=False)
+            atomic_write_json(side, info)  # written last: its presence marks a complete entry
+        except OSError as e:
+            if not self._warned:
+                log.warning("cannot write to the cache %s (%s); continuing without caching", self.root, e)
+                self._warned = True
+            return arr
+        return np.load(npy, mmap_mode="r", allow_pickle=False)
+
+    # ------------------------------------------------------------------------------------ entries
+    def mri(
+        self, path: str | Path, cfg: MRIPreprocessConfig, series_uid: str | None = None
+    ) -> tuple[np.ndarray, Geometry]:
+        """The preprocessed volume ``(1, *cfg.size)`` (read-only memory map) and its geometry.
+
+        Raises:
+            InputError: the source cannot be read (nothing is cached then).
+        """
+        from endodistill.data.mri import load_volume
+        from endodistill.data.preprocess import preprocess_volume
+        from endodistill.errors import InputError
+
+        if not Path(path).exists():
+            raise InputError(path, "no such file or folder")
+        key = self.key("mri", path, cfg, series_uid)
+        hit = self._read("mri", key)
+        if hit is not None:
+            self.hits += 1
+            return hit[0], Geometry.from_dict(hit[1]["geometry"])
+        self.misses += 1
+        arr, geom = preprocess_volume(load_volume(path, series_uid=series_uid), cfg)
+        info = {"source": str(path), "content_sha256": content_hash(path), "geometry": geom.to_dict()}
+        return self._write("mri", key, arr, info), geom
+
+    def clip(self, path: str | Path, cfg: ClipPreprocessConfig) -> np.ndarray:
+        """The preprocessed clip ``(T', *cfg.size)`` float32 in [0, 1] (read-only memory map).
+
+        Raises:
+            InputError: the source cannot be read (nothing is cached then).
+        """
+        from endodistill.data.preprocess import preprocess_clip
+        from endodistill.data.video import load_clip
+        from endodistill.errors import InputError
+
+        if not Path(path).exists():
+            raise InputError(path, "no such file or folder")
+        key = self.key("clip", path, cfg)
+        hit = self._read("clip", key)
+        if hit is not None:
+            self.hits += 1
+            return hit[0]
+        self.misses += 1
+        clip = load_clip(path, max_frames=cfg.max_source_frames)
+        arr = preprocess_clip(clip, cfg)
+        info = {"source": str(path), "content_sha256": content_hash(path), "fps": clip.fps}
+        return self._write("clip", key, arr, info)
+
+    def clear(self) -> None:
+        """Remove every cached entry (the folder itself is kept)."""
+        for kind in ("mri", "clip"):
+            for f in sorted((self.root / kind).rglob("*")) if (self.root / kind).is_dir() else []:
+                if f.is_file():
+                    os.unlink(f)
