@@ -1,0 +1,725 @@
+"""The experiment: teacher, MAE, every method on the same cross-validation folds, the final model, the report.
+
+Run directory (``RUN_DIR``)::
+
+    config.yaml          resolved configuration (``--resume`` reads it)
+    run.json             package versions, sha256 of every input file, seed
+    splits.json          the folds (nnU-Net-like, editable by hand, reused when present)
+    teacher/             sub-fits, outputs.safetensors + outputs.json, predictions.csv, metrics.json
+    mae/                 encoder.safetensors (shared by every method and fold)
+    folds/fold_K/METHOD/ checkpoints, logs, history.csv, predictions.csv, model.safetensors, done.json
+    final/               the full method trained on all labelled MRI
+    model/               the deployable model (infer.model_dir)
+    oof_predictions.csv  subject_id,fold,method,label,prob (one row per subject and method)
+    results.json         metrics, comparisons, cohort, config, seed, timings
+    timings.json         per-fit time breakdown (start-up, steps, data, eval, checkpoints)
+    examples/            example MRI slices and TVUS frames (PNG)
+    report.html, report.md
+
+Every unit (teacher, mae, each fold x method, final) writes ``done.json`` last; ``resume=True`` skips finished
+units and continues an interrupted fit from its ``checkpoints/last.ckpt``. Seeds are per fit (see
+:func:`endodistill.train.common.fit_seed`), so a resumed run gives the same ``results.json`` (timings aside).
+
+Within a fold every method uses the same seed (common random numbers: same batch order, pairing draws and
+augmentations), so paired comparisons between methods measure the methods, not seed noise.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from endodistill.config import Config, ConfigError, dump_config, load_config
+from endodistill.errors import InputError
+from endodistill.utils import RunLock, atomic_path, atomic_write_json, atomic_write_text
+
+log = logging.getLogger("endodistill")
+
+STAGES = ("teacher", "pretrain", "distill")
+
+
+def _echo(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# ---------------------------------------------------------------------------------------- run directory
+def load_run_config(run_dir: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> Config:
+    """The resolved configuration a run directory was started with (``RUN_DIR/config.yaml``).
+
+    Raises:
+        InputError: ``run_dir`` holds no ``config.yaml``.
+    """
+    p = Path(run_dir) / "config.yaml"
+    if not p.is_file():
+        raise InputError(run_dir, "not a run directory (no config.yaml): nothing to resume")
+    return load_config(p, overrides)
+
+
+def _versions() -> dict[str, str]:
+    import lightning
+    import monai
+    import torch
+    import torchvision
+
+    import endodistill
+
+    return {
+        "python": platform.python_version(),
+        "endodistill": endodistill.__version__ if hasattr(endodistill, "__version__") else "unknown",
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "monai": monai.__version__,
+        "lightning": lightning.__version__,
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def _input_hashes(files: list[Path], base: Path) -> dict[str, str]:
+    from endodistill.data.cache import content_hash
+
+    out = {}
+    for f in files:
+        try:
+            key = str(Path(f).relative_to(base))
+        except ValueError:
+            key = str(f)
+        # content_hash is file_sha256 memoised in this process: the cache has just hashed these files.
+        out[key] = content_hash(f)
+    return out
+
+
+def _comparable(cfg: Config) -> dict[str, Any]:
+    # Hardware settings may change between an interrupted run and its resumption.
+    d = cfg.model_dump(mode="json")
+    d.pop("trainer", None)
+    d.get("data", {}).pop("cache_dir", None)
+    return d
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def _start_run(cfg: Config, run_dir: Path, resume: bool) -> Config:
+    """Resolve the manifest, check/save config.yaml; a resumed run must have the same configuration."""
+    from endodistill.train.data import ensure_manifest
+
+    cfg = cfg.model_copy(deep=True)
+    saved = run_dir / "config.yaml"
+    if saved.is_file() and not resume:
+        raise InputError(
+            run_dir, "already holds a run: continue it with --resume, or choose another output directory"
+        )
+    if saved.is_file() and cfg.data.manifest is None:
+        # A resumed demo: the cohort was generated into the run directory the first time.
+        prev = load_config(saved)
+        if prev.data.manifest is not None and Path(prev.data.manifest).is_file():
+            cfg.data.manifest = prev.data.manifest
+    cfg.data.manifest = ensure_manifest(cfg, run_dir / "cohort")
+    if saved.is_file():
+        prev = load_config(saved)
+        diff = _diff(_comparable(prev), _comparable(cfg))
+        if diff:
+            raise ConfigError(
+                saved,
+                f"the run was started with another configuration ({', '.join(diff[:5])} differ): cannot resume",
+            )
+    else:
+        atomic_write_text(saved, dump_config(cfg))
+    return cfg
+
+
+def _record_run(cfg: Config, run_dir: Path, files: list[Path]) -> None:
+    """run.json: versions, seed, hashes of every input; on resume the inputs must be unchanged."""
+    path = run_dir / "run.json"
+    base = Path(cfg.data.manifest).parent if cfg.data.manifest else run_dir
+    hashes = _input_hashes(files, base)
+    if path.is_file():
+        try:
+            prev = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            prev = {}
+        old = prev.get("inputs", {})
+        changed = sorted(k for k in set(old) | set(hashes) if old.get(k) != hashes.get(k))
+        if old and changed:
+            raise InputError(
+                base / changed[0],
+                f"input file changed since the run started ({len(changed)} changed): cannot resume",
+            )
+        return
+    atomic_write_json(
+        path,
+        {
+            "seed": cfg.seed,
+            "versions": _versions(),
+            "manifest": str(cfg.data.manifest),
+            "inputs": hashes,
+            "command": " ".join(sys.argv),
+        },
+    )
+
+
+def _splits(cfg: Config, run_dir: Path, subjects: list[str], labels: list[int]) -> list[dict[str, list[str]]]:
+    """Build splits.json (stratified by subject), or reuse and check the one present."""
+    from endodistill.data.splits import check_splits_subjects, load_splits, make_cv_splits, save_splits
+
+    path = run_dir / "splits.json"
+    if path.is_file():
+        splits = load_splits(path)
+        check_splits_subjects(splits, subjects, path)
+        tested = [s for fold in splits for s in fold["test"]]
+        missing = sorted(set(subjects) - set(tested))
+        if missing:
+            raise InputError(path, f"subject {missing[0]!r} is in no test fold ({len(missing)} missing)")
+        return splits
+    splits = make_cv_splits(subjects, labels, cfg.protocol.folds, cfg.seed, cfg.finetune.val_fraction)
+    save_splits(path, splits)
+    return splits
+
+
+# ------------------------------------------------------------------------------------------------ units
+def _mae_encoder(
+    cfg: Config,
+    data: Any,
+    run_dir: Path,
+    fold: int | None,
+    train_subjects: list[str],
+    resume: bool,
+    echo: Callable[[str], None],
+) -> Path:
+    from endodistill.train.common import fit_seed
+    from endodistill.train.pretrain import mae_unit, pretrain_mae
+
+    unit = mae_unit(cfg, fold)
+    labelled = train_subjects if cfg.mae.use_labelled_train else []
+    seed = fit_seed(cfg.seed, "mae", None if unit == "mae" else fold, unit)
+    pretrain_mae(cfg, data, run_dir / unit, seed, resume, labelled, echo)
+    return run_dir / unit / "encoder.safetensors"
+
+
+def _needs_mae(cfg: Config, methods: list[str]) -> bool:
+    return cfg.mae.enabled and any(cfg.protocol.methods[m].init == "mae" for m in methods)
+
+
+def _check_mae_config(cfg: Config) -> None:
+    if not cfg.mae.enabled and any(m.init == "mae" for m in cfg.protocol.methods.values()):
+        bad = [n for n, m in cfg.protocol.methods.items() if m.init == "mae"]
+        raise ConfigError(
+            "mae.enabled", f"is false but method(s) {', '.join(bad)} start from the MAE encoder"
+        )
+
+
+def _oof_rows(
+    cfg: Config, splits: list[dict[str, list[str]]], methods: list[str], run_dir: Path
+) -> list[dict[str, Any]]:
+    from endodistill.train.finetune import read_predictions
+
+    pos = cfg.task.positive_class
+    rows = []
+    for m in methods:
+        for f in range(len(splits)):
+            subjects, labels, probs = read_predictions(
+                run_dir / "folds" / f"fold_{f}" / m / "predictions.csv"
+            )
+            for s, y, p in zip(subjects, labels, probs):
+                row: dict[str, Any] = {
+                    "subject_id": s,
+                    "fold": f,
+                    "method": m,
+                    "label": int(y),
+                    "prob": float(p[pos]),
+                }
+                if probs.shape[1] > 2:
+                    row.update({f"prob_{c}": float(v) for c, v in enumerate(p)})
+                rows.append(row)
+    return rows
+
+
+def _write_oof(path: Path, rows: list[dict[str, Any]]) -> None:
+    fields = list(rows[0].keys()) if rows else ["subject_id", "fold", "method", "label", "prob"]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: repr(v) if isinstance(v, float) else v for k, v in r.items()})
+    with atomic_path(path) as tmp:
+        tmp.write_text(buf.getvalue(), encoding="utf-8")
+
+
+def _method_metrics(cfg: Config, rows: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
+    from endodistill.evaluate.stats import summarise_method
+
+    out: dict[str, Any] = {}
+    k = cfg.task.num_classes
+    for m in methods:
+        mrows = [r for r in rows if r["method"] == m]
+        if k == 2:
+            binary = [{**r, "label": int(r["label"] == cfg.task.positive_class)} for r in mrows]
+            out[m] = summarise_method(binary, m, cfg.protocol.high_sensitivity)
+        else:
+            from endodistill.evaluate.metrics import multiclass_auc
+
+            y = np.array([r["label"] for r in mrows])
+            p = np.array([[r[f"prob_{c}"] for c in range(k)] for r in mrows])
+            mc = multiclass_auc(y, p)
+            folds = sorted({r["fold"] for r in mrows})
+            fold_aucs = []
+            for f in folds:
+                sel = [i for i, r in enumerate(mrows) if r["fold"] == f]
+                fold_aucs.append(multiclass_auc(y[sel], p[sel])["macro"])
+            defined = [a for a in fold_aucs if np.isfinite(a)]
+            out[m] = {
+                "auc": mc["macro"],
+                "per_class_auc": mc["per_class"],
+                "fold_aucs": fold_aucs,
+                "fold_auc_mean": float(np.mean(defined)) if defined else float("nan"),
+                "fold_auc_std": float(np.std(defined, ddof=1)) if len(defined) > 1 else float("nan"),
+                "n": len(mrows),
+            }
+    return out
+
+
+def _comparisons(cfg: Config, rows: list[dict[str, Any]], methods: list[str]) -> list[dict[str, Any]]:
+    from endodistill.evaluate.stats import compare_methods
+
+    if cfg.task.num_classes != 2 or len(methods) < 2:
+        return []
+    reference = "scratch_ce" if "scratch_ce" in methods else methods[0]
+    binary = [{**r, "label": int(r["label"] == cfg.task.positive_class)} for r in rows]
+    try:
+        return compare_methods(binary, reference=reference, full=cfg.protocol.full_method, correction="holm")
+    except ValueError as e:
+        log.warning("paired comparisons skipped: %s", e)
+        return []
+
+
+def write_examples(cfg: Config, data: Any, run_dir: Path) -> list[Path]:
+    """A central sagittal MRI slice and a middle TVUS frame of one subject of each class (preprocessed)."""
+    from matplotlib.figure import Figure
+
+    out_dir = run_dir / "examples"
+    written = []
+    names = cfg.task.class_names
+
+    def save(img: np.ndarray, title: str, name: str, origin: str) -> None:
+        fig = Figure(figsize=(2.6, 2.6), dpi=80)
+        ax = fig.add_subplot()
+        ax.imshow(img, cmap="gray", origin=origin)
+        ax.set_title(title, fontsize=7)
+        ax.axis("off")
+        path = out_dir / name
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", bbox_inches="tight")
+        written.append(path)
+
+    for k in range(cfg.task.num_classes):
+        idx = np.flatnonzero(data.labelled.labels == k)
+        if idx.size:
+            i = int(idx[0])
+            vol = data.labelled.x[i, 0].numpy()
+            # Model space is RAS: axis 0 runs left -> right, so its middle index is the mid-sagittal slice;
+            # transposed so that superior is up and anterior to the right.
+            sl = vol[vol.shape[0] // 2].T
+            s = data.labelled.subjects[i]
+            save(
+                sl,
+                f"{cfg.task.student_modality} {s}: {names[k]}",
+                f"{cfg.task.student_modality}_class{k}_{s}.png",
+                "lower",
+            )
+        idx = np.flatnonzero(data.tvus.labels == k)
+        if idx.size:
+            i = int(idx[0])
+            clip = data.tvus.clips[i]
+            s = data.tvus.subjects[i]
+            save(
+                clip[clip.shape[0] // 2],
+                f"{cfg.task.teacher_modality} {s}: {names[k]}",
+                f"{cfg.task.teacher_modality}_class{k}_{s}.png",
+                "upper",
+            )
+    return written
+
+
+# ------------------------------------------------------------------------------------------- experiment
+def run_experiment(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict[str, Any]:
+    """Run (or resume) the whole experiment into ``run_dir``; returns the content of ``results.json``.
+
+    Args:
+        cfg: the configuration (``data.manifest`` empty: a synthetic cohort is generated into RUN_DIR/cohort).
+        run_dir: the run directory.
+        resume: skip finished units and continue interrupted fits.
+
+    Raises:
+        InputError: bad inputs, a run directory holding another run, or a configuration that differs from
+            the one a resumed run was started with.
+        RunLockedError: another process is using ``run_dir``.
+        TrainingDivergedError: a loss became NaN/inf.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with RunLock(run_dir):
+        try:
+            return _run_experiment(cfg, run_dir, resume)
+        except KeyboardInterrupt:
+            _echo(f"interrupted: continue with `endodistill run --resume {run_dir}`")
+            raise
+
+
+def _run_experiment(cfg: Config, run_dir: Path, resume: bool) -> dict[str, Any]:
+    from endodistill.evaluate.stats import nan_to_none
+    from endodistill.train.common import configure_torch, fit_seed
+    from endodistill.train.data import load_cohort
+    from endodistill.train.finetune import finetune
+    from endodistill.train.teacher import load_teacher_outputs, train_teacher
+
+    t_start = time.perf_counter()
+    _check_mae_config(cfg)
+    configure_torch(cfg)
+    t0 = time.perf_counter()
+    cfg = _start_run(cfg, run_dir, resume)
+    data = load_cohort(cfg, cfg.data.manifest)  # type: ignore[arg-type]
+    _record_run(cfg, run_dir, data.files)
+    lab = data.labelled
+    splits = _splits(cfg, run_dir, lab.subjects, lab.labels.tolist())
+    t_data = time.perf_counter() - t0
+    _echo(
+        f"[data] {len(lab)} labelled + {len(data.unlabelled)} unlabelled {cfg.task.student_modality}, "
+        f"{len(data.tvus)} {cfg.task.teacher_modality} clips, {len(splits)} folds ({t_data:.1f} s)"
+    )
+
+    teacher_metrics = train_teacher(cfg, data, run_dir, resume, _echo)
+    teacher = load_teacher_outputs(run_dir)
+
+    methods = list(cfg.protocol.methods)
+    shared_encoder: Path | None = None
+    if _needs_mae(cfg, methods) and not cfg.mae.use_labelled_train:
+        shared_encoder = _mae_encoder(cfg, data, run_dir, None, [], resume, _echo)
+
+    k = len(splits)
+    for f, split in enumerate(splits):
+        encoder = shared_encoder
+        if encoder is None and _needs_mae(cfg, methods):
+            encoder = _mae_encoder(cfg, data, run_dir, f, split["train"], resume, _echo)
+        for m in methods:
+            unit = run_dir / "folds" / f"fold_{f}" / m
+            t1 = time.perf_counter()
+            info = finetune(
+                cfg,
+                m,
+                data,
+                teacher,
+                split,
+                unit,
+                fit_seed(cfg.seed, "distill", f),
+                f"fold {f} {m}",
+                resume,
+                encoder if cfg.protocol.methods[m].init == "mae" else None,
+            )
+            _echo(
+                f"[fold {f + 1}/{k}] {m}: val AUC {_fmt(info.get('val_auc'))}, test AUC {_fmt(info.get('test_auc'))} "
+                f"({time.perf_counter() - t1:.1f} s)"
+            )
+
+    rows = _oof_rows(cfg, splits, methods, run_dir)
+    _write_oof(run_dir / "oof_predictions.csv", rows)
+    method_metrics = _method_metrics(cfg, rows, methods)
+    comparisons = _comparisons(cfg, rows, methods)
+
+    final: dict[str, Any] | None = None
+    if cfg.protocol.final_model:
+        final = _final_model(
+            cfg, data, teacher, run_dir, method_metrics, teacher_metrics, shared_encoder, resume
+        )
+
+    timings, fits = _timings(run_dir, splits, methods, t_data)
+    results = {
+        "methods": method_metrics,
+        "teacher": teacher_metrics,
+        "comparisons": comparisons,
+        "cohort": data.cohort,
+        "config": cfg.model_dump(mode="json"),
+        "seed": cfg.seed,
+        "folds": k,
+        "reference": "scratch_ce" if "scratch_ce" in methods else methods[0],
+        "full_method": cfg.protocol.full_method,
+        "correction": "holm",
+        "final_model": final,
+        "timings": timings,
+    }
+    results = nan_to_none(results)
+    atomic_write_json(run_dir / "results.json", results)
+    step = sum(v.get("step", 0.0) for v in fits.values() if isinstance(v, dict))
+    wall_fits = sum(v.get("wall", 0.0) for v in fits.values() if isinstance(v, dict))
+    atomic_write_json(
+        run_dir / "timings.json",
+        {
+            "stages": timings,
+            "fits": fits,
+            "step_seconds": round(step, 3),
+            "fit_wall_seconds": round(wall_fits, 3),
+            "overhead": round(wall_fits / step, 3) if step > 0 else None,
+            "this_process_wall_seconds": round(time.perf_counter() - t_start, 3),
+        },
+    )
+    write_examples(cfg, data, run_dir)
+    from endodistill.evaluate.report import format_ablation_table, write_report
+
+    html, _md = write_report(run_dir)
+    _echo("")
+    _echo(format_ablation_table(results))
+    t_total = sum(timings.values())
+    _echo(f"\nteacher AUC {_fmt(teacher_metrics.get('auc'))}; report: {html}; total {t_total:.1f} s")
+    return results
+
+
+def _fmt(v: Any) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{float(v):.3f}"
+
+
+def _final_model(
+    cfg: Config,
+    data: Any,
+    teacher: Any,
+    run_dir: Path,
+    method_metrics: dict[str, Any],
+    teacher_metrics: dict[str, Any],
+    shared_encoder: Path | None,
+    resume: bool,
+) -> dict[str, Any]:
+    """Train the full method on all labelled MRI (inner validation split for selection) and save RUN_DIR/model."""
+    from endodistill.data.splits import inner_val_split
+    from endodistill.infer.model_dir import save_model_dir
+    from endodistill.train.common import fit_seed, load_weights
+    from endodistill.train.finetune import finetune
+
+    m = cfg.protocol.full_method
+    lab = data.labelled
+    train, val = inner_val_split(lab.subjects, lab.labels.tolist(), cfg.finetune.val_fraction, cfg.seed)
+    encoder = shared_encoder
+    if cfg.protocol.methods[m].init == "mae" and encoder is None:
+        encoder = _mae_encoder(cfg, data, run_dir, None, train, resume, _echo)
+    t1 = time.perf_counter()
+    info = finetune(
+        cfg,
+        m,
+        data,
+        teacher,
+        {"train": train, "val": val, "test": []},
+        run_dir / "final",
+        fit_seed(cfg.seed, "final"),
+        f"final {m}",
+        resume,
+        encoder if cfg.protocol.methods[m].init == "mae" else None,
+    )
+    summary = method_metrics.get(m, {})
+    youden = (summary.get("youden") or {}).get("threshold")
+    threshold = float(youden) if youden is not None and np.isfinite(youden) else 0.5
+    threshold = min(1.0, max(0.0, threshold))
+    model_dir = run_dir / "model"
+    if not (resume and model_dir.is_dir() and (model_dir / "metadata.json").is_file()):
+        metrics = {
+            "method": m,
+            "cross_validation": {
+                k: summary.get(k)
+                for k in (
+                    "auc",
+                    "auc_ci95",
+                    "fold_auc_mean",
+                    "fold_auc_std",
+                    "youden",
+                    "high_sensitivity",
+                    "brier",
+                    "ece",
+                )
+            },
+            "teacher_auc": teacher_metrics.get("auc"),
+            "threshold_source": "Youden on out-of-fold predictions" if youden is not None else "default 0.5",
+            "final_val_auc": info.get("val_auc"),
+        }
+        save_model_dir(
+            model_dir, load_weights(run_dir / "final" / "model.safetensors"), cfg, threshold, metrics
+        )
+    _echo(
+        f"[final] {m} on {len(train)} + {len(val)} subjects, threshold {threshold:.3f} ({time.perf_counter() - t1:.1f} s)"
+    )
+    return {
+        "method": m,
+        "threshold": threshold,
+        "val_auc": info.get("val_auc"),
+        "best_epoch": info.get("best_epoch"),
+        "path": "model",
+    }
+
+
+def _timings(
+    run_dir: Path, splits: list[Any], methods: list[str], t_data: float
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """Stage seconds and per-fit breakdowns from the units' done markers (also right after a resume)."""
+    from endodistill.train.common import read_done
+
+    fits: dict[str, Any] = {}
+
+    def add(name: str, d: Path) -> float:
+        info = read_done(d) or {}
+        t = info.get("timing") or {}
+        if "fits" in t:  # the teacher: several sub-fits
+            for sub, st in (t["fits"] or {}).items():
+                if st:
+                    fits[f"{name}/{sub}"] = st
+        elif t:
+            fits[name] = t
+        return float(t.get("wall", 0.0))
+
+    stages = {"data": round(t_data, 3), "teacher": round(add("teacher", run_dir / "teacher"), 3)}
+    mae = sum(
+        add(str(p.parent.relative_to(run_dir)), p.parent) for p in sorted(run_dir.glob("mae/**/done.json"))
+    )
+    stages["mae"] = round(mae, 3)
+    cv = 0.0
+    for f in range(len(splits)):
+        for m in methods:
+            cv += add(f"fold_{f}/{m}", run_dir / "folds" / f"fold_{f}" / m)
+    stages["cross_validation"] = round(cv, 3)
+    if (run_dir / "final" / "done.json").is_file():
+        stages["final_model"] = round(add("final", run_dir / "final"), 3)
+    return stages, fits
+
+
+# ------------------------------------------------------------------------------------------------ demo
+def run_demo(cfg: Config, out: str | Path, resume: bool = False) -> dict[str, Any]:
+    """Generate the demo cohort into ``OUT/cohort`` (or reuse it) and run the experiment into ``OUT``.
+
+    Args:
+        cfg: the demo configuration (``configs/demo.yaml``); a ``data.manifest`` in it is used as is.
+        out: the run directory.
+        resume: continue an interrupted demo.
+
+    Returns:
+        The content of ``results.json``.
+    """
+    return run_experiment(cfg, out, resume=resume)
+
+
+# ------------------------------------------------------------------------------------------ one stage
+def run_stage(
+    cfg: Config,
+    out: str | Path,
+    stage: str,
+    method: str = "mae_kd_ce",
+    fold: int | None = None,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Run one training stage on its own, writing into the run directory ``out``.
+
+    Args:
+        cfg: the configuration.
+        out: the run directory (distill reads the teacher outputs and MAE encoder found there).
+        stage: ``teacher``, ``pretrain`` or ``distill``.
+        method: the method for ``distill``.
+        fold: the fold for ``distill`` (0-based, as in ``splits.json`` and ``folds/fold_K``); None trains on all
+            labelled subjects (with the inner validation split) into ``distill/METHOD``.
+        resume: reuse a finished unit / continue from its last checkpoint.
+
+    Returns:
+        The stage's info.
+
+    Raises:
+        ConfigError: an unknown stage, method or fold.
+        InputError: distill without teacher outputs, or without the MAE encoder for an MAE-initialised method.
+    """
+    from endodistill.train.common import configure_torch, fit_seed
+    from endodistill.train.data import load_cohort
+
+    if stage not in STAGES:
+        raise ConfigError(stage, f"unknown stage (choose from {', '.join(STAGES)})")
+    if stage == "distill" and method not in cfg.protocol.methods:
+        raise ConfigError(method, f"unknown method (known: {', '.join(cfg.protocol.methods)})")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with RunLock(out):
+        configure_torch(cfg)
+        cfg = cfg.model_copy(deep=True)
+        from endodistill.train.data import ensure_manifest
+
+        saved = out / "config.yaml"
+        if cfg.data.manifest is None and saved.is_file():
+            prev = load_config(saved)
+            if prev.data.manifest is not None:
+                cfg.data.manifest = prev.data.manifest
+        cfg.data.manifest = ensure_manifest(cfg, out / "cohort")
+        if not saved.is_file():
+            atomic_write_text(saved, dump_config(cfg))
+        data = load_cohort(cfg, cfg.data.manifest)
+        if stage == "teacher":
+            from endodistill.train.teacher import train_teacher
+
+            return train_teacher(cfg, data, out, resume, _echo)
+        if stage == "pretrain":
+            from endodistill.train.pretrain import mae_unit, pretrain_mae
+
+            train_subjects: list[str] = []
+            if cfg.mae.use_labelled_train:
+                splits = _splits(cfg, out, data.labelled.subjects, data.labelled.labels.tolist())
+                if fold is not None:
+                    _check_fold(fold, splits)
+                    train_subjects = splits[fold]["train"]
+                else:
+                    train_subjects = list(data.labelled.subjects)
+            unit = mae_unit(cfg, fold)
+            seed = fit_seed(cfg.seed, "mae", None if unit == "mae" else fold, unit)
+            return pretrain_mae(cfg, data, out / unit, seed, resume, train_subjects, _echo)
+        from endodistill.data.splits import inner_val_split
+        from endodistill.train.finetune import finetune
+        from endodistill.train.pretrain import mae_unit
+        from endodistill.train.teacher import load_teacher_outputs
+
+        teacher = load_teacher_outputs(out)
+        if fold is None:
+            lab = data.labelled
+            train, val = inner_val_split(
+                lab.subjects, lab.labels.tolist(), cfg.finetune.val_fraction, cfg.seed
+            )
+            split = {"train": train, "val": val, "test": []}
+            unit, seed, where = out / "distill" / method, fit_seed(cfg.seed, "final"), f"distill {method}"
+        else:
+            splits = _splits(cfg, out, data.labelled.subjects, data.labelled.labels.tolist())
+            _check_fold(fold, splits)
+            split = splits[fold]
+            unit, seed = out / "folds" / f"fold_{fold}" / method, fit_seed(cfg.seed, "distill", fold)
+            where = f"fold {fold} {method}"
+        encoder = None
+        if cfg.protocol.methods[method].init == "mae":
+            encoder = out / mae_unit(cfg, fold) / "encoder.safetensors"
+            if not encoder.is_file():
+                raise InputError(
+                    encoder,
+                    f"method '{method}' starts from the MAE encoder: run `endodistill train pretrain` first",
+                )
+        t1 = time.perf_counter()
+        info = finetune(cfg, method, data, teacher, split, unit, seed, where, resume, encoder)
+        _echo(
+            f"[{where}] val AUC {_fmt(info.get('val_auc'))}, test AUC {_fmt(info.get('test_auc'))} ({time.perf_counter() - t1:.1f} s)"
+        )
+        return info
+
+
+def _check_fold(fold: int, splits: list[Any]) -> None:
+    if not 0 <= fold < len(splits):
+        raise ConfigError("--fold", f"{fold} is not a fold of this run (0..{len(splits) - 1})")

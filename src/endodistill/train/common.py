@@ -1,0 +1,655 @@
+"""Lightning plumbing shared by every training stage.
+
+* :func:`make_trainer`: one ``lightning.pytorch.Trainer`` factory from ``cfg.trainer`` (CSV + TensorBoard logs
+  in the stage directory, ``checkpoints/last.ckpt`` after every epoch, no sanity steps, no model summary).
+* Seeds: every fit gets its own seed derived from ``(cfg.seed, stage, fold, method)`` (:func:`fit_seed`), and
+  the global RNGs are re-seeded at the start of every epoch from ``(fit seed, epoch)``. A fit resumed from
+  ``last.ckpt`` (written at an epoch end) therefore draws exactly the random numbers of an uninterrupted one.
+* :class:`TimingCallback`: start-up, model-step, data (+ loop), evaluation and checkpoint seconds per fit.
+* NaN/inf losses raise :class:`~endodistill.errors.TrainingDivergedError` naming stage, fold and step; the
+  last good ``last.ckpt`` (previous epoch end) is kept because nothing is saved on an exception.
+* :class:`AtomicCheckpointIO`: checkpoints are written atomically and always read with ``weights_only=True``.
+* :class:`PlannedBatches`: in-process batches of in-memory tensors, a pure function of ``(seed, epoch, batch)``
+  (identical with or without DataLoader workers, across resumes, and sharded by rank under DDP).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import signal
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from endodistill.config import Config
+from endodistill.errors import InputError, TrainingDivergedError
+from endodistill.utils import atomic_path, atomic_write_json, stable_hash
+
+log = logging.getLogger("endodistill")
+
+LAST_CKPT = "checkpoints/last.ckpt"
+DONE = "done.json"
+
+
+# --------------------------------------------------------------------------------------------------- seeds
+def fit_seed(seed: int, stage: str, fold: int | None = None, method: str | None = None) -> int:
+    """A seed of its own for one fit, stable across processes and machines.
+
+    Args:
+        seed: the run's seed (``cfg.seed``).
+        stage: ``teacher``, ``mae``, ``distill``, ``final``, ...
+        fold: the fold (None when the fit is not per fold).
+        method: the method name (None when not per method).
+
+    Returns:
+        An int in ``[0, 2**31 - 1)``.
+    """
+    return int(stable_hash([int(seed), stage, fold, method]), 16) % (2**31 - 1)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of one epoch of a fit (a pure function, so a resumed fit re-seeds identically)."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]) % (2**31 - 1)
+
+
+def seed_all(seed: int) -> None:
+    """Seed Python, NumPy and torch through Lightning (``workers=True`` seeds DataLoader workers too)."""
+    pl.seed_everything(seed, workers=True, verbose=False)
+
+
+def configure_torch(cfg: Config) -> None:
+    """Process-wide torch settings from ``cfg.trainer``: thread count, TF32 on GPUs, quiet Lightning."""
+    if cfg.trainer.threads:
+        torch.set_num_threads(cfg.trainer.threads)
+    if cfg.trainer.accelerator != "cpu":
+        # TF32 matmuls on Ampere+ GPUs: no effect on CPU runs (which stay bit-identical).
+        torch.set_float32_matmul_precision("high")
+    quiet_lightning()
+
+
+def quiet_lightning() -> None:
+    """Silence Lightning's per-fit info lines and hints that do not apply to in-memory training."""
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_utilities"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for pattern in (
+        ".*does not have many workers.*",
+        ".*smaller than the logging interval.*",
+        ".*Experiment logs directory .* exists and is not empty.*",
+        ".*Checkpoint directory .* exists and is not empty.*",
+        ".*`training_step` returned `None`.*",
+        ".*You defined a `validation_step` but have no `val_dataloader`.*",
+        ".*Trying to infer the `batch_size`.*",
+        ".*is an invalid version and will not be supported.*",
+        ".*GPU available but not used.*",
+        ".*modules in eval mode.*",
+        ".*isinstance.treespec, LeafSpec.*",
+        ".*torch.meshgrid: in an upcoming release.*",
+    ):
+        warnings.filterwarnings("ignore", message=pattern)
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``torch.save`` to a temporary file renamed into place; ``torch.load`` with ``weights_only=True`` only.
+
+    Checkpoints hold tensors and primitive containers only (hyper-parameters are plain dicts), so the
+    restricted unpickler reads them; a checkpoint needing more is refused instead of executed.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.save_seconds = 0.0
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        """Write ``checkpoint`` atomically (a kill or a full disk leaves the previous file intact)."""
+        t0 = time.perf_counter()
+        with atomic_path(path) as tmp:
+            torch.save(checkpoint, tmp)
+        self.save_seconds += time.perf_counter() - t0
+
+    def load_checkpoint(
+        self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        """Read a checkpoint with the restricted unpickler, whatever the caller asked for."""
+        p = Path(path)
+        if not p.is_file():
+            raise InputError(p, "checkpoint not found")
+        try:
+            return torch.load(p, map_location=map_location or "cpu", weights_only=True)
+        except Exception as e:  # a truncated file or one needing arbitrary code
+            raise InputError(p, f"unreadable checkpoint ({type(e).__name__}: {str(e)[:120]})") from None
+
+
+def save_weights(path: str | Path, state: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Save a state dict as safetensors, atomically (tensors made contiguous, shared storage split)."""
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def load_weights(path: str | Path) -> dict[str, Tensor]:
+    """Read a safetensors state dict.
+
+    Raises:
+        InputError: missing or unreadable file.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(p, "weights file not found")
+    try:
+        return load_file(str(p))
+    except Exception as e:
+        raise InputError(p, f"unreadable safetensors file ({type(e).__name__})") from None
+
+
+# ------------------------------------------------------------------------------------------- done units
+def read_done(unit_dir: Path) -> dict[str, Any] | None:
+    """The done marker of a finished unit (teacher, mae, a fold x method fit, final), or None."""
+    p = Path(unit_dir) / DONE
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None  # a damaged marker: the unit is redone
+
+
+def write_done(unit_dir: Path, info: dict[str, Any]) -> None:
+    """Mark a unit finished (written last, after all its outputs, atomically)."""
+    atomic_write_json(Path(unit_dir) / DONE, info)
+
+
+def prepare_unit(unit_dir: Path, resume: bool) -> Path | None:
+    """Get a unit directory ready: on resume return its ``last.ckpt`` (if any); otherwise clear old state.
+
+    Args:
+        unit_dir: the unit's directory.
+        resume: continue an interrupted fit.
+
+    Returns:
+        The checkpoint to resume from, or None for a fresh fit.
+    """
+    unit_dir = Path(unit_dir)
+    last = unit_dir / LAST_CKPT
+    if resume and last.is_file():
+        return last
+    if not resume:
+        # A fresh fit must not pick up a stale checkpoint or marker of an earlier attempt.
+        for stale in (last, unit_dir / DONE):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+    unit_dir.mkdir(parents=True, exist_ok=True)
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ timing
+class TimingCallback(Callback):
+    """Where a fit's time goes: start-up, model steps, data (+ loop book-keeping), evaluation, checkpoints.
+
+    ``step`` runs from ``on_train_batch_start`` to ``on_train_batch_end`` (forward, backward, optimiser);
+    ``data`` from the end of one step to the start of the next (fetching the batch and Lightning's loop);
+    ``eval`` is what the module measures with :meth:`section`; ``startup`` from the trainer's creation to
+    ``on_train_start``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.t_created = time.perf_counter()
+        self.startup = 0.0
+        self.step = 0.0
+        self.data = 0.0
+        self.eval = 0.0
+        self.steps = 0
+        self._last: float | None = None
+        self._step_start = 0.0
+        self.checkpoint_io: AtomicCheckpointIO | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.startup = time.perf_counter() - self.t_created
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._last = time.perf_counter()
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        now = time.perf_counter()
+        if self._last is not None:
+            self.data += now - self._last
+        self._step_start = now
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        now = time.perf_counter()
+        self.step += now - self._step_start
+        self.steps += 1
+        self._last = now
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._last = None
+
+    @contextlib.contextmanager
+    def section(self) -> Iterator[None]:
+        """Count the enclosed time as evaluation."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.eval += time.perf_counter() - t0
+
+    def summary(self, wall: float | None = None) -> dict[str, float]:
+        """Seconds per part; ``other`` = wall minus the measured parts (hooks, logging, teardown)."""
+        wall = time.perf_counter() - self.t_created if wall is None else wall
+        ckpt = self.checkpoint_io.save_seconds if self.checkpoint_io is not None else 0.0
+        parts = {
+            "startup": self.startup,
+            "step": self.step,
+            "data": self.data,
+            "eval": self.eval,
+            "checkpoint": ckpt,
+        }
+        out = {k: round(v, 4) for k, v in parts.items()}
+        out["other"] = round(max(0.0, wall - sum(parts.values())), 4)
+        out["wall"] = round(wall, 4)
+        out["steps"] = self.steps
+        return out
+
+
+class _InterruptCallback(Callback):
+    """Let Ctrl-C propagate as KeyboardInterrupt (Lightning would ``sys.exit(1)`` and ignore SIGINT)."""
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        if isinstance(exception, KeyboardInterrupt):
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise exception
+
+
+class _LeaveFalseBar(TQDMProgressBar):
+    """A progress bar that disappears when the fit ends (the caller prints one summary line)."""
+
+    def init_train_tqdm(self) -> Any:
+        bar = super().init_train_tqdm()
+        bar.leave = False
+        return bar
+
+
+def make_trainer(
+    cfg: Config,
+    stage_dir: Path,
+    max_epochs: int,
+    timing: TimingCallback,
+    callbacks: Sequence[Callback] = (),
+    progress: bool | None = None,
+) -> pl.Trainer:
+    """A Trainer for one fit, writing logs and ``checkpoints/last.ckpt`` into ``stage_dir``.
+
+    Args:
+        cfg: the run configuration (``cfg.trainer`` chooses hardware, precision, determinism).
+        stage_dir: the fit's directory.
+        max_epochs: epochs of the fit.
+        timing: the fit's timing callback (created first, so start-up includes building the Trainer).
+        callbacks: more callbacks.
+        progress: show a progress bar (default: when stderr is a terminal).
+
+    Returns:
+        A configured ``lightning.pytorch.Trainer``.
+    """
+    t = cfg.trainer
+    stage_dir = Path(stage_dir)
+    if progress is None:
+        progress = sys.stderr.isatty()
+    ckpt_io = AtomicCheckpointIO()
+    timing.checkpoint_io = ckpt_io
+    # Lightning 2.6 writes "last" only alongside a top-k save, so the top-1 checkpoint without a monitor
+    # (the latest epoch) is itself named last.ckpt and overwritten every epoch.
+    checkpoint = ModelCheckpoint(
+        dirpath=stage_dir / "checkpoints",
+        filename="last",
+        save_last=False,
+        save_top_k=1,
+        every_n_epochs=1,
+        save_on_train_epoch_end=True,
+        enable_version_counter=False,
+    )
+    loggers = [
+        CSVLogger(save_dir=stage_dir, name="logs"),
+        TensorBoardLogger(save_dir=stage_dir, name="tensorboard", default_hp_metric=False),
+    ]
+    all_callbacks: list[Callback] = [timing, checkpoint, _InterruptCallback(), *callbacks]
+    if progress:
+        all_callbacks.append(_LeaveFalseBar())
+    # deterministic=True makes torch raise on non-deterministic kernels; on GPUs some (SDPA backward,
+    # scatter) have none, so there it only warns. CPU runs are bit-identical either way.
+    deterministic: bool | str = t.deterministic
+    if t.deterministic and t.accelerator != "cpu":
+        deterministic = "warn"
+    return pl.Trainer(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        strategy=t.strategy,
+        num_nodes=t.num_nodes,
+        precision=t.precision,  # type: ignore[arg-type]
+        deterministic=deterministic,
+        max_epochs=max_epochs,
+        logger=loggers,
+        callbacks=all_callbacks,
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=t.log_every_n_steps,
+        default_root_dir=stage_dir,
+        use_distributed_sampler=False,  # PlannedBatches shards by rank itself
+        plugins=[ckpt_io],
+        benchmark=False,
+    )
+
+
+def fit(trainer: pl.Trainer, module: pl.LightningModule, loader: DataLoader, ckpt_path: Path | None) -> None:
+    """``trainer.fit``, resuming from ``ckpt_path`` (read with ``weights_only=True``) when given."""
+    trainer.fit(
+        module,
+        train_dataloaders=loader,
+        ckpt_path=str(ckpt_path) if ckpt_path is not None else None,
+        weights_only=True,
+    )
+
+
+# ------------------------------------------------------------------------------------------ base module
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on biases, norms, tokens and position embeddings (1-D or tokens)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1 or "token" in name or "position" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def warmup_cosine(
+    total_steps: int, warmup_fraction: float = 0.1, floor: float = 0.01
+) -> Callable[[int], float]:
+    """LR factor per optimiser step: linear warm-up, then cosine decay to ``floor``."""
+    total = max(1, int(total_steps))
+    warm = max(1, round(warmup_fraction * total)) if warmup_fraction > 0 else 0
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        frac = min(1.0, (step - warm) / max(1, total - warm))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+    return factor
+
+
+class StageModule(pl.LightningModule):
+    """Common behaviour of the stage modules: per-epoch re-seeding, divergence check, history, timing.
+
+    Args:
+        hparams: plain (JSON-like) hyper-parameters saved in checkpoints and logs.
+        seed: the fit's seed (:func:`fit_seed`).
+        where: how errors name the fit, e.g. ``"distill fold 2 mae_kd_ce"``.
+        timing: the fit's timing callback.
+    """
+
+    def __init__(self, hparams: dict[str, Any], seed: int, where: str, timing: TimingCallback) -> None:
+        super().__init__()
+        self.save_hyperparameters(hparams)
+        self.seed = int(seed)
+        self.where = where
+        self.timing = timing
+        self.history: list[dict[str, Any]] = []
+        self._sums: dict[str, float] = {}
+        self._count = 0
+
+    # -- RNG: each epoch starts from a seed that depends on (fit seed, epoch) only
+    def on_train_epoch_start(self) -> None:
+        # Lightning numbers sampler epochs by *processed* epochs, which lags by one after resuming from an
+        # epoch-end checkpoint; the batches must follow the true epoch.
+        sampler = getattr(self.trainer.train_dataloader, "sampler", None)
+        if isinstance(sampler, EpochSampler):
+            sampler.set_epoch(self.current_epoch)
+        s = epoch_seed(self.seed, self.current_epoch)
+        random.seed(s)
+        np.random.seed(s)
+        torch.manual_seed(s)
+        self._sums, self._count = {}, 0
+
+    def check_loss(self, loss: Tensor) -> None:
+        """Stop with a clear error when the loss is NaN or infinite.
+
+        Raises:
+            TrainingDivergedError: naming the fit, epoch and step; ``last.ckpt`` stays the previous epoch's.
+        """
+        if not bool(torch.isfinite(loss.detach())):
+            raise TrainingDivergedError(
+                f"{self.where}: loss became {float(loss.detach())} at step {self.global_step} "
+                f"(epoch {self.current_epoch}); the last good checkpoint is the previous epoch's "
+                f"checkpoints/last.ckpt. Lower the learning rate or check the inputs."
+            )
+
+    def accumulate(self, n: int, **values: Tensor | float) -> None:
+        """Add per-batch means (weighted by batch size ``n``) to the epoch's running sums."""
+        for k, v in values.items():
+            val = float(v.detach()) if isinstance(v, Tensor) else float(v)
+            self._sums[k] = self._sums.get(k, 0.0) + val * n
+        self._count += n
+
+    def epoch_means(self) -> dict[str, float]:
+        """The epoch's means of what :meth:`accumulate` collected."""
+        return {k: v / max(1, self._count) for k, v in self._sums.items()}
+
+    def end_epoch(self, row: dict[str, Any]) -> None:
+        """Record one history row (kept in checkpoints, so it survives resume) and log it once per epoch."""
+        row = {"epoch": int(self.current_epoch), **row}
+        self.history.append(row)
+        numeric = {k: float(v) for k, v in row.items() if isinstance(v, int | float) and k != "epoch"}
+        numeric = {k: v for k, v in numeric.items() if math.isfinite(v)}
+        if numeric:
+            self.log_dict(numeric, on_step=False, on_epoch=True, prog_bar=False, logger=True)
+
+    def lr(self) -> float:
+        """The current learning rate of the first parameter group."""
+        opt = self.optimizers()
+        optimizer = opt.optimizer if hasattr(opt, "optimizer") else opt
+        return float(optimizer.param_groups[0]["lr"])
+
+    def extra_state(self) -> dict[str, Any]:
+        """More state to keep in checkpoints (tensors and primitives only); subclasses extend it."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`extra_state`."""
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["endodistill"] = {"history": list(self.history), **self.extra_state()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("endodistill", {})
+        self.history = list(state.get("history", []))
+        self.load_extra_state(state)
+
+
+def write_history(path: Path, history: list[dict[str, Any]]) -> None:
+    """Write a fit's per-epoch history as CSV (atomic), the training curves the report draws."""
+    import csv
+    import io
+
+    keys: list[str] = []
+    for row in history:
+        keys.extend(k for k in row if k not in keys)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
+    w.writeheader()
+    for row in history:
+        w.writerow({k: _fmt(row.get(k)) for k in keys})
+    with atomic_path(path) as tmp:
+        tmp.write_text(buf.getvalue(), encoding="utf-8")
+
+
+def _fmt(v: Any) -> Any:
+    if isinstance(v, float):
+        return repr(v) if math.isfinite(v) else ""
+    return "" if v is None else v
+
+
+# --------------------------------------------------------------------------------------------- batches
+class PlannedBatches(Dataset):
+    """Batches of an in-memory dataset, item ``(epoch, b)`` = batch ``b`` of epoch ``epoch``.
+
+    The order of each epoch is a pure function of ``(seed, epoch)``; each batch's augmentation draws from
+    ``np.random.default_rng([seed, epoch, b])``. With ``world > 1`` every rank takes its share of each
+    global batch (``idx[rank::world]``), so the global batch is the same for any number of processes.
+
+    Args:
+        n: number of cases.
+        batch_size: the global batch size.
+        seed: the fit's seed.
+        make_batch: ``(indices, rng, epoch) -> batch`` (tensors).
+        sample_weights: draw each epoch's cases with replacement from these weights (balanced sampling)
+            instead of a permutation.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        seed: int,
+        make_batch: Callable[[np.ndarray, np.random.Generator, int], Any],
+        sample_weights: np.ndarray | None = None,
+    ) -> None:
+        if n < 1:
+            raise ValueError("no training cases")
+        self.n = int(n)
+        self.batch_size = max(1, min(int(batch_size), self.n))
+        self.seed = int(seed)
+        self.make_batch = make_batch
+        self.weights = None if sample_weights is None else np.asarray(sample_weights, dtype=np.float64)
+        self.rank, self.world = 0, 1
+        full, rest = divmod(self.n, self.batch_size)
+        # A last batch of one case breaks BatchNorm and gives noisy steps: it is dropped (cases are
+        # reshuffled every epoch, so nothing is left out for good).
+        self.num_batches = full + (1 if rest > 1 else 0)
+        self._plans: dict[int, list[np.ndarray]] = {}
+
+    def plan(self, epoch: int) -> list[np.ndarray]:
+        """The case indices of every batch of ``epoch``."""
+        if epoch not in self._plans:
+            rng = np.random.default_rng([self.seed, epoch, 0])
+            if self.weights is None:
+                order = rng.permutation(self.n)
+            else:
+                order = rng.choice(self.n, size=self.n, replace=True, p=self.weights / self.weights.sum())
+            batches = [order[i : i + self.batch_size] for i in range(0, self.n, self.batch_size)]
+            self._plans = {epoch: batches[: self.num_batches]}  # keep one epoch only
+        return self._plans[epoch]
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        epoch, b = key
+        idx = self.plan(epoch)[b]
+        if self.world > 1:
+            idx = idx[self.rank :: self.world]
+        rng = np.random.default_rng([self.seed, epoch, b + 1])
+        return self.make_batch(idx, rng, epoch)
+
+
+class EpochSampler(Sampler):
+    """Yields ``(epoch, b)`` keys; Lightning calls :meth:`set_epoch` before every epoch."""
+
+    def __init__(self, num_batches: int) -> None:
+        self.num_batches = num_batches
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        # A generator: the epoch is read at the first batch, after on_train_epoch_start has set it.
+        epoch = self.epoch
+        for b in range(self.num_batches):
+            yield (epoch, b)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+
+def make_loader(batches: PlannedBatches, cfg: Config) -> DataLoader:
+    """A DataLoader over :class:`PlannedBatches` (``batch_size=None``: items already are batches).
+
+    With ``num_workers=0`` (the CPU default) batches are built in-process: no worker start-up per fit.
+    """
+    w = cfg.trainer.num_workers
+    return DataLoader(
+        batches,
+        batch_size=None,
+        sampler=EpochSampler(len(batches)),
+        num_workers=w,
+        persistent_workers=w > 0,
+        pin_memory=cfg.trainer.accelerator not in ("cpu", "mps") and torch.cuda.is_available(),
+    )
+
+
+def set_rank(batches: PlannedBatches, trainer: pl.Trainer) -> None:
+    """Tell the batches which share of every global batch this process takes."""
+    batches.rank, batches.world = int(trainer.global_rank), int(trainer.world_size)
+
+
+@torch.no_grad()
+def predict_logits(
+    model: Callable[[Tensor], Tensor], x: Tensor, batch_size: int, device: torch.device | str = "cpu"
+) -> Tensor:
+    """Logits of ``model`` on ``x`` in batches (eval mode is the caller's job), on the CPU."""
+    outs = []
+    for i in range(0, x.shape[0], batch_size):
+        outs.append(model(x[i : i + batch_size].to(device)).float().cpu())
+    return torch.cat(outs) if outs else torch.empty(0)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of a model's first parameter."""
+    return next(model.parameters()).device
+
+
+def auc_score(labels: np.ndarray, probs: np.ndarray, positive_class: int = 1) -> float:
+    """AUC of ``(N, K)`` class probabilities: the positive class's for K = 2, macro one-vs-rest for K > 2.
+
+    Returns:
+        NaN when only one class is present.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    y = np.asarray(labels, dtype=np.int64)
+    p = np.asarray(probs, dtype=np.float64)
+    if y.size == 0 or np.unique(y).size < 2:
+        return float("nan")
+    if p.shape[1] == 2:
+        return float(roc_auc_score(y == positive_class, p[:, positive_class]))
+    from endodistill.evaluate.metrics import multiclass_auc
+
+    return float(multiclass_auc(y, p)["macro"])

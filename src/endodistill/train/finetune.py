@@ -1,0 +1,406 @@
+"""Stage 3: distillation + fine-tuning of the MRI student for one (method, fold).
+
+Every epoch each labelled training MRI case is paired with a TVUS clip of the same label, drawn anew from
+``(fit seed, epoch)`` (:func:`~endodistill.train.pairing.label_matched_pairs`); its KD target is the frozen
+teacher's output on that clip (or the class prototype). The loss is ``a_e * L_KD + (1 - a_e) * L_task``
+with ``a_e`` from the method's schedule. Model selection uses an inner validation split of the training
+subjects only (best validation AUC, ties to the lower validation loss); the test fold is predicted once,
+with the selected weights. The TVUS clips of test and validation subjects (when a subject has both
+modalities) are left out of the pairing pool.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from endodistill.config import Config, MethodConfig
+from endodistill.errors import InputError
+from endodistill.train.common import (
+    PlannedBatches,
+    StageModule,
+    TimingCallback,
+    auc_score,
+    fit,
+    load_weights,
+    make_loader,
+    make_trainer,
+    param_groups,
+    predict_logits,
+    prepare_unit,
+    read_done,
+    save_weights,
+    set_rank,
+    warmup_cosine,
+    write_done,
+    write_history,
+)
+from endodistill.train.data import CohortData
+from endodistill.train.pretrain import augment_volumes
+from endodistill.train.teacher import TeacherOutputs
+from endodistill.utils import atomic_path
+
+log = logging.getLogger("endodistill")
+
+
+class StudentModule(StageModule):
+    """Lightning module of distillation + fine-tuning with in-fold model selection.
+
+    Args:
+        cfg: the run configuration.
+        method: the method (init, KD loss, schedule).
+        net: the student (already initialised).
+        class_weights: ``(K,)`` task-loss weights, or None.
+        total_steps: optimiser steps of the fit.
+        batches: training batches.
+        val: ``(x, y)`` of the inner validation subjects, or None (then the last epoch is kept).
+        **kw: passed to :class:`StageModule`.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        method: MethodConfig,
+        net: torch.nn.Module,
+        class_weights: Tensor | None,
+        total_steps: int,
+        batches: PlannedBatches,
+        val: tuple[Tensor, np.ndarray] | None,
+        **kw: Any,
+    ) -> None:
+        super().__init__(**kw)
+        self.cfg = cfg
+        self.method = method
+        self.net = net
+        self.total_steps = total_steps
+        self.batches = batches
+        self.val = val
+        self.register_buffer("class_weights", class_weights, persistent=False)
+        self.best_state: dict[str, Tensor] | None = None
+        self.best: dict[str, Any] = {"auc": None, "loss": None, "epoch": None}
+
+    def setup(self, stage: str) -> None:
+        set_rank(self.batches, self.trainer)
+
+    def kd_weight(self) -> float:
+        """``a_e`` of the current epoch."""
+        from endodistill.train.losses import kd_weight
+
+        return float(kd_weight(self.method.schedule, int(self.current_epoch), self.cfg.finetune.epochs))
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        from endodistill.train.losses import kd_loss, mixed_loss, task_loss
+
+        logits = self.net(batch["x"])
+        a = self.kd_weight()
+        kd = kd_loss(self.method.kd_loss, logits, batch["t"], self.method.temperature)
+        task = task_loss(logits, batch["y"], self.class_weights)
+        loss = mixed_loss(a, kd, task)  # exactly kd at a = 1 and exactly task at a = 0
+        self.check_loss(loss)
+        self.accumulate(int(batch["y"].numel()), train_loss=loss, kd_loss=kd, task_loss=task)
+        return loss
+
+    @torch.no_grad()
+    def _validate(self) -> tuple[float, float]:
+        assert self.val is not None
+        x, y = self.val
+        was = self.net.training
+        self.net.eval()
+        try:
+            logits = predict_logits(self.net, x, self.cfg.finetune.batch_size, self.device)
+        finally:
+            self.net.train(was)
+        loss = float(F.cross_entropy(logits, torch.from_numpy(y)))
+        probs = logits.softmax(1).numpy()
+        return auc_score(y, probs, self.cfg.task.positive_class), loss
+
+    def on_train_epoch_end(self) -> None:
+        row: dict[str, Any] = {**self.epoch_means(), "kd_weight": self.kd_weight(), "lr": self.lr()}
+        better = True
+        if self.val is not None:
+            with self.timing.section():
+                auc, loss = self._validate()
+            row.update(val_auc=auc, val_loss=loss)
+            # Best validation AUC; ties (and undefined AUCs of a one-class validation set) go to the
+            # lower validation loss.
+            key = (auc if math.isfinite(auc) else -math.inf, -loss)
+            if self.best["epoch"] is not None:
+                b_auc = self.best["auc"] if self.best["auc"] is not None else -math.inf
+                better = key > (b_auc, -self.best["loss"])
+            if better:
+                self.best = {
+                    "auc": auc if math.isfinite(auc) else None,
+                    "loss": loss,
+                    "epoch": int(self.current_epoch),
+                }
+        else:
+            self.best = {"auc": None, "loss": None, "epoch": int(self.current_epoch)}
+        if better:
+            self.best_state = {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()}
+        self.end_epoch(row)
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"best": dict(self.best), "best_state": self.best_state}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.best = dict(state.get("best", self.best))
+        self.best_state = state.get("best_state")
+
+    def configure_optimizers(self) -> Any:
+        f = self.cfg.finetune
+        opt = torch.optim.AdamW(param_groups(self.net, f.weight_decay), lr=f.lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(self.total_steps, 0.1))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def student_batch_fn(
+    x: Tensor,
+    y: np.ndarray,
+    subjects: list[str],
+    teacher: TeacherOutputs,
+    pool: np.ndarray,
+    method: MethodConfig,
+    seed: int,
+    num_classes: int,
+    augment: bool,
+) -> Callable[[np.ndarray, np.random.Generator, int], dict[str, Tensor]]:
+    """Training batches: volumes, labels and the KD target of each case's TVUS partner of this epoch.
+
+    Args:
+        x: training volumes ``(N, 1, ...)``.
+        y: their labels.
+        subjects: their subject ids (for ``paired`` pairing).
+        teacher: frozen teacher outputs on every clip.
+        pool: clip indices the pairing may draw from.
+        method: the method (pairing mode, KD loss).
+        seed: the fit's seed (pairs are a function of ``(seed, epoch)``).
+        num_classes: K.
+        augment: flips and intensity jitter.
+    """
+    from endodistill.train.pairing import class_prototypes, label_matched_pairs
+
+    pool_logits = teacher.logits[torch.from_numpy(pool)].float()
+    pool_labels = teacher.labels[pool]
+    pool_subjects = [teacher.subjects[i] for i in pool]
+    protos = (
+        class_prototypes(pool_logits, pool_labels, num_classes) if method.kd_loss == "prototype" else None
+    )
+    y_t = torch.from_numpy(y.astype(np.int64))
+    pairs: dict[int, Tensor] = {}
+
+    def targets(epoch: int) -> Tensor:
+        if epoch not in pairs:
+            if protos is not None:
+                tgt = protos[y_t]
+            else:
+                p = label_matched_pairs(y, pool_labels, seed, epoch, subjects, pool_subjects, method.pairing)
+                tgt = pool_logits[torch.from_numpy(p)]
+            pairs.clear()
+            pairs[epoch] = tgt
+        return pairs[epoch]
+
+    def make(idx: np.ndarray, rng: np.random.Generator, epoch: int) -> dict[str, Tensor]:
+        it = torch.from_numpy(idx)
+        xb = x[it]
+        return {
+            "x": augment_volumes(xb, rng) if augment else xb,
+            "y": y_t[it],
+            "t": targets(epoch)[it],
+            "i": it,
+        }
+
+    return make
+
+
+def _write_predictions(
+    path: Path, subjects: list[str], labels: np.ndarray, probs: np.ndarray, pos: int
+) -> None:
+    k = probs.shape[1]
+    fields = ["subject_id", "label", "prob"] + ([f"prob_{c}" for c in range(k)] if k > 2 else [])
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(fields)
+    for s, lab, p in zip(subjects, labels, probs):
+        w.writerow([s, int(lab), repr(float(p[pos])), *([repr(float(v)) for v in p] if k > 2 else [])])
+    with atomic_path(path) as tmp:
+        tmp.write_text(buf.getvalue(), encoding="utf-8")
+
+
+def read_predictions(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """``(subjects, labels, probs (N, K))`` from a fit's ``predictions.csv`` (K = 2 rebuilt from ``prob``)."""
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    subjects = [r["subject_id"] for r in rows]
+    labels = np.array([int(r["label"]) for r in rows], dtype=np.int64)
+    if rows and "prob_0" in rows[0]:
+        k = sum(1 for c in rows[0] if c.startswith("prob_"))
+        probs = np.array([[float(r[f"prob_{c}"]) for c in range(k)] for r in rows])
+    else:
+        p = np.array([float(r["prob"]) for r in rows])
+        probs = np.stack([1 - p, p], axis=1) if rows else np.zeros((0, 2))
+    return subjects, labels, probs
+
+
+def finetune(
+    cfg: Config,
+    method_name: str,
+    data: CohortData,
+    teacher: TeacherOutputs,
+    split: dict[str, list[str]],
+    unit_dir: Path,
+    seed: int,
+    where: str,
+    resume: bool = False,
+    encoder_path: Path | None = None,
+) -> dict[str, Any]:
+    """Fit one student (method, fold), select it on the inner validation split, predict the test subjects.
+
+    Args:
+        cfg: the run configuration (``cfg.protocol.methods[method_name]`` is the method).
+        method_name: the method's name.
+        data: the cohort.
+        teacher: the frozen teacher outputs.
+        split: ``{"train", "val", "test"}`` subject lists (test may be empty: the final model).
+        unit_dir: the fit's directory.
+        seed: the fit's seed.
+        where: name used in messages (``"fold 2 mae_kd_ce"``).
+        resume: reuse a finished fit / continue from ``last.ckpt``.
+        encoder_path: MAE encoder weights (needed when the method's init is ``mae``).
+
+    Returns:
+        The fit's info (also ``done.json``): subjects trained/validated/tested on, TVUS subjects used,
+        selected epoch, validation and test AUC, timing. Predictions are in ``unit_dir/predictions.csv``
+        and the selected weights in ``unit_dir/model.safetensors``.
+
+    Raises:
+        InputError: a missing MAE encoder, or a class without TVUS clips to pair with.
+    """
+    from endodistill.models.student import build_student, load_mae_encoder
+    from endodistill.train.losses import balanced_class_weights, balanced_sample_weights
+
+    unit_dir = Path(unit_dir)
+    done = read_done(unit_dir) if resume else None
+    if done is not None and (unit_dir / "model.safetensors").is_file():
+        return done
+    t0 = time.perf_counter()
+    method = cfg.protocol.methods[method_name]
+    k, pos = cfg.task.num_classes, cfg.task.positive_class
+    lab = data.labelled
+    tr, va, te = lab.index(split["train"]), lab.index(split.get("val", [])), lab.index(split.get("test", []))
+    if tr.size == 0:
+        raise InputError(None, f"{where}: no training subjects")
+    excluded = set(split.get("test", [])) | set(split.get("val", []))
+    pool = np.array(
+        [
+            i
+            for i in range(len(teacher.labels))
+            if teacher.labels[i] >= 0 and teacher.subjects[i] not in excluded
+        ],
+        dtype=np.int64,
+    )
+    missing = sorted(set(lab.labels[tr].tolist()) - set(teacher.labels[pool].tolist()))
+    if missing:
+        raise InputError(
+            None, f"{where}: class(es) {missing} have MRI training cases but no TVUS clip to pair with"
+        )
+
+    torch.manual_seed(seed)  # the head (and scratch encoders) start from the fit's seed
+    net = build_student(cfg)
+    if method.init == "mae":
+        if encoder_path is None or not Path(encoder_path).is_file():
+            raise InputError(
+                encoder_path,
+                f"{where}: method '{method_name}' starts from the MAE encoder, which is missing: run the pretrain stage first",
+            )
+        load_mae_encoder(net, load_weights(encoder_path), source=encoder_path)
+
+    ckpt = prepare_unit(unit_dir, resume)
+    y_tr = lab.labels[tr]
+    f = cfg.finetune
+    cw = balanced_class_weights(y_tr, k) if f.class_balance == "weights" else None
+    sw = balanced_sample_weights(y_tr, k).numpy() if f.class_balance == "sampler" else None
+    make = student_batch_fn(
+        lab.x[torch.from_numpy(tr)],
+        y_tr,
+        [lab.subjects[i] for i in tr],
+        teacher,
+        pool,
+        method,
+        seed,
+        k,
+        f.augment,
+    )
+    batches = PlannedBatches(tr.size, f.batch_size, seed, make, sample_weights=sw)
+    val = (lab.x[torch.from_numpy(va)], lab.labels[va]) if va.size else None
+    timing = TimingCallback()
+    hp = {
+        "stage": "distill",
+        "where": where,
+        "method": method_name,
+        "seed": seed,
+        "n_train": int(tr.size),
+        "n_val": int(va.size),
+        "config": {"method": method.model_dump(mode="json"), "finetune": f.model_dump(mode="json")},
+    }
+    module = StudentModule(
+        cfg,
+        method,
+        net,
+        cw,
+        total_steps=len(batches) * f.epochs,
+        batches=batches,
+        val=val,
+        hparams=hp,
+        seed=seed,
+        where=where,
+        timing=timing,
+    )
+    trainer = make_trainer(cfg, unit_dir, f.epochs, timing)
+    fit(trainer, module, make_loader(batches, cfg), ckpt)
+
+    net = module.net.cpu()
+    if module.best_state is not None:
+        net.load_state_dict(module.best_state)
+    net.eval()
+    save_weights(unit_dir / "model.safetensors", net.state_dict())
+    test_auc = float("nan")
+    with timing.section():
+        if te.size:
+            probs = predict_logits(net, lab.x[torch.from_numpy(te)], f.batch_size).softmax(1).numpy()
+            test_auc = auc_score(lab.labels[te], probs, pos)
+        else:
+            probs = np.zeros((0, k))
+    _write_predictions(
+        unit_dir / "predictions.csv", [lab.subjects[i] for i in te], lab.labels[te], probs, pos
+    )
+    write_history(unit_dir / "history.csv", module.history)
+    best = module.best
+    info = {
+        "method": method_name,
+        "where": where,
+        "seed": seed,
+        "train_subjects": sorted(lab.subjects[i] for i in tr),
+        "val_subjects": sorted(lab.subjects[i] for i in va),
+        "test_subjects": sorted(lab.subjects[i] for i in te),
+        "tvus_subjects": sorted({teacher.subjects[i] for i in pool}),
+        "best_epoch": best["epoch"],
+        "val_auc": best["auc"],
+        "val_loss": best["loss"],
+        "test_auc": test_auc if math.isfinite(test_auc) else None,
+        "train_loss_first": module.history[0].get("train_loss") if module.history else None,
+        "train_loss_last": module.history[-1].get("train_loss") if module.history else None,
+        "timing": timing.summary(time.perf_counter() - t0),
+    }
+    write_done(unit_dir, info)
+    return info

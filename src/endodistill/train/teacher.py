@@ -1,0 +1,513 @@
+"""Stage 1: the TVUS teacher (ResNet(2+1)D), its held-out AUC, and its frozen outputs for distillation.
+
+The teacher's own AUC on held-out TVUS subjects bounds what a student can be taught. It is estimated on one
+stratified subject hold-out (``teacher.folds == 1``) or by k-fold cross-validation (pooled out-of-fold AUC).
+
+The KD targets are computed once and stored in ``RUN_DIR/teacher/outputs.safetensors`` (logits, probabilities,
+pooled features per clip) with ``outputs.json`` (subject ids, labels, paths):
+
+* ``in_sample`` (the paper): a teacher trained on every labelled clip scores every clip;
+* ``oof``: cross-fitted, each clip is scored by a teacher that did not train on it (k folds; k = ``folds``
+  when > 1, else ``round(1 / holdout_fraction)``), so the targets are as calibrated as on new patients.
+
+Distillation reads these files only; the video network never runs again.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from endodistill.config import Config
+from endodistill.errors import InputError
+from endodistill.models.teacher import KINETICS_GRAY_MEAN, KINETICS_GRAY_STD, TeacherNet, build_teacher
+from endodistill.train.common import (
+    PlannedBatches,
+    StageModule,
+    TimingCallback,
+    auc_score,
+    fit,
+    fit_seed,
+    load_weights,
+    make_loader,
+    make_trainer,
+    param_groups,
+    prepare_unit,
+    read_done,
+    save_weights,
+    set_rank,
+    warmup_cosine,
+    write_done,
+    write_history,
+)
+from endodistill.train.data import ClipSet, CohortData
+from endodistill.utils import atomic_path, atomic_write_json
+
+log = logging.getLogger("endodistill")
+
+
+@dataclass
+class TeacherOutputs:
+    """The frozen teacher outputs on every TVUS clip (what distillation reads).
+
+    Attributes:
+        logits: ``(N, K)``.
+        probs: ``(N, K)`` softmax of the logits.
+        features: ``(N, F)`` pooled features of the last stage.
+        labels: ``(N,)`` int64 (-1 unlabelled).
+        subjects: subject id per clip.
+        paths: source file per clip.
+        targets: ``in_sample`` or ``oof``.
+    """
+
+    logits: Tensor
+    probs: Tensor
+    features: Tensor
+    labels: np.ndarray
+    subjects: list[str]
+    paths: list[str]
+    targets: str
+
+
+def _normalise(x: Tensor, cfg: Config) -> Tensor:
+    # Kinetics weights expect their own input statistics; from-scratch teachers see [0, 1] frames.
+    if cfg.teacher.weights is not None:
+        return (x - KINETICS_GRAY_MEAN) / KINETICS_GRAY_STD
+    return x
+
+
+def clip_batch_fn(
+    clips: ClipSet, idx_map: np.ndarray, cfg: Config, augment: bool
+) -> Callable[[np.ndarray, np.random.Generator, int], dict[str, Tensor]]:
+    """Training batches of clips: random temporal window, intensity jitter, small spatial shift.
+
+    Args:
+        clips: all clips.
+        idx_map: dataset index -> clip index.
+        cfg: frames per clip in ``cfg.tvus.frames``.
+        augment: jitter intensity and position (the temporal window is always random in training).
+    """
+    from endodistill.data.preprocess import sample_frames
+
+    n = cfg.tvus.frames
+
+    def make(idx: np.ndarray, rng: np.random.Generator, epoch: int) -> dict[str, Tensor]:
+        ci = idx_map[idx]
+        x = np.stack([sample_frames(clips.clips[i], n, train=True, rng=rng) for i in ci]).astype(np.float32)
+        if augment:
+            b, _, h, w = x.shape
+            # Gain/contrast/brightness differ between machines and presets: jitter them per clip.
+            contrast = rng.uniform(0.8, 1.2, size=(b, 1, 1, 1)).astype(np.float32)
+            bright = rng.uniform(-0.08, 0.08, size=(b, 1, 1, 1)).astype(np.float32)
+            mean = x.mean(axis=(1, 2, 3), keepdims=True)
+            x = np.clip((x - mean) * contrast + mean + bright, 0.0, 1.0)
+            # Probe position varies: shift each clip by a few pixels (edge padding, same shift every frame).
+            pad = max(1, min(h, w) // 16)
+            xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)), mode="edge")
+            d = rng.integers(0, 2 * pad + 1, size=(b, 2))
+            x = np.stack([xp[k, :, d[k, 0] : d[k, 0] + h, d[k, 1] : d[k, 1] + w] for k in range(b)])
+        x_t = torch.from_numpy(np.ascontiguousarray(x))[:, None]
+        return {"x": _normalise(x_t, cfg), "y": torch.from_numpy(clips.labels[ci])}
+
+    return make
+
+
+class TeacherModule(StageModule):
+    """Lightning module training the video teacher with class-weighted cross-entropy.
+
+    Args:
+        cfg: the run configuration.
+        net: the teacher network.
+        class_weights: ``(K,)`` loss weights (balanced), or None.
+        total_steps: optimiser steps of the whole fit (for the LR schedule).
+        monitor: ``(x, y)`` of held-out clips whose AUC is logged every epoch (curves only, no selection).
+        **kw: passed to :class:`StageModule`.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        net: TeacherNet,
+        class_weights: Tensor | None,
+        total_steps: int,
+        batches: PlannedBatches,
+        monitor: tuple[Tensor, np.ndarray] | None = None,
+        **kw: Any,
+    ) -> None:
+        super().__init__(**kw)
+        self.cfg = cfg
+        self.net = net
+        self.total_steps = total_steps
+        self.batches = batches
+        self.monitor = monitor
+        self.register_buffer("class_weights", class_weights, persistent=False)
+
+    def setup(self, stage: str) -> None:
+        set_rank(self.batches, self.trainer)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        from endodistill.train.losses import task_loss
+
+        logits = self.net(batch["x"])
+        loss = task_loss(logits, batch["y"], self.class_weights)
+        self.check_loss(loss)
+        acc = (logits.argmax(1) == batch["y"]).float().mean()
+        self.accumulate(int(batch["y"].numel()), train_loss=loss, train_acc=acc)
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        row: dict[str, Any] = {**self.epoch_means(), "lr": self.lr()}
+        if self.monitor is not None:
+            with self.timing.section():
+                probs = predict_probs(self.net, self.monitor[0], self.cfg)
+                row["val_auc"] = auc_score(self.monitor[1], probs.numpy(), self.cfg.task.positive_class)
+        self.end_epoch(row)
+
+    def configure_optimizers(self) -> Any:
+        t = self.cfg.teacher
+        opt = torch.optim.AdamW(param_groups(self.net, t.weight_decay), lr=t.lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(self.total_steps, 0.1))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+@torch.no_grad()
+def teacher_forward(net: TeacherNet, x: Tensor, cfg: Config, batch_size: int = 32) -> tuple[Tensor, Tensor]:
+    """``(logits, features)`` of clips ``x`` (eval mode, batches, CPU results)."""
+    was = net.training
+    net.eval()
+    dev = next(net.parameters()).device
+    logits, feats = [], []
+    try:
+        for i in range(0, x.shape[0], batch_size):
+            xb = _normalise(x[i : i + batch_size].to(dev), cfg)
+            f = net.features(xb)
+            logits.append(net.backbone.fc(f).float().cpu())
+            feats.append(f.float().cpu())
+    finally:
+        net.train(was)
+    k = net.num_classes
+    if not logits:
+        return torch.empty(0, k), torch.empty(0, net.num_features)
+    return torch.cat(logits), torch.cat(feats)
+
+
+def predict_probs(net: TeacherNet, x: Tensor, cfg: Config) -> Tensor:
+    """Softmax probabilities ``(N, K)`` of clips ``x``."""
+    return teacher_forward(net, x, cfg)[0].softmax(dim=1)
+
+
+def fit_teacher(
+    cfg: Config,
+    data: CohortData,
+    train_idx: np.ndarray,
+    unit_dir: Path,
+    seed: int,
+    where: str,
+    resume: bool,
+    monitor_idx: np.ndarray | None = None,
+) -> tuple[TeacherNet, dict[str, Any]]:
+    """Train one teacher on the clips ``train_idx`` (or reload it when its unit is done).
+
+    Args:
+        cfg: the run configuration.
+        data: the cohort.
+        train_idx: clip indices to train on (labelled).
+        unit_dir: the fit's directory (checkpoints, logs, ``model.safetensors``, ``done.json``).
+        seed: the fit's seed.
+        where: name used in messages.
+        resume: continue from ``last.ckpt`` / reuse a finished fit.
+        monitor_idx: held-out clips whose AUC is logged each epoch.
+
+    Returns:
+        ``(net in eval mode, info)`` with ``info["timing"]`` the fit's time breakdown.
+    """
+    from endodistill.train.losses import balanced_class_weights
+
+    k = cfg.task.num_classes
+    net = build_teacher(cfg.teacher, k)
+    done = read_done(unit_dir) if resume else None
+    if done is not None and (unit_dir / "model.safetensors").is_file():
+        net.load_state_dict(load_weights(unit_dir / "model.safetensors"))
+        return net.eval(), done
+    t0 = time.perf_counter()
+    ckpt = prepare_unit(unit_dir, resume)
+    tv = data.tvus
+    y = tv.labels[train_idx]
+    cw = balanced_class_weights(y, k)
+    batches = PlannedBatches(
+        len(train_idx), cfg.teacher.batch_size, seed, clip_batch_fn(tv, train_idx, cfg, cfg.teacher.augment)
+    )
+    monitor = None
+    if monitor_idx is not None and len(monitor_idx):
+        monitor = (tv.eval_tensor(cfg.tvus.frames)[monitor_idx], tv.labels[monitor_idx])
+    timing = TimingCallback()
+    hp = {
+        "stage": "teacher",
+        "where": where,
+        "seed": seed,
+        "n_train": len(train_idx),
+        "teacher": cfg.teacher.model_dump(mode="json"),
+    }
+    module = TeacherModule(
+        cfg,
+        net,
+        cw,
+        total_steps=len(batches) * cfg.teacher.epochs,
+        batches=batches,
+        monitor=monitor,
+        hparams=hp,
+        seed=seed,
+        where=where,
+        timing=timing,
+    )
+    trainer = make_trainer(cfg, unit_dir, cfg.teacher.epochs, timing)
+    fit(trainer, module, make_loader(batches, cfg), ckpt)
+    net = module.net.cpu().eval()
+    save_weights(unit_dir / "model.safetensors", net.state_dict())
+    write_history(unit_dir / "history.csv", module.history)
+    info = {
+        "where": where,
+        "seed": seed,
+        "n_train": len(train_idx),
+        "train_subjects": sorted(set(tv.subjects[i] for i in train_idx)),
+        "history": module.history,
+        "timing": timing.summary(time.perf_counter() - t0),
+    }
+    write_done(unit_dir, info)
+    return net, info
+
+
+def _write_predictions(path: Path, rows: list[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=["subject_id", "label", "prob", "fold", "path"], lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    with atomic_path(path) as tmp:
+        tmp.write_text(buf.getvalue(), encoding="utf-8")
+
+
+def _cv_folds(cfg: Config, subjects: list[str], labels: np.ndarray) -> list[list[str]]:
+    from endodistill.data.splits import stratified_group_folds
+
+    k = cfg.teacher.folds if cfg.teacher.folds > 1 else max(2, round(1 / cfg.teacher.holdout_fraction))
+    return stratified_group_folds(subjects, labels.tolist(), k, cfg.seed)
+
+
+def train_teacher(
+    cfg: Config, data: CohortData, run_dir: Path, resume: bool = False, echo: Callable[[str], None] = print
+) -> dict[str, Any]:
+    """Train, evaluate and freeze the teacher; store its outputs on every clip in ``RUN_DIR/teacher``.
+
+    Args:
+        cfg: the run configuration.
+        data: the cohort.
+        run_dir: the run directory.
+        resume: reuse finished sub-fits and continue interrupted ones.
+        echo: where progress lines go.
+
+    Returns:
+        The teacher's metrics (also in ``teacher/metrics.json``), with ``timing`` and ``fits``.
+
+    Raises:
+        InputError: fewer than two labelled clips per class.
+    """
+    from endodistill.data.splits import holdout_split
+
+    out = Path(run_dir) / "teacher"
+    done = read_done(out) if resume else None
+    if done is not None and (out / "outputs.safetensors").is_file():
+        return done["metrics"]
+    prepare_unit(out, resume)
+    t0 = time.perf_counter()
+    tv = data.tvus
+    k = cfg.task.num_classes
+    pos = cfg.task.positive_class
+    lab = np.flatnonzero(tv.labels >= 0)
+    counts = np.bincount(tv.labels[lab], minlength=k)
+    if lab.size == 0 or counts.min() < 2:
+        raise InputError(
+            data.manifest,
+            f"the teacher needs >= 2 labelled '{cfg.task.teacher_modality}' clips per class, got {counts.tolist()}",
+        )
+    subj = [tv.subjects[i] for i in lab]
+    x_eval = tv.eval_tensor(cfg.tvus.frames)
+    n = len(tv)
+    fits: dict[str, Any] = {}
+    heldout_probs = np.full((n, k), np.nan)
+    heldout_fold = np.full(n, -1)
+    use_cv = cfg.teacher.folds > 1 or cfg.teacher.targets == "oof"
+    oof_logits = torch.zeros(n, k)
+    oof_feats: Tensor | None = None
+    unl = np.flatnonzero(tv.labels < 0)
+    if use_cv:
+        folds = _cv_folds(cfg, subj, tv.labels[lab])
+        scheme = f"{len(folds)}-fold cross-validation"
+        unl_logits, unl_feats = [], []
+        for f, test_subjects in enumerate(folds):
+            test_set = set(test_subjects)
+            te = np.array([i for i in lab if tv.subjects[i] in test_set], dtype=np.int64)
+            tr = np.array([i for i in lab if tv.subjects[i] not in test_set], dtype=np.int64)
+            seed = fit_seed(cfg.seed, "teacher", f, "cv")
+            t1 = time.perf_counter()
+            net, info = fit_teacher(cfg, data, tr, out / f"fold_{f}", seed, f"teacher fold {f}", resume, te)
+            logits, feats = teacher_forward(net, x_eval[te], cfg)
+            if oof_feats is None:
+                oof_feats = torch.zeros(n, feats.shape[1])
+            oof_logits[te], oof_feats[te] = logits, feats
+            heldout_probs[te] = logits.softmax(1).numpy()
+            heldout_fold[te] = f
+            if unl.size:
+                lu, fu = teacher_forward(net, x_eval[unl], cfg)
+                unl_logits.append(lu)
+                unl_feats.append(fu)
+            a = auc_score(tv.labels[te], heldout_probs[te], pos)
+            fits[f"fold_{f}"] = {
+                **{kk: v for kk, v in info.items() if kk != "history"},
+                "test_subjects": sorted(test_set),
+            }
+            echo(
+                f"[teacher fold {f + 1}/{len(folds)}] held-out AUC {a:.3f} ({time.perf_counter() - t1:.1f} s)"
+            )
+        if unl.size and oof_feats is not None:
+            # Unlabelled clips were in no training fold: average the fold teachers.
+            oof_logits[unl] = torch.stack(unl_logits).mean(0)
+            oof_feats[unl] = torch.stack(unl_feats).mean(0)
+    else:
+        _tr_s, te_s = holdout_split(subj, tv.labels[lab].tolist(), cfg.teacher.holdout_fraction, cfg.seed)
+        te_set = set(te_s)
+        te = np.array([i for i in lab if tv.subjects[i] in te_set], dtype=np.int64)
+        tr = np.array([i for i in lab if tv.subjects[i] not in te_set], dtype=np.int64)
+        scheme = f"hold-out ({len(te_s)} of {len(set(subj))} subjects)"
+        t1 = time.perf_counter()
+        net, info = fit_teacher(
+            cfg,
+            data,
+            tr,
+            out / "holdout",
+            fit_seed(cfg.seed, "teacher", None, "holdout"),
+            "teacher hold-out",
+            resume,
+            te,
+        )
+        heldout_probs[te] = predict_probs(net, x_eval[te], cfg).numpy()
+        heldout_fold[te] = 0
+        fits["holdout"] = {
+            **{kk: v for kk, v in info.items() if kk != "history"},
+            "test_subjects": sorted(te_set),
+        }
+        a = auc_score(tv.labels[te], heldout_probs[te], pos)
+        echo(f"[teacher hold-out] held-out AUC {a:.3f} ({time.perf_counter() - t1:.1f} s)")
+
+    if cfg.teacher.targets == "oof":
+        logits, feats = oof_logits, oof_feats if oof_feats is not None else torch.zeros(n, 1)
+    else:
+        t1 = time.perf_counter()
+        net, info = fit_teacher(
+            cfg,
+            data,
+            lab,
+            out / "full",
+            fit_seed(cfg.seed, "teacher", None, "full"),
+            "teacher (all clips)",
+            resume,
+            None,
+        )
+        logits, feats = teacher_forward(net, x_eval, cfg)
+        fits["full"] = {kk: v for kk, v in info.items() if kk != "history"}
+        echo(f"[teacher all clips] trained on {lab.size} clips ({time.perf_counter() - t1:.1f} s)")
+    probs = logits.softmax(1)
+
+    held = np.flatnonzero(heldout_fold >= 0)
+    y_held = tv.labels[held]
+    p_held = heldout_probs[held]
+    metrics: dict[str, Any] = {}
+    if k == 2:
+        from endodistill.evaluate.metrics import binary_metrics
+
+        metrics.update(binary_metrics((y_held == pos).astype(int), p_held[:, pos]))
+    else:
+        from endodistill.evaluate.metrics import multiclass_auc
+
+        mc = multiclass_auc(y_held, p_held)
+        metrics.update(auc=mc["macro"], per_class_auc=mc["per_class"])
+    metrics.update(
+        scheme=scheme,
+        targets=cfg.teacher.targets,
+        arch=cfg.teacher.arch,
+        n_clips=int(n),
+        n_labelled_clips=int(lab.size),
+        n_heldout_clips=int(held.size),
+        # The AUC of the KD targets themselves on all labelled clips: near 1 for in-sample targets
+        # (an over-confident teacher), close to the held-out AUC for cross-fitted ones.
+        targets_auc=auc_score(tv.labels[lab], probs[lab].numpy(), pos),
+    )
+    from endodistill.evaluate.stats import nan_to_none
+
+    metrics = nan_to_none(metrics)
+
+    save_weights(out / "outputs.safetensors", {"logits": logits, "probs": probs, "features": feats})
+    atomic_write_json(
+        out / "outputs.json",
+        {
+            "subjects": tv.subjects,
+            "labels": tv.labels.tolist(),
+            "paths": tv.paths,
+            "targets": cfg.teacher.targets,
+            "class_names": cfg.task.class_names,
+        },
+    )
+    rows = [
+        {
+            "subject_id": tv.subjects[i],
+            "label": int(tv.labels[i] == pos) if k == 2 else int(tv.labels[i]),
+            "prob": float(heldout_probs[i, pos]),
+            "fold": int(heldout_fold[i]),
+            "path": Path(tv.paths[i]).name,
+        }
+        for i in held
+    ]
+    _write_predictions(out / "predictions.csv", rows)
+    atomic_write_json(out / "metrics.json", metrics)
+    timing = {
+        "wall": round(time.perf_counter() - t0, 4),
+        "fits": {kk: v.get("timing") for kk, v in fits.items()},
+    }
+    write_done(out, {"metrics": metrics, "fits": fits, "timing": timing})
+    echo(
+        f"[teacher] held-out AUC {metrics.get('auc') or float('nan'):.3f} ({scheme}), targets: {cfg.teacher.targets}"
+    )
+    return metrics
+
+
+def load_teacher_outputs(run_dir: Path) -> TeacherOutputs:
+    """Read the frozen teacher outputs of a run.
+
+    Raises:
+        InputError: the teacher stage has not finished in ``run_dir``.
+    """
+    out = Path(run_dir) / "teacher"
+    f, j = out / "outputs.safetensors", out / "outputs.json"
+    if not f.is_file() or not j.is_file():
+        raise InputError(out, "no teacher outputs: run the teacher stage first (endodistill train teacher)")
+    t = load_weights(f)
+    meta = json.loads(j.read_text(encoding="utf-8"))
+    return TeacherOutputs(
+        logits=t["logits"],
+        probs=t["probs"],
+        features=t["features"],
+        labels=np.asarray(meta["labels"], dtype=np.int64),
+        subjects=list(meta["subjects"]),
+        paths=list(meta["paths"]),
+        targets=str(meta.get("targets", "in_sample")),
+    )
