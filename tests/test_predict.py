@@ -180,9 +180,19 @@ def test_folder_with_one_broken_case_cli(model_dir: Path, cases: dict[str, Path]
     (folder / "broken.nii.gz").write_bytes(data[: len(data) // 3])  # truncated gzip stream
     (folder / "notes.txt").write_text("not a case")
     out = tmp_path / "out"
-    exe = Path(sys.executable).with_name("endodistill")
     r = subprocess.run(
-        [str(exe), "predict", "--model", str(model_dir), "--input", str(folder), "--out", str(out)],
+        [
+            sys.executable,
+            "-m",
+            "endodistill",
+            "predict",
+            "--model",
+            str(model_dir),
+            "--input",
+            str(folder),
+            "--out",
+            str(out),
+        ],
         capture_output=True,
         text=True,
         timeout=300,
@@ -365,3 +375,26 @@ def test_rollout_attention_matches_monai() -> None:
         for blk in model.blocks:
             torch.testing.assert_close(block_attention(blk, tokens), blk.attn.att_mat)
             tokens = blk(tokens)
+
+
+def test_mha_and_nrrd_folder(
+    model_dir: Path, cases: dict[str, Path], predicted: Path, tmp_path: Path
+) -> None:
+    import SimpleITK as sitk
+
+    folder = tmp_path / "itk"
+    folder.mkdir()
+    img = sitk.ReadImage(str(cases["nifti"]))
+    sitk.WriteImage(img, str(folder / "scan.mha"))
+    sitk.WriteImage(img, str(folder / "scan2.nrrd"))
+    out = tmp_path / "out"
+    assert predict_cases(model_dir, [folder], out) == 0
+    rows = {r["case_id"]: r for r in _rows(out)}
+    ref = {r["case_id"]: r for r in _rows(predicted)}["caseB"]
+    assert set(rows) == {"scan", "scan2"}
+    nifti_affine = nib.load(str(predicted / ref["heatmap_nifti"])).affine
+    for r in rows.values():
+        assert abs(float(r["probability"]) - float(ref["probability"])) < 1e-5
+        hm = nib.load(str(out / r["heatmap_nifti"]))
+        assert hm.shape == (320, 320, 19)
+        np.testing.assert_allclose(hm.affine, nifti_affine, atol=1e-4)

@@ -1,0 +1,594 @@
+"""Export a model directory to ONNX or to a MONAI bundle, validating the result before writing it.
+
+ONNX (``fmt="onnx"``): the student, input ``image`` ``(B, 1, *cfg.mri.size)`` float32 (the output of
+``preprocess_volume``), two outputs: ``logits`` ``(B, K)`` and ``probabilities`` ``(B, K)`` (softmax of the
+logits), with a dynamic batch axis. Exported with PyTorch's TorchScript-based exporter (``dynamo=False``,
+opset 17): the dynamo exporter needs ``onnxscript``, which endodistill does not depend on. The file is
+kept only if onnxruntime reproduces PyTorch within 1e-4 on random batches of 1 and 3 and on a preprocessed
+volume (a real one when ``sample`` is given, otherwise a synthetic phantom through the real pipeline).
+
+MONAI bundle (``fmt="monai-bundle"``)::
+
+    BUNDLE/LICENSE
+    BUNDLE/configs/metadata.json         MONAI metadata (network_data_format, versions, task, ...)
+    BUNDLE/configs/metadata_schema.json  a local JSON schema for offline `verify_metadata`
+    BUNDLE/configs/inference.json        MONAI ConfigParser pipeline
+    BUNDLE/models/model.pt               plain state dict (torch.save of tensors only)
+    BUNDLE/docs/README.md
+
+The network is ``monai.networks.nets.ViT`` built from our hyper-parameters (the student is a thin subclass
+with identical state-dict keys; its logits are element 0 of ViT's output tuple). MONAI transforms cannot
+reproduce endodistill's preprocessing exactly (foreground-centroid crop, anti-aliased resampling composed
+into one affine), so inference.json calls endodistill's own ``load_volume`` and ``preprocess_volume``
+through ``_target_``: the bundle needs endodistill installed, and gives the same probability as
+``endodistill predict``. Before the bundle is written, it is run with MONAI's runner on a test volume and
+its probability compared with ours (1e-4); its metadata is checked against the local schema.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import endodistill
+from endodistill.errors import InputError
+from endodistill.infer.model_dir import LoadedModel, _swap_into_place, load_model_dir
+from endodistill.utils import atomic_path
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("onnx", "monai-bundle")
+OPSET = 17
+TOLERANCE = 1e-4
+MONAI_SCHEMA_URL = (
+    "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
+)
+
+
+class ExportValidationError(InputError):
+    """The exported model does not reproduce the PyTorch model; nothing was written."""
+
+
+class _LogitsAndProbs(nn.Module):
+    """Student -> (logits, softmax probabilities): the two ONNX outputs."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(x)
+        return logits, torch.softmax(logits, dim=1)
+
+
+def export_model(model_dir: str | Path, fmt: str, out: str | Path, sample: str | Path | None = None) -> str:
+    """Export the model in ``model_dir`` to ``out`` and validate it.
+
+    Args:
+        model_dir: a model directory (``RUN_DIR/model``).
+        fmt: ``"onnx"`` (``out`` is a file) or ``"monai-bundle"`` (``out`` is a folder).
+        out: destination; replaced atomically, written only when validation passes.
+        sample: an MRI volume (NIfTI file or DICOM folder, ...) used in validation besides random inputs.
+
+    Returns:
+        A one-line summary naming the written path and the largest difference found in validation.
+
+    Raises:
+        InputError: unknown format, unusable model directory or sample.
+        ExportValidationError: the export does not match PyTorch within 1e-4 (nothing written).
+    """
+    if fmt not in FORMATS:
+        raise InputError(fmt, f"unknown export format (choose {' or '.join(FORMATS)})")
+    lm = load_model_dir(model_dir)
+    out = Path(out)
+    with tempfile.TemporaryDirectory(prefix="endodistill-export-") as tmp:
+        volume = Path(sample) if sample is not None else _phantom_nifti(Path(tmp) / "phantom.nii.gz", lm)
+        if fmt == "onnx":
+            diff = export_onnx(lm, out, volume)
+            return f"wrote {out} (ONNX opset {OPSET}; max |onnxruntime - torch| = {diff:.2e})"
+        diff = export_bundle(lm, out, volume)
+        return f"wrote {out} (MONAI bundle; max |bundle - endodistill| probability difference = {diff:.2e})"
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _phantom_nifti(path: Path, lm: LoadedModel) -> Path:
+    """A smooth synthetic 'pelvis' (ellipsoids, oblique-free) as NIfTI: exercises the real pipeline."""
+    import nibabel as nib
+
+    shape = (48, 40, 24)
+    g = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"))
+    body = ((g[0] / 0.9) ** 2 + (g[1] / 0.8) ** 2 + (g[2] / 0.95) ** 2 < 1).astype(np.float32)
+    organ = ((g[0] / 0.3) ** 2 + ((g[1] - 0.2) / 0.25) ** 2 + (g[2] / 0.4) ** 2 < 1).astype(np.float32)
+    arr = 200.0 * body + 500.0 * organ + 20.0 * np.sin(7 * g[0]) * np.cos(5 * g[1]) * body
+    affine = np.diag([2.0, 2.5, 4.0, 1.0])
+    affine[:3, 3] = [-48.0, -50.0, -48.0]
+    nib.save(nib.Nifti1Image(arr.astype(np.float32), affine), str(path))
+    return path
+
+
+def _preprocessed(lm: LoadedModel, volume: Path) -> np.ndarray:
+    from endodistill.data.mri import load_volume
+    from endodistill.data.preprocess import preprocess_volume
+
+    arr, _ = preprocess_volume(load_volume(volume), lm.cfg.mri)
+    return arr[None].astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------- ONNX
+
+
+def export_onnx(lm: LoadedModel, out: Path, volume: Path) -> float:
+    """Write ``lm`` as ONNX to ``out`` after checking onnxruntime against PyTorch.
+
+    Args:
+        lm: the loaded model.
+        out: the .onnx file.
+        volume: an MRI volume whose preprocessed array is one of the validation inputs.
+
+    Returns:
+        The largest absolute difference (logits and probabilities) over all validation inputs.
+
+    Raises:
+        ExportValidationError: a difference above 1e-4 or a batch size the file rejects.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    wrapper = _LogitsAndProbs(lm.model).eval()
+    size = tuple(lm.cfg.mri.size)
+    dummy = torch.zeros(1, 1, *size)
+    gen = torch.Generator().manual_seed(0)
+    inputs = {
+        "random batch 1": torch.randn(1, 1, *size, generator=gen),
+        "random batch 3": torch.randn(3, 1, *size, generator=gen),
+        f"preprocessed {volume.name}": torch.from_numpy(_preprocessed(lm, volume)),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer notices
+            torch.onnx.export(
+                wrapper,
+                (dummy,),
+                str(tmp),
+                dynamo=False,
+                opset_version=OPSET,
+                input_names=["image"],
+                output_names=["logits", "probabilities"],
+                dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}, "probabilities": {0: "batch"}},
+                do_constant_folding=True,
+            )
+        proto = onnx.load(str(tmp))
+        onnx.checker.check_model(proto)
+        meta = {
+            "name": lm.name,
+            "endodistill_version": lm.version,
+            "weights_sha256": lm.weights_sha256,
+            "threshold": repr(lm.threshold),
+            "class_names": json.dumps(list(lm.cfg.task.class_names)),
+            "positive_class": str(lm.cfg.task.positive_class),
+            "input": f"(B, 1, {', '.join(map(str, size))}) float32 from endodistill preprocess_volume",
+            "outputs": "logits (B, K); probabilities (B, K) = softmax(logits)",
+        }
+        for k, v in meta.items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = k, v
+        proto.producer_name, proto.producer_version = "endodistill", endodistill.__version__
+        onnx.save(proto, str(tmp))
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        opts.inter_op_num_threads = 1
+        sess = ort.InferenceSession(str(tmp), opts, providers=["CPUExecutionProvider"])
+        worst = 0.0
+        for name, x in inputs.items():
+            with torch.inference_mode():
+                ref = [t.numpy() for t in wrapper(x)]
+            try:
+                got = sess.run(None, {"image": x.numpy()})
+            except Exception as e:  # onnxruntime raises its own exception types
+                raise ExportValidationError(
+                    out, f"onnxruntime failed on {name}: {type(e).__name__}"
+                ) from None
+            for r, g, what in zip(ref, got, ("logits", "probabilities")):
+                if r.shape != g.shape:
+                    raise ExportValidationError(out, f"{what} shape {g.shape} != torch {r.shape} on {name}")
+                d = float(np.max(np.abs(r - g)))
+                worst = max(worst, d)
+                if not d <= TOLERANCE:
+                    raise ExportValidationError(
+                        out, f"onnxruntime {what} differ from PyTorch by {d:.2e} on {name} (> {TOLERANCE})"
+                    )
+    return worst
+
+
+# ------------------------------------------------------------------------------------- MONAI bundle
+
+
+def _network_def(lm: LoadedModel) -> dict[str, Any]:
+    s, cfg = lm.cfg.student, lm.cfg
+    return {
+        "_target_": "monai.networks.nets.ViT",
+        "in_channels": 1,
+        "img_size": list(cfg.mri.size),
+        "patch_size": list(s.patch_size),
+        "hidden_size": s.hidden_size,
+        "mlp_dim": s.mlp_dim,
+        "num_layers": s.num_layers,
+        "num_heads": s.num_heads,
+        "proj_type": "conv",
+        "pos_embed_type": "learnable",
+        "classification": True,
+        "num_classes": cfg.task.num_classes,
+        "dropout_rate": s.dropout,
+        "spatial_dims": 3,
+        "post_activation": "none",
+        "qkv_bias": s.qkv_bias,
+    }
+
+
+def inference_config(lm: LoadedModel) -> dict[str, Any]:
+    """The bundle's configs/inference.json (MONAI ConfigParser syntax)."""
+    cfg = lm.cfg
+    return {
+        "imports": ["$import json", "$import pathlib", "$import torch"],
+        "bundle_root": ".",
+        "input_file": "",
+        "output_dir": "$@bundle_root + '/eval'",
+        "device": "$torch.device('cpu')",
+        "class_names": list(cfg.task.class_names),
+        "positive_class": cfg.task.positive_class,
+        "threshold": lm.threshold,
+        "mri": {"_target_": "endodistill.config.MRIPreprocessConfig", **cfg.mri.model_dump(mode="json")},
+        "network_def": _network_def(lm),
+        "network": "$@network_def.to(@device)",
+        "checkpoint": "$torch.load(@bundle_root + '/models/model.pt', map_location=@device, weights_only=True)",
+        "volume": {"_target_": "endodistill.data.mri.load_volume", "path": "@input_file"},
+        "preprocessing": {
+            "_target_": "endodistill.data.preprocess.preprocess_volume",
+            "vol": "@volume",
+            "cfg": "@mri",
+        },
+        "image": "$torch.as_tensor(@preprocessing[0])[None].to(@device)",
+        "logits": "$@network(@image)[0].detach()",
+        "probabilities": "$torch.softmax(@logits.double(), dim=1)[0].cpu()",
+        "probability": "$float(@probabilities[@positive_class])",
+        "result": {
+            "input_file": "$str(@input_file)",
+            "probability": "@probability",
+            "probabilities": "$dict(zip(@class_names, @probabilities.tolist()))",
+            "threshold": "@threshold",
+            "decision": "$int(@probability >= @threshold)",
+            "positive_class": "$@class_names[@positive_class]",
+            "weights_sha256": lm.weights_sha256,
+        },
+        "initialize": ["$@network.load_state_dict(@checkpoint, strict=True)", "$@network.eval()"],
+        "run": [
+            "$pathlib.Path(@output_dir).mkdir(parents=True, exist_ok=True)",
+            "$pathlib.Path(@output_dir, 'prediction.json').write_text(json.dumps(@result, indent=2) + '\\n')",
+        ],
+        "finalize": [],
+    }
+
+
+def bundle_metadata(lm: LoadedModel) -> dict[str, Any]:
+    """The bundle's configs/metadata.json."""
+    import monai
+    import nibabel
+    import scipy
+
+    cfg = lm.cfg
+    size = list(cfg.mri.size)
+    k = cfg.task.num_classes
+    return {
+        "schema": MONAI_SCHEMA_URL,
+        "version": endodistill.__version__,
+        "changelog": {endodistill.__version__: f"exported by endodistill {endodistill.__version__}"},
+        "monai_version": monai.__version__,
+        "pytorch_version": torch.__version__.split("+")[0],
+        "numpy_version": np.__version__,
+        "required_packages_version": {
+            "endodistill": endodistill.__version__,
+            "nibabel": nibabel.__version__,
+            "scipy": scipy.__version__,
+        },
+        "optional_packages_version": {},
+        "name": lm.name,
+        "task": "Pouch of Douglas obliteration (deep endometriosis sign) classification from pelvic T2 MRI",
+        "description": (
+            "3D ViT student distilled from a transvaginal-ultrasound video teacher (arXiv 2307.02000), "
+            "exported by endodistill. Input: one MRI volume (NIfTI/DICOM/MHA/NRRD) preprocessed by "
+            "endodistill (RAS, resampled, robust intensity scaling, foreground crop). Output: class "
+            f"probabilities; the decision threshold on '{cfg.task.class_names[cfg.task.positive_class]}' is "
+            f"{lm.threshold:.4f}."
+        ),
+        "authors": "endodistill",
+        "copyright": "Copyright (c) the endodistill authors",
+        "intended_use": "Research only. Not a medical device; not for diagnostic use.",
+        "data_type": "nibabel",
+        "references": [
+            "Distilling missing modality knowledge from ultrasound for endometriosis diagnosis with magnetic "
+            "resonance images, ISBI 2023, arXiv:2307.02000"
+        ],
+        "image_classes": "single channel T2-weighted MRI, scaled to [0, 1] by endodistill preprocessing",
+        "pred_classes": ", ".join(f"{i}: {n}" for i, n in enumerate(cfg.task.class_names)),
+        "endodistill": {
+            "weights_sha256": lm.weights_sha256,
+            "threshold": lm.threshold,
+            "positive_class": cfg.task.positive_class,
+            "preprocessing": cfg.mri.model_dump(mode="json"),
+            "metrics": lm.metadata.get("metrics", {}),
+        },
+        "network_data_format": {
+            "inputs": {
+                "image": {
+                    "type": "image",
+                    "format": "magnitude",
+                    "modality": "MR",
+                    "num_channels": 1,
+                    "spatial_shape": size,
+                    "dtype": "float32",
+                    "value_range": [0, 1],
+                    "is_patch_data": False,
+                    "channel_def": {"0": "T2-weighted MRI"},
+                }
+            },
+            "outputs": {
+                "pred": {
+                    "type": "probabilities",
+                    "format": "classes",
+                    "num_channels": k,
+                    "spatial_shape": [k],
+                    "dtype": "float32",
+                    "value_range": [0, 1],
+                    "is_patch_data": False,
+                    "channel_def": {str(i): n for i, n in enumerate(cfg.task.class_names)},
+                }
+            },
+        },
+    }
+
+
+def metadata_schema() -> dict[str, Any]:
+    """A JSON schema (draft 7) of the mandatory metadata keys of the MONAI bundle specification.
+
+    MONAI's published schema is fetched from the network by ``verify_metadata``; this local one lets the
+    check run offline (``--filepath configs/metadata_schema.json``: an existing file is not downloaded).
+    It is written from the specification's list of mandatory keys and tensor-format fields.
+    """
+    tensor = {
+        "type": "object",
+        "required": [
+            "type",
+            "format",
+            "num_channels",
+            "spatial_shape",
+            "dtype",
+            "value_range",
+            "is_patch_data",
+            "channel_def",
+        ],
+        "properties": {
+            "type": {"type": "string"},
+            "format": {"type": "string"},
+            "modality": {"type": "string"},
+            "num_channels": {"type": "integer", "minimum": 1},
+            "spatial_shape": {"type": "array", "items": {"type": ["integer", "string"]}},
+            "dtype": {"type": "string"},
+            "value_range": {"type": "array", "items": {"type": "number"}},
+            "is_patch_data": {"type": "boolean"},
+            "channel_def": {"type": "object"},
+        },
+    }
+    tensors = {"type": "object", "minProperties": 1, "additionalProperties": tensor}
+    version = {"type": "string", "pattern": r"^\d+(\.\d+)*"}
+    return {
+        "$schema": "http://json-schema.org/draft-07/schema#",
+        "title": "MONAI bundle metadata (mandatory keys, offline check by endodistill)",
+        "type": "object",
+        "required": [
+            "schema",
+            "version",
+            "monai_version",
+            "pytorch_version",
+            "numpy_version",
+            "task",
+            "description",
+            "authors",
+            "copyright",
+            "network_data_format",
+        ],
+        "properties": {
+            "schema": {"type": "string"},
+            "version": version,
+            "changelog": {"type": "object"},
+            "monai_version": version,
+            "pytorch_version": version,
+            "numpy_version": version,
+            "required_packages_version": {"type": "object", "additionalProperties": {"type": "string"}},
+            "optional_packages_version": {"type": "object", "additionalProperties": {"type": "string"}},
+            "task": {"type": "string", "minLength": 1},
+            "description": {"type": "string", "minLength": 1},
+            "authors": {"type": ["string", "array"]},
+            "copyright": {"type": "string"},
+            "network_data_format": {
+                "type": "object",
+                "required": ["inputs", "outputs"],
+                "properties": {"inputs": tensors, "outputs": tensors},
+            },
+        },
+    }
+
+
+_LICENSE = """endodistill model export
+
+The exported weights were trained with endodistill (Apache-2.0). Their licence is the one of the data
+they were trained on: check it before sharing this bundle. This model is for research only; it is not a
+medical device and must not be used for diagnosis.
+"""
+
+
+def _readme(lm: LoadedModel) -> str:
+    cfg = lm.cfg
+    size = " x ".join(map(str, cfg.mri.size))
+    names = ", ".join(cfg.task.class_names)
+    return f"""# {lm.name}: POD obliteration from pelvic MRI (MONAI bundle)
+
+Exported by endodistill {endodistill.__version__}. Research use only; not for diagnosis.
+
+- Network: `monai.networks.nets.ViT` (3D, patch {list(cfg.student.patch_size)}, hidden {cfg.student.hidden_size},
+  {cfg.student.num_layers} layers, {cfg.student.num_heads} heads), cls-token head, no final activation.
+- Input: one MRI volume (NIfTI, DICOM series folder, MHA or NRRD), preprocessed by endodistill to
+  {size} voxels of {list(cfg.mri.spacing)} mm in {cfg.mri.orientation} orientation, intensities scaled to [0, 1].
+- Output: `eval/prediction.json` with the probabilities of ({names}), the probability of
+  `{cfg.task.class_names[cfg.task.positive_class]}` and the decision at threshold {lm.threshold:.4f}.
+- Weights: `models/model.pt`, a plain state dict (load it with `torch.load(..., weights_only=True)`);
+  SHA-256 of the endodistill weights: `{lm.weights_sha256}`.
+
+## Run
+
+```bash
+python -m monai.bundle run --config_file configs/inference.json --meta_file configs/metadata.json \\
+    --bundle_root . --input_file /path/to/scan.nii.gz --output_dir /path/to/out
+```
+
+The preprocessing is endodistill's own (`endodistill.data.preprocess.preprocess_volume`, referenced by
+`_target_` in `configs/inference.json`): MONAI transforms do not reproduce its foreground-centred crop and
+anti-aliased resampling exactly, and the probability must equal `endodistill predict`'s. So endodistill
+must be installed where the bundle runs.
+
+## Verify the metadata (offline)
+
+```bash
+python -m monai.bundle verify_metadata --meta_file configs/metadata.json \\
+    --filepath configs/metadata_schema.json
+```
+
+`metadata_schema.json` encodes the mandatory keys of the MONAI bundle specification; because the file
+exists, MONAI does not download its published schema (`schema` in metadata.json). Online, leave
+`--filepath` pointing to a new file name to check against MONAI's published schema instead.
+"""
+
+
+@contextlib.contextmanager
+def _quiet_monai() -> Iterator[None]:
+    """MONAI's bundle scripts log their input summary at INFO: keep the export's own output to one line."""
+    # MONAI's get_logger gives each module its own level and handler: set them one by one.
+    for mod in ("monai.bundle.scripts", "monai.bundle.workflows"):  # importing creates the loggers
+        importlib.import_module(mod)
+
+    names = [n for n in logging.root.manager.loggerDict if n.startswith("monai")]
+    loggers = [logging.getLogger(n) for n in names]
+    old = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, lvl in zip(loggers, old):
+            lg.setLevel(lvl)
+
+
+def _run_bundle(bundle: Path, volume: Path, out_dir: Path) -> float:
+    """Run the bundle in this process with MONAI's runner and return its positive-class probability."""
+    from monai.bundle import run
+
+    with _quiet_monai(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MONAI's "config can run code" notice: we wrote this config
+        run(
+            config_file=str(bundle / "configs" / "inference.json"),
+            meta_file=str(bundle / "configs" / "metadata.json"),
+            bundle_root=str(bundle),
+            input_file=str(volume),
+            output_dir=str(out_dir),
+            workflow_type=None,
+        )
+    return float(json.loads((out_dir / "prediction.json").read_text())["probability"])
+
+
+def _verify_metadata(bundle: Path) -> None:
+    from monai.bundle import verify_metadata
+
+    try:
+        import jsonschema  # noqa: F401
+    except ImportError:
+        log.warning("jsonschema is not installed: bundle metadata not verified")
+        return
+    try:
+        with _quiet_monai(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "no hash value provided" for the local schema file
+            verify_metadata(
+                meta_file=str(bundle / "configs" / "metadata.json"),
+                filepath=str(bundle / "configs" / "metadata_schema.json"),
+            )
+    except ValueError as e:
+        raise ExportValidationError(
+            bundle, f"metadata.json fails the schema: {str(e).splitlines()[0]}"
+        ) from None
+
+
+def export_bundle(lm: LoadedModel, out: Path, volume: Path) -> float:
+    """Write ``lm`` as a MONAI bundle folder after running it with MONAI's runner on ``volume``.
+
+    Args:
+        lm: the loaded model.
+        out: the bundle folder (replaced if it exists).
+        volume: the MRI volume the bundle is run on for validation.
+
+    Returns:
+        The absolute difference between the bundle's and endodistill's positive-class probability.
+
+    Raises:
+        ExportValidationError: the bundle's probability differs by more than 1e-4, or its metadata fails.
+    """
+    from endodistill.infer.predict import forward_probabilities
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".staging", dir=out.parent))
+    os.chmod(staging, 0o755)
+    try:
+        for sub in ("configs", "models", "docs"):
+            (staging / sub).mkdir()
+        # A plain state dict of tensors (what MONAI bundles hold); loadable with weights_only=True.
+        state = {k: v.detach().clone().contiguous() for k, v in lm.model.state_dict().items()}
+        torch.save(state, staging / "models" / "model.pt")
+        _write_json(staging / "configs" / "inference.json", inference_config(lm))
+        _write_json(staging / "configs" / "metadata.json", bundle_metadata(lm))
+        _write_json(staging / "configs" / "metadata_schema.json", metadata_schema())
+        (staging / "LICENSE").write_text(_LICENSE, encoding="utf-8")
+        (staging / "docs" / "README.md").write_text(_readme(lm), encoding="utf-8")
+
+        _verify_metadata(staging)
+        ref = float(forward_probabilities(lm.model, _preprocessed(lm, volume)[0])[lm.cfg.task.positive_class])
+        with tempfile.TemporaryDirectory(prefix="endodistill-bundle-check-") as tmp:
+            got = _run_bundle(staging, volume, Path(tmp))
+        diff = abs(got - ref)
+        if not diff <= TOLERANCE:
+            raise ExportValidationError(
+                out, f"bundle probability {got:.6f} differs from endodistill's {ref:.6f} by {diff:.2e}"
+            )
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(staging / "eval")
+        _swap_into_place(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return diff
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
