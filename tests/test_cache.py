@@ -155,3 +155,23 @@ def test_two_processes_fill_the_same_cache(tmp_path: Path) -> None:
     for p, s in zip(paths, sums[0]):
         assert float(np.asarray(cache.mri(p, CFG)[0]).sum()) == s
     assert cache.hits == 3 and cache.misses == 0
+
+
+def test_dicom_folder_entries_keyed_by_series_and_content(tmp_path: Path) -> None:
+    from test_readers import _uid, write_dicom_series
+
+    folder = tmp_path / "dicom"
+    vol = (np.arange(10 * 12 * 5, dtype=np.uint16).reshape(10, 12, 5) % 97) * 10
+    write_dicom_series(folder, vol, series="a", names=lambda k: f"a{k}.dcm")
+    files_b = write_dicom_series(folder, vol[::-1], series="b", names=lambda k: f"b{k}.dcm")
+    cache = TensorCache(tmp_path / "cache")
+    a, _ = cache.mri(folder, CFG, series_uid=_uid("a"))
+    b, _ = cache.mri(folder, CFG, series_uid=_uid("b"))
+    assert cache.misses == 2 and not np.array_equal(a, b)
+    cache.mri(folder, CFG, series_uid=_uid("a"))
+    assert cache.hits == 1
+    # Rewriting one slice of the folder changes the key of every series stored there.
+    write_dicom_series(folder, vol[::-1] + 1, series="b", names=lambda k: f"b{k}.dcm")
+    assert files_b[0].exists()
+    cache.mri(folder, CFG, series_uid=_uid("a"))
+    assert cache.misses == 3

@@ -437,7 +437,10 @@ def _load_dicom_series(folder: Path, series_uid: str | None) -> Volume:
         if "PixelData" not in ds:
             raise InputError(f, "no pixel data in this DICOM file")
         if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-            raise InputError(f, "multi-frame (enhanced) DICOM MR is not supported; convert it to NIfTI")
+            raise InputError(
+                f,
+                "multi-frame DICOM (enhanced MR or a cine) is not supported as an MRI volume; convert it to NIfTI",
+            )
         if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
             raise InputError(f, "colour DICOM image; an MRI series must be grayscale")
         iop = _ds_floats(ds, "ImageOrientationPatient", 6, f)

@@ -310,6 +310,9 @@ def resample_indices(n_frames: int, src_fps: float, dst_fps: float | None) -> np
     return np.clip(np.floor(t * src_fps + 0.5).astype(np.int64), 0, n_frames - 1)
 
 
+_CLIP_CHUNK = 32
+
+
 def preprocess_clip(clip: Clip, cfg: ClipPreprocessConfig) -> np.ndarray:
     """Grayscale clip -> (T', H, W) float32 in [0, 1] at ``cfg.size`` (and ``cfg.fps`` when set).
 
@@ -333,14 +336,19 @@ def preprocess_clip(clip: Clip, cfg: ClipPreprocessConfig) -> np.ndarray:
     box = sector_bbox(frames) if cfg.sector_crop else (0, h, 0, w)
     y0, y1, x0, x1 = _fit_aspect(box, out_h / out_w)
     idx = resample_indices(frames.shape[0], float(clip.fps), cfg.fps)
-    # Crop with zero padding where the aspect-corrected box leaves the frame.
-    crop = np.zeros((len(idx), y1 - y0, x1 - x0), dtype=np.uint8)
     sy0, sy1, sx0, sx1 = max(y0, 0), min(y1, h), max(x0, 0), min(x1, w)
-    crop[:, sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = frames[idx, sy0:sy1, sx0:sx1]
-    t = torch.from_numpy(crop).to(torch.float32).div_(255.0)[:, None]
-    # Bilinear with antialias works for both shrinking (area-like) and enlarging, deterministically on CPU.
-    t = F.interpolate(t, size=(out_h, out_w), mode="bilinear", align_corners=False, antialias=True)
-    return t[:, 0].clamp_(0.0, 1.0).numpy().astype(np.float32, copy=False)
+    out = np.empty((len(idx), out_h, out_w), dtype=np.float32)
+    # In chunks of frames: the float copy of a long full-resolution clip would not fit in memory.
+    for start in range(0, len(idx), _CLIP_CHUNK):
+        sel = idx[start : start + _CLIP_CHUNK]
+        # Crop with zero padding where the aspect-corrected box leaves the frame.
+        crop = np.zeros((len(sel), y1 - y0, x1 - x0), dtype=np.uint8)
+        crop[:, sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = frames[sel, sy0:sy1, sx0:sx1]
+        t = torch.from_numpy(crop).to(torch.float32).div_(255.0)[:, None]
+        # Bilinear with antialias works for shrinking (area-like) and enlarging, deterministically on CPU.
+        t = F.interpolate(t, size=(out_h, out_w), mode="bilinear", align_corners=False, antialias=True)
+        out[start : start + len(sel)] = t[:, 0].clamp_(0.0, 1.0).numpy()
+    return out
 
 
 def sample_frames(

@@ -361,7 +361,7 @@ def _load_png_folder(folder: Path, max_frames: int | None) -> Clip:
                 if len(frames) >= budget:
                     raise _too_long(folder, budget)
                 g = np.asarray(im.convert("L"), dtype=np.uint8)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
             raise InputError(f, f"not a readable PNG frame ({_one_line(e, 80, f)})") from None
         if frames and g.shape != frames[0].shape:
             raise InputError(
