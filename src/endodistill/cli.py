@@ -174,11 +174,15 @@ def export(
     model: Annotated[Path, typer.Option("--model", "-m", help="Model directory (RUN_DIR/model).")],
     format_: Annotated[str, typer.Option("--format", "-f", help="onnx or monai-bundle.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output file (onnx) or folder (bundle).")],
+    sample: Annotated[
+        Path | None,
+        typer.Option(help="A real volume to validate the export on (default: a synthetic phantom)."),
+    ] = None,
 ) -> None:
-    """Export the deployable model to ONNX or a MONAI bundle."""
+    """Export the deployable model to ONNX or a MONAI bundle (validated against PyTorch before writing)."""
     from endodistill.infer.export import export_model
 
-    typer.echo(export_model(model, format_, out))
+    typer.echo(export_model(model, format_, out, sample=sample))
 
 
 def main() -> None:
