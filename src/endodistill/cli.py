@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from endodistill.errors import EXIT_INTERRUPTED, EndodistillError
+from endodistill.errors import EXIT_INTERRUPTED, EndodistillError, InputError
 
 app = typer.Typer(
     add_completion=False,
@@ -130,9 +130,33 @@ def run(
     if out is None or config is None:
         raise typer.BadParameter("give --config and --out (or --resume RUN_DIR)")
     cfg = load_config(config, set_)  # a bad config fails before any heavy import or output
+    if cfg.data.manifest is not None:
+        from endodistill.data.manifest import read_manifest
+
+        # A structurally broken manifest fails here too: before torch is imported and RUN_DIR exists.
+        read_manifest(cfg.data.manifest, cfg.data.allow_outside_paths, cfg.task.num_classes)
     from endodistill.evaluate.protocol import run_experiment
 
-    run_experiment(cfg, out, resume=False)
+    fresh = not out.exists()
+    try:
+        run_experiment(cfg, out, resume=False)
+    except InputError:
+        if fresh:
+            _remove_unstarted_run(out)
+        raise
+
+
+def _remove_unstarted_run(run_dir: Path) -> None:
+    """Remove a run directory this command created when bad input stopped it before any result.
+
+    Only the files a run writes before it reads its data (lock, resolved config) may be there; anything
+    else (a generated cohort, checkpoints) is kept.
+    """
+    import shutil
+
+    names = {p.name for p in run_dir.iterdir()} if run_dir.is_dir() else {"?"}
+    if names <= {".lock", "config.yaml"}:
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 @app.command()

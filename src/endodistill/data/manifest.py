@@ -220,6 +220,9 @@ def _parse_row(
     sid = values["subject_id"]
     if not sid:
         raise _RowError(line, "empty subject_id")
+    if any(ord(c) < 32 or ord(c) == 127 for c in sid):
+        # A NUL or newline in an id ends up in file names, csv rows and reports.
+        raise _RowError(line, f"subject_id {sid!r} contains control characters")
     modality = values["modality"].lower()
     if not modality:
         raise _RowError(line, "empty modality")

@@ -18,7 +18,7 @@ import os
 import re
 import sys
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,11 @@ log = logging.getLogger(__name__)
 
 #: Largest voxel buffer (bytes, as float32) a reader agrees to allocate. Checked against the header first.
 MAX_BYTES = 2 * 1024**3
+#: Compressed voxel data that claims to expand more than this many times is decompressed once, in bounded
+#: memory, to check that it really holds what the header says before the voxel buffer is allocated (a 1 KB
+#: file claiming gigabytes must not cost gigabytes). Real MRI compresses 2-10x.
+SUSPICIOUS_RATIO = 64
+_CHUNK = 1 << 20
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
@@ -214,6 +219,52 @@ def _check_affine(path: Path, affine: np.ndarray) -> None:
         raise InputError(path, "voxel-to-world affine is singular (zero spacing or degenerate direction)")
 
 
+def _decompressed_size(fh: Any, limit: int) -> int:
+    """Bytes the zlib/gzip stream at ``fh``'s position expands to, counted up to ``limit`` in bounded memory.
+
+    Concatenated gzip members are followed. Raises ``zlib.error`` on a corrupt stream.
+    """
+    d = zlib.decompressobj(zlib.MAX_WBITS | 32)  # | 32: zlib or gzip header, detected
+    total = 0
+    while total < limit:
+        data = fh.read(_CHUNK)
+        if not data:
+            break
+        while data and total < limit:
+            total += len(d.decompress(data, _CHUNK))  # at most 1 MiB of output at a time
+            data = d.unconsumed_tail
+            if d.eof:  # the next gzip member, if any
+                data = d.unused_data + data
+                d = zlib.decompressobj(zlib.MAX_WBITS | 32)
+                if not data.strip(b"\0"):  # trailing padding, not another member
+                    return total
+    return total
+
+
+def _require_bytes(path: Path, have: int, need: int, compressed: bool = False) -> None:
+    if have < need:
+        got = f"the compressed data expands to {have}" if compressed else f"the file holds {have}"
+        raise InputError(
+            path,
+            f"truncated or corrupt voxel data: the header needs {need} bytes, {got} "
+            "(refused before allocating the volume)",
+        )
+
+
+def _check_stream(path: Path, fh: Any, need: int, compressed_bytes: int, force: bool = False) -> None:
+    """Refuse compressed voxel data that expands to fewer than ``need`` bytes.
+
+    Checked only when the claimed expansion is suspicious (or ``force``): ordinary files pay nothing.
+    """
+    if not force and need <= SUSPICIOUS_RATIO * max(compressed_bytes, 1):
+        return
+    try:
+        have = _decompressed_size(fh, need)
+    except zlib.error:
+        raise InputError(path, "corrupt compressed voxel data") from None
+    _require_bytes(path, have, need, compressed=True)
+
+
 # ---------------------------------------------------------------------------------------- NIfTI
 
 
@@ -269,6 +320,15 @@ def _load_nifti(path: Path) -> Volume:
     dtype = hdr.get_data_dtype()
     if dtype.fields is not None or dtype.kind == "c":
         raise InputError(path, f"unsupported voxel type {dtype} (RGB/complex); need scalar intensities")
+    n_vox = int(np.prod([int(v) for v in hdr.get_data_shape()], dtype=object))
+    # The proxy's offset is where nibabel will read (352 for a single .nii whose header says 0).
+    need = int(getattr(img.dataobj, "offset", hdr.get_data_offset())) + n_vox * dtype.itemsize
+    size = path.stat().st_size
+    if path.name.lower().endswith(".gz"):
+        with open(path, "rb") as fh:
+            _check_stream(path, fh, need, size)
+    else:
+        _require_bytes(path, size, need)
     try:
         arr = np.asarray(img.dataobj, dtype=np.float32)
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
@@ -313,6 +373,11 @@ def _load_itk(path: Path, fmt: str) -> Volume:
     dims = len(size)
     _spatial_shape(path, size[::-1])
     _check_size(path, size)
+    n_vox = int(np.prod(size, dtype=object))
+    if fmt == "metaimage":
+        _check_metaimage_data(path, n_vox)
+    else:
+        _check_nrrd_data(path, n_vox)
     try:
         with quiet_stderr():
             img = reader.Execute()
@@ -329,6 +394,116 @@ def _load_itk(path: Path, fmt: str) -> Volume:
     lps[:3, 3] = origin
     meta = {"dtype": img.GetPixelIDTypeAsString()}
     return Volume(array=arr, affine=_LPS_TO_RAS @ lps, source=str(path), format=fmt, meta=meta)
+
+
+# MetaIO element types -> bytes (MET_LONG/ULONG: at least 4).
+_MET_BYTES = {
+    "MET_CHAR": 1,
+    "MET_UCHAR": 1,
+    "MET_SHORT": 2,
+    "MET_USHORT": 2,
+    "MET_INT": 4,
+    "MET_UINT": 4,
+    "MET_LONG": 4,
+    "MET_ULONG": 4,
+    "MET_FLOAT": 4,
+    "MET_LONG_LONG": 8,
+    "MET_ULONG_LONG": 8,
+    "MET_DOUBLE": 8,
+}
+
+
+def _nrrd_itemsize(kind: str) -> int:
+    """Bytes per value of a NRRD ``type`` (every spelling the NRRD spec allows)."""
+    k = kind.strip().lower().removesuffix("_t")
+    if "char" in k or k.endswith("int8") or k == "block":
+        return 1
+    if "short" in k or k.endswith("16"):
+        return 2
+    if "long" in k or "double" in k or k.endswith("64"):
+        return 8
+    return 4  # int, int32, uint32, float
+
+
+def _text_header(fh: Any, last: Callable[[bytes], bool], max_bytes: int = 1 << 20) -> list[bytes]:
+    """Header lines read from ``fh`` up to and including the one ``last`` accepts (``fh`` then at the data)."""
+    lines: list[bytes] = []
+    n = 0
+    while n < max_bytes:
+        line = fh.readline(max_bytes - n)
+        if not line:
+            break
+        n += len(line)
+        lines.append(line)
+        if last(line):
+            break
+    return lines
+
+
+def _check_metaimage_data(path: Path, n_vox: int) -> None:
+    """Check that a MetaImage's voxel data is all there before ITK allocates the buffer.
+
+    ITK's MetaIO zero-fills compressed data that ends early (truncated, or a tiny hostile file whose
+    header claims gigabytes) instead of failing, so the decompressed length is checked here; it is
+    written by hand because no maintained Python library reads MetaImage headers besides ITK itself.
+    """
+    with open(path, "rb") as fh:
+        lines = _text_header(fh, lambda ln: ln.split(b"=")[0].strip().lower() == b"elementdatafile")
+        fields = {}
+        for ln in lines:
+            key, _, value = ln.decode("latin-1").partition("=")
+            fields[key.strip().lower()] = value.strip()
+        ch = fields.get("elementnumberofchannels", "1")
+        channels = int(ch) if ch.isdigit() and int(ch) > 0 else 1
+        need = n_vox * channels * _MET_BYTES.get(fields.get("elementtype", "").upper(), 1)
+        compressed = fields.get("compresseddata", "false").lower() == "true"
+        if compressed and "compresseddatasize" not in fields:
+            # Without it, ITK's MetaIO returns zeros instead of the voxels (checked with SimpleITK 2.5).
+            raise InputError(
+                path, "compressed MetaImage without CompressedDataSize: ITK cannot decode it reliably"
+            )
+        data_file = fields.get("elementdatafile", "")
+        if data_file.upper() == "LOCAL":
+            start = fh.tell()
+            size = path.stat().st_size - start
+            if compressed:
+                _check_stream(path, fh, need, size, force=True)
+            else:
+                _require_bytes(path, size, need)
+            return
+    # Detached data (.mhd + .raw/.zraw): one file only; lists and patterns are left to ITK.
+    target = path.parent / data_file
+    if not data_file or data_file.upper() == "LIST" or "%" in data_file or not target.is_file():
+        return
+    with open(target, "rb") as fh:
+        if compressed:
+            _check_stream(target, fh, need, target.stat().st_size, force=True)
+        else:
+            _require_bytes(target, target.stat().st_size, need)
+
+
+def _check_nrrd_data(path: Path, n_vox: int) -> None:
+    """Check that a NRRD file's attached raw or gzip data is all there before ITK allocates the buffer."""
+    import nrrd
+
+    with open(path, "rb") as fh:
+        lines = _text_header(fh, lambda ln: ln.strip() == b"")
+        start = fh.tell()
+        try:
+            header = nrrd.read_header([ln.decode("latin-1") for ln in lines])
+        except Exception:  # ITK parsed it already; pynrrd is only asked for a few fields
+            return
+        if any(
+            k in header for k in ("data file", "datafile", "byte skip", "byteskip", "line skip", "lineskip")
+        ):
+            return  # detached or offset data: left to ITK
+        need = n_vox * _nrrd_itemsize(str(header.get("type", "")))
+        encoding = str(header.get("encoding", "raw")).lower()
+        size = path.stat().st_size - start
+        if encoding == "raw":
+            _require_bytes(path, size, need)
+        elif encoding in ("gzip", "gz"):
+            _check_stream(path, fh, need, size)
 
 
 # ---------------------------------------------------------------------------------------- DICOM
@@ -397,6 +572,23 @@ def _ds_floats(ds: Any, keyword: str, n: int, f: Path) -> np.ndarray:
     return arr
 
 
+def _check_native_pixel_length(f: Path, ds: Any, rows_cols: tuple[int, int]) -> None:
+    """Uncompressed pixel data must hold Rows x Columns values: checked from the header, before any decoding."""
+    tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if tsyntax is None or tsyntax.is_compressed:
+        return
+    elem = ds.get_item("PixelData")
+    have = getattr(elem, "length", None)
+    bits = int(ds.get("BitsAllocated", 8) or 8)
+    need = rows_cols[0] * rows_cols[1] * int(ds.get("SamplesPerPixel", 1) or 1) * bits // 8
+    if isinstance(have, int) and 0 <= have < need and have != 0xFFFFFFFF:
+        raise InputError(
+            f,
+            f"cannot decode pixel data: it holds {have} bytes, {rows_cols[0]}x{rows_cols[1]} pixels need "
+            f"{need} (truncated?)",
+        )
+
+
 def _load_dicom_series(folder: Path, series_uid: str | None) -> Volume:
     import pydicom
 
@@ -449,6 +641,7 @@ def _load_dicom_series(folder: Path, series_uid: str | None) -> Volume:
         rc = (int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0))
         if min(rc) <= 0:
             raise InputError(f, "missing or zero Rows/Columns")
+        _check_native_pixel_length(f, ds, rc)
         if iop0 is None:
             iop0, rows_cols, ps0 = iop, rc, ps
         else:
@@ -488,7 +681,7 @@ def _load_dicom_series(folder: Path, series_uid: str | None) -> Volume:
     rows, cols = rows_cols
     _check_size(folder, (cols, rows, len(entries)))
 
-    arr = np.empty((cols, rows, len(entries)), dtype=np.float32)
+    arr: np.ndarray | None = None
     for k, (f, _, _) in enumerate(entries):
         try:
             ds = pydicom.dcmread(f)
@@ -497,11 +690,14 @@ def _load_dicom_series(folder: Path, series_uid: str | None) -> Volume:
             raise InputError(f, f"cannot decode pixel data ({one_line(e, 100, f)})") from None
         if px.shape != (rows, cols):
             raise InputError(f, f"pixel data shape {px.shape} does not match Rows/Columns {rows}x{cols}")
+        if arr is None:  # allocated once a slice decodes: a series of broken slices costs no volume buffer
+            arr = np.empty((cols, rows, len(entries)), dtype=np.float32)
         slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
         intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
         # DICOM pixel (row r, column c) is voxel (i=c, j=r): the I axis runs along a row, as in ITK.
         arr[:, :, k] = (px.astype(np.float32) * np.float32(slope) + np.float32(intercept)).T
 
+    assert arr is not None  # len(entries) >= 2
     ds0 = entries[0][1]
     lps = np.eye(4)
     lps[:3, 0] = row_cos * ps0[1]  # PixelSpacing = (between rows, between columns)

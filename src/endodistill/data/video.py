@@ -182,7 +182,8 @@ def _load_video(path: Path, max_frames: int | None) -> Clip:
         raise InputError(path, f"not a readable video file ({_one_line(e)})") from None
     with container:
         if not container.streams.video:
-            raise InputError(path, "no video stream in the file")
+            # An mp4 cut before its index (moov, written last) or one never given a frame looks like this.
+            raise InputError(path, "no video stream in the file (truncated, empty, or not a video)")
         stream = container.streams.video[0]
         if stream.codec_context is None:
             raise InputError(path, "unsupported video codec: FFmpeg has no decoder for this stream")

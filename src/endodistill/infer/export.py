@@ -37,16 +37,17 @@ import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import nn
 
 import endodistill
 from endodistill.errors import InputError
 from endodistill.infer.model_dir import LoadedModel, _swap_into_place, load_model_dir
 from endodistill.utils import atomic_path
+
+if TYPE_CHECKING:  # torch is imported where it is used: a refused model directory fails fast
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -62,16 +63,21 @@ class ExportValidationError(InputError):
     """The exported model does not reproduce the PyTorch model; nothing was written."""
 
 
-class _LogitsAndProbs(nn.Module):
-    """Student -> (logits, softmax probabilities): the two ONNX outputs."""
+def _logits_and_probs(model: nn.Module) -> nn.Module:
+    """Student -> (logits, softmax probabilities): the two ONNX outputs (eval mode)."""
+    import torch
+    from torch import nn
 
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
+    class _LogitsAndProbs(nn.Module):
+        def __init__(self, model: nn.Module) -> None:
+            super().__init__()
+            self.model = model
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.model(x)
-        return logits, torch.softmax(logits, dim=1)
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            logits = self.model(x)
+            return logits, torch.softmax(logits, dim=1)
+
+    return _LogitsAndProbs(model).eval()
 
 
 def export_model(model_dir: str | Path, fmt: str, out: str | Path, sample: str | Path | None = None) -> str:
@@ -148,8 +154,9 @@ def export_onnx(lm: LoadedModel, out: Path, volume: Path) -> float:
     """
     import onnx
     import onnxruntime as ort
+    import torch
 
-    wrapper = _LogitsAndProbs(lm.model).eval()
+    wrapper = _logits_and_probs(lm.model)
     size = tuple(lm.cfg.mri.size)
     dummy = torch.zeros(1, 1, *size)
     gen = torch.Generator().manual_seed(0)
@@ -290,6 +297,7 @@ def bundle_metadata(lm: LoadedModel) -> dict[str, Any]:
     import monai
     import nibabel
     import scipy
+    import torch
 
     cfg = lm.cfg
     size = list(cfg.mri.size)
@@ -555,6 +563,8 @@ def export_bundle(lm: LoadedModel, out: Path, volume: Path) -> float:
     Raises:
         ExportValidationError: the bundle's probability differs by more than 1e-4, or its metadata fails.
     """
+    import torch
+
     from endodistill.infer.predict import forward_probabilities
 
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -25,17 +25,14 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
-from torch import Tensor, nn
+from typing import TYPE_CHECKING, Any
 
 import endodistill
 from endodistill.config import Config, dump_config, load_config
 from endodistill.errors import ConfigError, InputError
+
+if TYPE_CHECKING:  # torch is imported where it is used: a refused model directory costs no torch import
+    from torch import Tensor, nn
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
@@ -177,6 +174,9 @@ def save_model_dir(
     threshold = float(threshold)
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    import torch
+    from safetensors.torch import save as st_save
+
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in state_dict.items()}
     try:
         _check_tensors(tensors, _build(cfg).state_dict(), "state_dict")
@@ -325,11 +325,43 @@ def _read_weights(weights: Path, expected_sha: str) -> dict[str, Tensor]:
             f"SHA-256 {digest[:12]}... does not match metadata.json ({str(expected_sha)[:12]}...): "
             "the weights file is truncated or was modified",
         )
+    from safetensors import SafetensorError
+    from safetensors.torch import load as st_load
+
     try:
         return st_load(blob)
     except (SafetensorError, ValueError, RuntimeError, OverflowError) as e:
         reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
         raise InputError(weights, f"not a valid safetensors file ({reason})") from None
+
+
+def read_model_dir_config(path: str | Path) -> tuple[dict[str, Any], Config]:
+    """Check a model directory's layout, metadata and config without reading the weights (no torch).
+
+    Args:
+        path: the model directory.
+
+    Returns:
+        The content of metadata.json and the config.
+
+    Raises:
+        InputError: not a model directory, a pickle file, unreadable metadata or config, or an
+            architecture summary that disagrees with the config.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "model directory not found")
+    _refuse_pickles(path)
+    meta = _read_metadata(path)
+    cfg_path = path / CONFIG_FILE
+    if not cfg_path.is_file():
+        raise InputError(path, f"not a model directory: {CONFIG_FILE} is missing")
+    try:
+        cfg = load_config(cfg_path)
+    except ConfigError as e:
+        raise InputError(cfg_path, e.reason) from None
+    _check_arch(meta, cfg, path / METADATA_FILE)
+    return meta, cfg
 
 
 def load_model_dir(path: str | Path) -> LoadedModel:
@@ -346,18 +378,7 @@ def load_model_dir(path: str | Path) -> LoadedModel:
             architecture / input size that does not match (the key or tensor is named).
     """
     path = Path(path)
-    if not path.exists():
-        raise InputError(path, "model directory not found")
-    _refuse_pickles(path)
-    meta = _read_metadata(path)
-    cfg_path = path / CONFIG_FILE
-    if not cfg_path.is_file():
-        raise InputError(path, f"not a model directory: {CONFIG_FILE} is missing")
-    try:
-        cfg = load_config(cfg_path)
-    except ConfigError as e:
-        raise InputError(cfg_path, e.reason) from None
-    _check_arch(meta, cfg, path / METADATA_FILE)
+    meta, cfg = read_model_dir_config(path)
     weights = path / WEIGHTS_FILE
     state = _read_weights(weights, str(meta["weights_sha256"]))
     model = _build(cfg)

@@ -30,15 +30,19 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 import endodistill
 from endodistill.errors import EndodistillError, InputError
-from endodistill.infer.model_dir import LoadedModel, load_model_dir
+from endodistill.infer.model_dir import LoadedModel, load_model_dir, read_model_dir_config
 from endodistill.utils import atomic_write_bytes, atomic_write_json, atomic_write_text, file_sha256
+
+if TYPE_CHECKING:  # torch is imported where it is used: refused inputs and models fail fast
+    import torch
+
+    from endodistill.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -139,10 +143,9 @@ def _is_volume_file(p: Path) -> bool:
     return p.is_file() and p.name.lower().endswith(_VOLUME_SUFFIXES)
 
 
-def _manifest_cases(path: Path, lm: LoadedModel) -> list[Case]:
+def _manifest_cases(path: Path, cfg: Config) -> list[Case]:
     from endodistill.data.manifest import read_manifest
 
-    cfg = lm.cfg
     manifest = read_manifest(
         path, allow_outside=cfg.data.allow_outside_paths, num_classes=cfg.task.num_classes
     )
@@ -152,7 +155,7 @@ def _manifest_cases(path: Path, lm: LoadedModel) -> list[Case]:
     return [Case(_safe_id(r.subject_id), r.path, r.series_uid) for r in records]
 
 
-def expand_inputs(inputs: Sequence[str | Path], lm: LoadedModel, out_dir: Path | None = None) -> list[Case]:
+def expand_inputs(inputs: Sequence[str | Path], cfg: Config, out_dir: Path | None = None) -> list[Case]:
     """Turn the ``--input`` paths into cases.
 
     A ``.csv`` is a manifest (its rows of the student modality); a folder that directly holds DICOM files
@@ -161,7 +164,7 @@ def expand_inputs(inputs: Sequence[str | Path], lm: LoadedModel, out_dir: Path |
 
     Args:
         inputs: paths given by the user.
-        lm: the loaded model (its config names the student modality).
+        cfg: the model's config (it names the student modality and the number of classes).
         out_dir: the output folder, never taken as a case.
 
     Returns:
@@ -177,7 +180,7 @@ def expand_inputs(inputs: Sequence[str | Path], lm: LoadedModel, out_dir: Path |
         if not p.exists():
             raise InputError(p, "no such file or folder")
         if p.is_file() and p.suffix.lower() == ".csv":
-            cases.extend(_manifest_cases(p, lm))
+            cases.extend(_manifest_cases(p, cfg))
         elif p.is_file():
             cases.append(Case(_safe_id(_stem(p)), p))
         elif _has_dicom(p, recursive=False):
@@ -220,6 +223,8 @@ def forward_probabilities(model: torch.nn.Module, arr: np.ndarray) -> np.ndarray
     Returns:
         ``(K,)`` float64 softmax of the logits.
     """
+    import torch
+
     x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None]
     with torch.inference_mode():
         logits = model(x)
@@ -324,6 +329,8 @@ def predict_one(
         The :class:`CaseResult` with per-step timings (``load``, ``preprocess``, ``forward``, ``heatmap``,
         ``write``).
     """
+    import torch
+
     from endodistill.data.mri import load_volume
     from endodistill.data.preprocess import preprocess_volume, to_source_grid
     from endodistill.infer.heatmap import heatmap_model_space
@@ -441,8 +448,11 @@ def predict_cases(
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     out = Path(out_dir)
+    # Model metadata and inputs are checked before the weights are read and torch is imported, so that
+    # a refused model or input fails in a fraction of a second.
+    _, cfg = read_model_dir_config(model_dir)
+    cases = expand_inputs(inputs, cfg, out_dir=out)
     lm = load_model_dir(model_dir)
-    cases = expand_inputs(inputs, lm, out_dir=out)
     if out.exists() and not out.is_dir():
         raise InputError(out, "output path exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
