@@ -105,6 +105,8 @@ class TeacherConfig(_Strict):
     holdout_fraction: float = Field(0.25, gt=0, lt=1)
     targets: Literal["in_sample", "oof"] = "in_sample"
     augment: bool = True
+    # Subtract each pixel's temporal mean from the clip: static anatomy out, motion (the sliding sign) in.
+    motion_input: bool = True
 
 
 class StudentConfig(_Strict):

@@ -41,6 +41,7 @@ from endodistill.train.common import (
     prepare_unit,
     read_done,
     save_weights,
+    seed_all,
     set_rank,
     warmup_cosine,
     write_done,
@@ -315,7 +316,7 @@ def finetune(
             None, f"{where}: class(es) {missing} have MRI training cases but no TVUS clip to pair with"
         )
 
-    torch.manual_seed(seed)  # the head (and scratch encoders) start from the fit's seed
+    seed_all(seed)  # the head (and scratch encoders) start from the fit's seed, whatever ran before
     net = build_student(cfg)
     if method.init == "mae":
         if encoder_path is None or not Path(encoder_path).is_file():

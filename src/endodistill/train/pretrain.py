@@ -34,6 +34,7 @@ from endodistill.train.common import (
     prepare_unit,
     read_done,
     save_weights,
+    seed_all,
     set_rank,
     warmup_cosine,
     write_done,
@@ -161,6 +162,7 @@ def pretrain_mae(
     m = cfg.mae
     batches = PlannedBatches(x.shape[0], m.batch_size, seed, volume_batch_fn(x, augment=True))
     timing = TimingCallback()
+    seed_all(seed)  # the initial weights depend on the fit's seed only
     where = f"mae ({unit_dir.name})"
     hp = {"stage": "mae", "seed": seed, "n_volumes": int(x.shape[0]), "mae": m.model_dump(mode="json")}
     module = MAEModule(

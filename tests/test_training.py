@@ -1,0 +1,225 @@
+"""The training stages on the tiny synthetic cohort: they run, learn, resume exactly and stop on divergence."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from endodistill.config import Config, load_config
+from endodistill.errors import TrainingDivergedError
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def tiny_cfg(cohort: Path, cache: Path, **sections: dict) -> Config:
+    over = {
+        "data": {"manifest": str(cohort / "manifest.csv"), "cache_dir": str(cache)},
+        "trainer": {"threads": 1},
+    }
+    over.update(sections)
+    return load_config("tiny", over)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_cohort: Path, cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Teacher and MAE trained once for this module (the distillation tests reuse them)."""
+    from endodistill.train.common import configure_torch
+    from endodistill.train.data import load_cohort
+    from endodistill.train.pretrain import pretrain_mae
+    from endodistill.train.teacher import load_teacher_outputs, train_teacher
+
+    run = tmp_path_factory.mktemp("stages")
+    cfg = tiny_cfg(tiny_cohort, cache_dir, mae={"epochs": 6})
+    configure_torch(cfg)
+    data = load_cohort(cfg, cfg.data.manifest)
+    metrics = train_teacher(cfg, data, run, echo=lambda s: None)
+    mae = pretrain_mae(cfg, data, run / "mae", seed=1, echo=lambda s: None)
+    return {
+        "cfg": cfg,
+        "data": data,
+        "run": run,
+        "metrics": metrics,
+        "teacher": load_teacher_outputs(run),
+        "mae": mae,
+    }
+
+
+def _split(data) -> dict[str, list[str]]:
+    from endodistill.data.splits import make_cv_splits
+
+    return make_cv_splits(data.labelled.subjects, data.labelled.labels.tolist(), 3, 0, 0.25)[0]
+
+
+def test_teacher_learns_and_stores_outputs(trained: dict) -> None:
+    from safetensors.torch import load_file
+
+    from endodistill.train.common import auc_score
+
+    run, t, data = trained["run"], trained["teacher"], trained["data"]
+    for f in ("outputs.safetensors", "outputs.json", "predictions.csv", "metrics.json", "done.json"):
+        assert (run / "teacher" / f).is_file(), f
+    out = load_file(str(run / "teacher" / "outputs.safetensors"))
+    n = len(data.tvus)
+    assert out["logits"].shape == (n, 2) and out["probs"].shape == (n, 2) and out["features"].shape[0] == n
+    assert torch.allclose(out["probs"].sum(1), torch.ones(n), atol=1e-5)
+    assert t.subjects == data.tvus.subjects
+    # In-sample targets: the teacher separates the TVUS classes it was trained on.
+    assert auc_score(t.labels, t.probs.numpy()) > 0.8
+    hist = [
+        float(line.split(",")[1]) for line in (run / "teacher/full/history.csv").read_text().splitlines()[1:]
+    ]
+    assert hist[-1] < hist[0]
+    assert 0.0 <= trained["metrics"]["auc"] <= 1.0 and trained["metrics"]["n_heldout_clips"] > 0
+
+
+def test_mae_learns_and_loads_into_student(trained: dict) -> None:
+    from endodistill.models.student import build_student, load_mae_encoder
+    from endodistill.train.common import load_weights
+
+    mae = trained["mae"]
+    assert mae["loss_last"] < mae["loss_first"]
+    assert mae["n_volumes"] == len(trained["data"].unlabelled)  # the unlabelled pool only
+    student = build_student(trained["cfg"])
+    load_mae_encoder(student, load_weights(trained["run"] / "mae" / "encoder.safetensors"))
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    import csv
+
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _finetune(
+    trained: dict, method: str, unit: Path, cfg: Config | None = None, resume: bool = False
+) -> dict:
+    from endodistill.train.finetune import finetune
+
+    cfg = cfg or trained["cfg"]
+    enc = trained["run"] / "mae" / "encoder.safetensors"
+    return finetune(
+        cfg,
+        method,
+        trained["data"],
+        trained["teacher"],
+        _split(trained["data"]),
+        unit,
+        7,
+        method,
+        resume,
+        enc,
+    )
+
+
+def test_task_only_and_kd_only_extremes(trained: dict, tmp_path: Path) -> None:
+    cfg = trained["cfg"].model_copy(deep=True)
+    cfg.finetune.epochs = 8
+    task = _finetune(trained, "scratch_ce", tmp_path / "ce", cfg)
+    kd = _finetune(trained, "mae_kd", tmp_path / "kd", cfg)
+    rows_ce = _rows(tmp_path / "ce" / "history.csv")
+    rows_kd = _rows(tmp_path / "kd" / "history.csv")
+    # a_e = 0: the loss is exactly the task loss; a_e = 1: exactly the KD loss.
+    assert all(float(r["kd_weight"]) == 0.0 and r["train_loss"] == r["task_loss"] for r in rows_ce)
+    assert all(float(r["kd_weight"]) == 1.0 and r["train_loss"] == r["kd_loss"] for r in rows_kd)
+    assert float(rows_kd[-1]["kd_loss"]) < float(rows_kd[0]["kd_loss"])
+    assert float(rows_ce[-1]["task_loss"]) < float(rows_ce[0]["task_loss"])
+    for info in (task, kd):
+        assert 0 <= info["best_epoch"] < 8
+        assert not set(info["test_subjects"]) & (set(info["train_subjects"]) | set(info["val_subjects"]))
+
+
+def test_mixed_schedule_and_selection_record(trained: dict, tmp_path: Path) -> None:
+    info = _finetune(trained, "mae_kd_ce", tmp_path / "mix")
+    rows = _rows(tmp_path / "mix" / "history.csv")
+    assert [float(r["kd_weight"]) for r in rows] == pytest.approx([0.85**e for e in range(len(rows))])
+    assert (tmp_path / "mix" / "model.safetensors").is_file()
+    split = _split(trained["data"])
+    assert info["val_subjects"] == sorted(split["val"]) and info["test_subjects"] == sorted(split["test"])
+    # No TVUS clip of a test or validation subject is used as a KD partner.
+    assert not set(info["tvus_subjects"]) & (set(split["test"]) | set(split["val"]))
+
+
+def test_resume_continues_exactly(trained: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lightning.pytorch as pl
+
+    import endodistill.train.finetune as ft
+    from endodistill.train.common import make_trainer
+    from endodistill.train.finetune import read_predictions
+
+    cfg = trained["cfg"].model_copy(deep=True)
+    cfg.finetune.epochs = 4
+    full = _finetune(trained, "mae_kd_ce", tmp_path / "a", cfg)
+
+    class Crash(pl.Callback):
+        def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            if trainer.current_epoch == 2:
+                raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(ft, "make_trainer", lambda *a, **k: make_trainer(*a, callbacks=[Crash()]))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _finetune(trained, "mae_kd_ce", tmp_path / "b", cfg)
+    ckpt = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=True)  # no unpickling
+    assert ckpt["epoch"] == 1 and not (tmp_path / "b" / "done.json").exists()
+    monkeypatch.setattr(ft, "make_trainer", make_trainer)
+    resumed = _finetune(trained, "mae_kd_ce", tmp_path / "b", cfg, resume=True)
+    pa, pb = (
+        read_predictions(tmp_path / "a" / "predictions.csv"),
+        read_predictions(tmp_path / "b" / "predictions.csv"),
+    )
+    assert np.array_equal(pa[2], pb[2])
+    assert resumed["best_epoch"] == full["best_epoch"]
+    assert (tmp_path / "a" / "history.csv").read_text() == (tmp_path / "b" / "history.csv").read_text()
+    # A finished unit is not refitted on resume.
+    again = _finetune(trained, "mae_kd_ce", tmp_path / "b", cfg, resume=True)
+    assert again["timing"] == resumed["timing"]
+
+
+def test_divergence_names_the_fit_and_keeps_last_good_checkpoint(
+    trained: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import endodistill.train.losses as losses
+
+    real = losses.task_loss
+    calls = {"n": 0}
+
+    def poisoned(*a, **k):
+        calls["n"] += 1
+        out = real(*a, **k)
+        return out * float("nan") if calls["n"] > 3 else out  # epoch 0 has 2 steps, then NaN
+
+    monkeypatch.setattr(losses, "task_loss", poisoned)
+    with pytest.raises(TrainingDivergedError, match=r"scratch_ce: loss became nan at step \d+ \(epoch 1\)"):
+        _finetune(trained, "scratch_ce", tmp_path / "nan")
+    ckpt = torch.load(tmp_path / "nan" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["epoch"] == 0
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+def test_planned_batches_are_pure_and_shard_by_rank() -> None:
+    from endodistill.train.common import PlannedBatches
+
+    def make(idx: np.ndarray, rng: np.random.Generator, epoch: int) -> tuple[list[int], float]:
+        return sorted(idx.tolist()), float(rng.random())
+
+    a = PlannedBatches(10, 4, seed=3, make_batch=make)
+    b = PlannedBatches(10, 4, seed=3, make_batch=make)
+    assert len(a) == 3  # 4 + 4 + 2 (a last batch of one would be dropped)
+    assert [a[(1, i)] for i in range(3)] == [b[(1, i)] for i in range(3)]
+    assert [a[(1, i)] for i in range(3)] != [a[(2, i)] for i in range(3)]
+    assert sorted(i for b in range(3) for i in a[(0, b)][0]) == list(range(10))
+    r0, r1 = PlannedBatches(10, 4, 3, make), PlannedBatches(10, 4, 3, make)
+    r0.rank, r0.world, r1.rank, r1.world = 0, 2, 1, 2
+    assert sorted(r0[(0, 0)][0] + r1[(0, 0)][0]) == a[(0, 0)][0]
+
+
+def test_fit_seed_is_stable() -> None:
+    from endodistill.train.common import fit_seed
+
+    assert fit_seed(0, "distill", 1) == fit_seed(0, "distill", 1)
+    assert fit_seed(0, "distill", 1) != fit_seed(0, "distill", 2) != fit_seed(1, "distill", 2)
