@@ -281,6 +281,9 @@ def generate_cohort(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InputError(out, "output exists and is not a folder")
+    # cohort.json marks a complete cohort: drop a previous one first so an interrupted run never looks
+    # complete.
+    (out / "cohort.json").unlink(missing_ok=True)
     (out / "mri").mkdir(parents=True, exist_ok=True)
     (out / "tvus").mkdir(parents=True, exist_ok=True)
     site_names = [s.name for s in pre.mri_sites]

@@ -219,23 +219,29 @@ def render_mri(rng: np.random.Generator, site: MRISite, signs: dict[str, int], o
     r_a, r_u, wall = U(9, 13), U(12, 17), U(2.5, 3.5)
     a0 = U(-30, -22)
     s1 = isthmus[1] + U(5, 15)
-    a_r = a0 - U(0.008, 0.02) * np.maximum(s_grid - s1, 0) ** 2 - 0.15 * np.maximum(s_ref - s_grid, 0)
+    a_r = a0 - U(0.004, 0.01) * np.maximum(s_grid - s1, 0) ** 2 - 0.15 * np.maximum(s_ref - s_grid, 0)
+    s_top = s1 + U(25, 40)  # the rectosigmoid leaves the midline above this level
     gap = np.full_like(s_grid, U(4, 10))
+    min_gap = np.full_like(s_grid, 0.5)
     fluid = not signs["no_pod_fluid"]
     if fluid:
-        fluid_t, fluid_hs, s_f = U(3, 10), U(5, 10), s_pod + U(-2, 4)
-        gap = np.maximum(gap, fluid_t * np.exp(-(((s_grid - s_f) / fluid_hs) ** 2)))
+        fluid_t, fluid_hs, s_f = U(5, 13), U(7, 12), s_pod + U(-2, 4)
+        bump = fluid_t * np.exp(-(((s_grid - s_f) / fluid_hs) ** 2))
+        gap = np.maximum(gap, bump)
+        min_gap = np.maximum(min_gap, bump)  # fluid keeps the pouch open even where the rectum is tethered
     has_post = np.isfinite(post)
     a_r = np.where(has_post, np.minimum(a_r, post - gap - r_a), a_r)
     if signs["tethered_rectum"]:
-        s_t, pull = s_pod + U(-3, 8), U(7, 13)
+        s_t, pull = s_pod + U(-3, 8), U(9, 15)
         a_r = a_r + pull * np.exp(-(((s_grid - s_t) / U(7, 12)) ** 2))
-        a_r = np.where(has_post, np.minimum(a_r, post - 0.5 - r_a), a_r)
     a_r = gaussian_filter1d(a_r, 2.0)
-    # The sacrum is concave anteriorly; the rectum lies in front of it with presacral fat.
-    sac_mid, sac_k, sac_s = a0 - U(24, 32), U(0.004, 0.008), U(0, 20)
-    a_sac = sac_mid + sac_k * (s_grid - sac_s) ** 2
-    a_r = np.maximum(a_r, a_sac + 7 + r_a + 3)
+    a_r = np.where(has_post, np.minimum(a_r, post - min_gap - r_a), a_r)
+    # The sacrum is concave anteriorly and lies behind the rectum with presacral fat: its curve is moved
+    # back where the rectum (pushed back by a retroflexed uterus or fluid) would otherwise reach it.
+    sac_k, sac_s = U(0.002, 0.005), U(0, 20)
+    span = (s_grid >= -45) & (s_grid <= s_top)
+    room = a_r - r_a - U(6, 12) - sac_k * (s_grid - sac_s) ** 2
+    sac_mid = min(a0 - U(24, 32), float(room[span].min()))
     ant = a_r + r_a
 
     def at(arr: np.ndarray, s: float) -> float:
@@ -335,24 +341,17 @@ def render_mri(rng: np.random.Generator, site: MRISite, signs: dict[str, int], o
 
     # ---- rectum: dark muscular wall, lumen with gas or mucus
     lumen = t2["gas"] if rng.random() < 0.5 else U(0.3, 0.6) * t2["fluid"]
+    # Above s_top the tube turns to the left: the sigmoid leaving the midline.
     rect_lo = (uc - r_u, float(a_r.min()) - r_a, -200.0)
-    rect_hi = (uc + r_u, float(a_r.max()) + r_a, 200.0)
+    rect_hi = (uc + r_u + 1.2 * max(110.0 - s_top, 0.0), float(a_r.max()) + r_a, 200.0)
+
+    def rectum_sd(u, a, s, half_a: float, half_u: float):
+        du = (u - (uc + 1.2 * np.maximum(s - s_top, 0))) / half_u
+        da = (a - np.interp(s, s_grid, a_r).astype(np.float32)) / half_a
+        return np.maximum((np.sqrt(du * du + da * da) - 1) * min(half_a, half_u), -75 - s)
+
     for half_a, half_u, val in ((r_a, r_u, t2["rectum_wall"]), (r_a - wall, r_u - wall, lumen)):
-        cv.paint(
-            lambda u, a, s, ha=half_a, hu=half_u: np.maximum(
-                (
-                    np.sqrt(
-                        ((u - uc) / hu) ** 2 + ((a - np.interp(s, s_grid, a_r).astype(np.float32)) / ha) ** 2
-                    )
-                    - 1
-                )
-                * min(ha, hu),
-                -75 - s,
-            ),
-            val,
-            rect_lo,
-            rect_hi,
-        )
+        cv.paint(lambda u, a, s, ha=half_a, hu=half_u: rectum_sd(u, a, s, ha, hu), val, rect_lo, rect_hi)
 
     # ---- vagina and posterior fornix (an elevated fornix is one of the signs)
     ext_os = cerv_c[1:] - cerv_h[1] * d_c
@@ -369,7 +368,7 @@ def render_mri(rng: np.random.Generator, site: MRISite, signs: dict[str, int], o
         lo=(-100, -100, -100),
         hi=(100, 100, ext_os[1] + 4),
     )
-    s_fx = s_ref - 0.35 * cerv_h[1] + (U(7, 12) if signs["elevated_fornix"] else U(-2, 2))
+    s_fx = s_ref - 0.35 * cerv_h[1] + (U(10, 15) if signs["elevated_fornix"] else U(-2, 2))
     fx_c = (uc, at(post_f, s_fx) - 3.0, s_fx - 4.0)
     cv.paint(
         lambda u, a, s: _ellipsoid_sd(u, a, s, fx_c, (14, 9, 3.5), cerv_beta),
@@ -416,18 +415,18 @@ def render_mri(rng: np.random.Generator, site: MRISite, signs: dict[str, int], o
     # ---- obliteration signs on the posterior serosa and across the POD
     if signs["serosal_plaque"]:
         s_p = s_pod + U(0, 18)
-        half_t = U(3.0, 5.0)
+        half_t = U(3.5, 6.0)
         pl_c = (uc + U(-5, 5), at(post_f, s_p) - half_t + 1.5, s_p)
-        pl_h = (U(8, 14), U(7, 13), half_t)
+        pl_h = (U(10, 16), U(9, 15), half_t)
         cv.paint(
             lambda u, a, s: _ellipsoid_sd(u, a, s, pl_c, pl_h), t2["plaque"], *_ellipsoid_box(pl_c, pl_h)
         )
     if signs["strands"]:
-        for _ in range(int(rng.integers(1, 4))):
+        for _ in range(int(rng.integers(2, 4))):
             sa = s_pod + U(-2, 22)
             sb = sa + U(-8, 8)
             p0, p1 = (at(post_f, sa) + 1.0, sa), (at(ant, sb) - 1.0, sb)
-            rad, su, hw = U(2.0, 3.5), uc + U(-8, 8), U(8, 20)
+            rad, su, hw = U(2.5, 4.0), uc + U(-8, 8), U(12, 24)
             lo = (su - hw, min(p0[0], p1[0]) - rad, min(sa, sb) - rad)
             hi = (su + hw, max(p0[0], p1[0]) + rad, max(sa, sb) + rad)
             cv.paint(
