@@ -74,6 +74,7 @@ def test_all_outputs_present_and_schema(run: tuple[Path, dict]) -> None:
             assert list(unit.glob("logs/version_*/metrics.csv"))
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk == json.loads(json.dumps(results))
+    assert list(on_disk["methods"]) == list(METHODS)  # the configuration's order, not sorted
     assert list(results["methods"]) == list(METHODS)
     for m in results["methods"].values():
         for key in (

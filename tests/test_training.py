@@ -78,6 +78,25 @@ def test_teacher_learns_and_stores_outputs(trained: dict) -> None:
     assert 0.0 <= trained["metrics"]["auc"] <= 1.0 and trained["metrics"]["n_heldout_clips"] > 0
 
 
+def test_teacher_oof_targets_are_cross_fitted(tiny_cohort: Path, cache_dir: Path, tmp_path: Path) -> None:
+    import json
+
+    from endodistill.train.data import load_cohort
+    from endodistill.train.teacher import load_teacher_outputs, train_teacher
+
+    cfg = tiny_cfg(tiny_cohort, cache_dir, teacher={"targets": "oof", "epochs": 2})
+    data = load_cohort(cfg, cfg.data.manifest)
+    metrics = train_teacher(cfg, data, tmp_path, echo=lambda s: None)
+    assert metrics["scheme"].startswith("4-fold") and metrics["targets"] == "oof"
+    fits = json.loads((tmp_path / "teacher" / "done.json").read_text())["fits"]
+    assert sorted(fits) == [f"fold_{k}" for k in range(4)] and "full" not in fits
+    tested = [s for f in fits.values() for s in f["test_subjects"]]
+    assert sorted(tested) == sorted(set(data.tvus.subjects))  # every clip scored exactly once
+    for f in fits.values():
+        assert not set(f["train_subjects"]) & set(f["test_subjects"])  # never by a teacher trained on it
+    assert load_teacher_outputs(tmp_path).targets == "oof"
+
+
 def test_mae_learns_and_loads_into_student(trained: dict) -> None:
     from endodistill.models.student import build_student, load_mae_encoder
     from endodistill.train.common import load_weights

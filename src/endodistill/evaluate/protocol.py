@@ -428,7 +428,7 @@ def _run_experiment(cfg: Config, run_dir: Path, resume: bool) -> dict[str, Any]:
                 split,
                 unit,
                 fit_seed(cfg.seed, "distill", f),
-                f"fold {f} {m}",
+                f"distill fold {f} {m}",
                 resume,
                 encoder if cfg.protocol.methods[m].init == "mae" else None,
             )
@@ -464,7 +464,8 @@ def _run_experiment(cfg: Config, run_dir: Path, resume: bool) -> dict[str, Any]:
         "timings": timings,
     }
     results = nan_to_none(results)
-    atomic_write_json(run_dir / "results.json", results)
+    # Not key-sorted: methods keep the configuration's order (the ablation table's row order).
+    atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2, default=_plain) + "\n")
     step = sum(v.get("step", 0.0) for v in fits.values() if isinstance(v, dict))
     wall_fits = sum(v.get("wall", 0.0) for v in fits.values() if isinstance(v, dict))
     atomic_write_json(
@@ -487,6 +488,14 @@ def _run_experiment(cfg: Config, run_dir: Path, resume: bool) -> dict[str, Any]:
     t_total = sum(timings.values())
     _echo(f"\nteacher AUC {_fmt(teacher_metrics.get('auc'))}; report: {html}; total {t_total:.1f} s")
     return results
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray | Path):
+        return obj.tolist() if isinstance(obj, np.ndarray) else str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
 def _fmt(v: Any) -> str:
@@ -524,7 +533,7 @@ def _final_model(
         {"train": train, "val": val, "test": []},
         run_dir / "final",
         fit_seed(cfg.seed, "final"),
-        f"final {m}",
+        f"final model {m}",
         resume,
         encoder if cfg.protocol.methods[m].init == "mae" else None,
     )
@@ -703,7 +712,7 @@ def run_stage(
             _check_fold(fold, splits)
             split = splits[fold]
             unit, seed = out / "folds" / f"fold_{fold}" / method, fit_seed(cfg.seed, "distill", fold)
-            where = f"fold {fold} {method}"
+            where = f"distill fold {fold} {method}"
         encoder = None
         if cfg.protocol.methods[method].init == "mae":
             encoder = out / mae_unit(cfg, fold) / "encoder.safetensors"

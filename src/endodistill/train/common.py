@@ -631,6 +631,13 @@ def predict_logits(
     return torch.cat(outs) if outs else torch.empty(0)
 
 
+def inference_device(cfg: Config) -> torch.device:
+    """Where to run post-fit inference (teacher outputs, test predictions): the GPU when training used one."""
+    if cfg.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
 def model_device(model: nn.Module) -> torch.device:
     """The device of a model's first parameter."""
     return next(model.parameters()).device

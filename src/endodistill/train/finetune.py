@@ -33,6 +33,7 @@ from endodistill.train.common import (
     TimingCallback,
     auc_score,
     fit,
+    inference_device,
     load_weights,
     make_loader,
     make_trainer,
@@ -370,15 +371,17 @@ def finetune(
     trainer = make_trainer(cfg, unit_dir, f.epochs, timing)
     fit(trainer, module, make_loader(batches, cfg), ckpt)
 
-    net = module.net.cpu()
+    net = module.net
     if module.best_state is not None:
         net.load_state_dict(module.best_state)
     net.eval()
     save_weights(unit_dir / "model.safetensors", net.state_dict())
+    dev = inference_device(cfg)
+    net.to(dev)
     test_auc = float("nan")
     with timing.section():
         if te.size:
-            probs = predict_logits(net, lab.x[torch.from_numpy(te)], f.batch_size).softmax(1).numpy()
+            probs = predict_logits(net, lab.x[torch.from_numpy(te)], f.batch_size, dev).softmax(1).numpy()
             test_auc = auc_score(lab.labels[te], probs, pos)
         else:
             probs = np.zeros((0, k))

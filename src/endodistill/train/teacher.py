@@ -39,6 +39,7 @@ from endodistill.train.common import (
     auc_score,
     fit,
     fit_seed,
+    inference_device,
     load_weights,
     make_loader,
     make_trainer,
@@ -249,7 +250,7 @@ def fit_teacher(
     done = read_done(unit_dir) if resume else None
     if done is not None and (unit_dir / "model.safetensors").is_file():
         net.load_state_dict(load_weights(unit_dir / "model.safetensors"))
-        return net.eval(), done
+        return net.eval().to(inference_device(cfg)), done
     t0 = time.perf_counter()
     ckpt = prepare_unit(unit_dir, resume)
     tv = data.tvus
@@ -283,8 +284,9 @@ def fit_teacher(
     )
     trainer = make_trainer(cfg, unit_dir, cfg.teacher.epochs, timing)
     fit(trainer, module, make_loader(batches, cfg), ckpt)
-    net = module.net.cpu().eval()
+    net = module.net.eval()
     save_weights(unit_dir / "model.safetensors", net.state_dict())
+    net.to(inference_device(cfg))
     write_history(unit_dir / "history.csv", module.history)
     info = {
         "where": where,

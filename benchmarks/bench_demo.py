@@ -1,0 +1,129 @@
+"""The whole demo (``endodistill demo``) timed stage by stage, with the protocol's overhead.
+
+Run: ``.venv/bin/python benchmarks/bench_demo.py [--out DIR] [--keep] [--json results.json] [--set KEY=VALUE]``.
+
+Everything a fresh ``make demo`` does is timed: synthetic cohort generation, preprocessing into an empty
+cache (a temporary ``ENDODISTILL_CACHE`` unless ``--warm-cache``), teacher, MAE, 5 methods x 5 folds, the final
+model and the report. The table shows, per stage, the wall time and where the fits spent it (model steps,
+data + loop, evaluation, checkpoints, start-up); ``overhead`` = fit wall time / model-step time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+PARTS = ("step", "data", "eval", "checkpoint", "startup", "other")
+
+
+def _stage_of(fit: str) -> str:
+    if fit.startswith("teacher"):
+        return "teacher"
+    if fit.startswith("mae"):
+        return "mae"
+    if fit.startswith("fold_"):
+        return "cross_validation"
+    return "final_model" if fit == "final" else fit
+
+
+def table(timings: dict[str, Any], wall: float, generation: float) -> tuple[str, dict[str, Any]]:
+    """The per-stage table (text) and its rows (JSON)."""
+    rows: dict[str, dict[str, float]] = {"cohort generation": {"wall": generation}}
+    for stage, secs in timings["stages"].items():
+        rows.setdefault(stage if stage != "data" else "preprocessing + splits", {"wall": secs})
+    for fit, t in timings["fits"].items():
+        row = rows.setdefault(_stage_of(fit), {"wall": 0.0})
+        for p in PARTS:
+            row[p] = row.get(p, 0.0) + float(t.get(p, 0.0))
+        row["fits"] = row.get("fits", 0) + 1
+    accounted = sum(r["wall"] for r in rows.values())
+    rows["report + examples + rest"] = {"wall": max(0.0, wall - accounted)}
+    order = [
+        "cohort generation",
+        "preprocessing + splits",
+        "teacher",
+        "mae",
+        "cross_validation",
+        "final_model",
+    ]
+    rows = {k: rows[k] for k in sorted(rows, key=lambda k: order.index(k) if k in order else len(order))}
+    head = f"{'stage':<26}{'wall s':>8}{'fits':>6}" + "".join(f"{p:>11}" for p in PARTS) + f"{'overhead':>10}"
+    lines = [head, "-" * len(head)]
+    for name, r in rows.items():
+        cells = "".join(f"{r[p]:>11.1f}" if p in r else f"{'':>11}" for p in PARTS)
+        ovh = f"{r['wall'] / r['step']:>10.2f}" if r.get("step") else f"{'':>10}"
+        fits = f"{int(r['fits']):>6d}" if "fits" in r else f"{'':>6}"
+        lines.append(f"{name:<26}{r['wall']:>8.1f}{fits}{cells}{ovh}")
+    step = timings.get("step_seconds") or 0.0
+    lines.append("-" * len(head))
+    lines.append(
+        f"{'total':<26}{wall:>8.1f}   model steps {step:.1f} s; protocol overhead (fit wall / steps) "
+        f"{timings.get('overhead')}; whole demo / steps {wall / step if step else float('nan'):.2f}"
+    )
+    return "\n".join(lines), rows
+
+
+def main() -> int:
+    """Run the demo into a temporary (or given) folder and print the timing table."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=None, help="run directory (default: a temporary folder)")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary run directory")
+    ap.add_argument("--warm-cache", action="store_true", help="use the normal preprocessing cache")
+    ap.add_argument("--json", type=Path, default=None, help="also write the table as JSON here")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override KEY=VALUE")
+    args = ap.parse_args()
+
+    tmp = tempfile.mkdtemp(prefix="endodistill-demo-")
+    out = args.out or Path(tmp) / "run"
+    if not args.warm_cache:
+        os.environ["ENDODISTILL_CACHE"] = str(Path(tmp) / "cache")
+
+    from endodistill.config import load_config
+    from endodistill.data.synthetic import generate_cohort
+    from endodistill.evaluate.protocol import run_demo
+
+    cfg = load_config("demo", args.overrides)
+    t0 = time.perf_counter()
+    # Generate the cohort first (as run_demo would) so that its time is shown on its own.
+    s = cfg.data.synth
+    if cfg.data.manifest is None and not (out / "cohort" / "cohort.json").is_file():
+        generate_cohort(
+            out / "cohort",
+            preset=s.preset,
+            seed=s.seed,
+            paired_fraction=s.paired_fraction,
+            n_mri_labelled=s.n_mri_labelled,
+            n_mri_unlabelled=s.n_mri_unlabelled,
+            n_tvus=s.n_tvus,
+        )
+    generation = time.perf_counter() - t0
+    run_demo(cfg, out)
+    wall = time.perf_counter() - t0
+    timings = json.loads((out / "timings.json").read_text())
+    text, rows = table(timings, wall, generation)
+    print()
+    print(text)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(
+            json.dumps({"wall": wall, "rows": rows, "threads": cfg.trainer.threads}, indent=2)
+        )
+    if args.out is None and not args.keep:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    elif args.out is None:
+        print(f"run directory kept: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
