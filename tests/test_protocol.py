@@ -227,3 +227,18 @@ def test_stages_alone(run: tuple[Path, dict], tiny_cohort: Path, cache: Path, tm
         run[0] / "folds/fold_0/scratch_kd_ce/predictions.csv"
     ).read_text()
     assert info["test_subjects"]
+
+
+@pytest.mark.slow
+def test_demo_generates_its_cohort_and_the_run_directory_can_move(cache: Path, tmp_path: Path) -> None:
+    from endodistill.evaluate.protocol import load_run_config, run_demo, run_experiment
+
+    cfg = load_config("tiny", {"data": {"cache_dir": str(cache)}, "trainer": {"threads": 1}})
+    cfg.finetune.epochs = 1
+    cfg.teacher.epochs = 1
+    results = run_demo(cfg, tmp_path / "demo")
+    assert (tmp_path / "demo" / "cohort" / "manifest.csv").is_file()
+    assert results["cohort"]["manifest"] == "cohort/manifest.csv" and "ceilings" in results["cohort"]
+    shutil.move(tmp_path / "demo", tmp_path / "moved")
+    again = run_experiment(load_run_config(tmp_path / "moved"), tmp_path / "moved", resume=True)
+    assert _strip(again) == _strip(json.loads(json.dumps(results)))

@@ -116,6 +116,23 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".")]
 
 
+def _run_relative(path: Path, run_dir: Path) -> Path:
+    # A cohort generated inside the run directory is recorded relative to it (config.yaml resolves it
+    # against its own folder): the run directory can move, and results.json does not depend on where it is.
+    try:
+        return Path(path).resolve().relative_to(Path(run_dir).resolve())
+    except ValueError:
+        return Path(path)
+
+
+def manifest_path(cfg: Config, run_dir: str | Path) -> Path:
+    """The absolute manifest of a run (``cfg.data.manifest`` may be relative to the run directory)."""
+    if cfg.data.manifest is None:
+        raise InputError(run_dir, "no manifest in the configuration")
+    m = Path(cfg.data.manifest)
+    return m if m.is_absolute() else Path(run_dir) / m
+
+
 def _start_run(cfg: Config, run_dir: Path, resume: bool) -> Config:
     """Resolve the manifest, check/save config.yaml; a resumed run must have the same configuration."""
     from endodistill.train.data import ensure_manifest
@@ -131,9 +148,11 @@ def _start_run(cfg: Config, run_dir: Path, resume: bool) -> Config:
         prev = load_config(saved)
         if prev.data.manifest is not None and Path(prev.data.manifest).is_file():
             cfg.data.manifest = prev.data.manifest
-    cfg.data.manifest = ensure_manifest(cfg, run_dir / "cohort")
+    cfg.data.manifest = _run_relative(ensure_manifest(cfg, run_dir / "cohort"), run_dir)
     if saved.is_file():
         prev = load_config(saved)
+        if prev.data.manifest is not None:
+            prev.data.manifest = _run_relative(prev.data.manifest, run_dir)
         diff = _diff(_comparable(prev), _comparable(cfg))
         if diff:
             raise ConfigError(
@@ -148,7 +167,7 @@ def _start_run(cfg: Config, run_dir: Path, resume: bool) -> Config:
 def _record_run(cfg: Config, run_dir: Path, files: list[Path]) -> None:
     """run.json: versions, seed, hashes of every input; on resume the inputs must be unchanged."""
     path = run_dir / "run.json"
-    base = Path(cfg.data.manifest).parent if cfg.data.manifest else run_dir
+    base = manifest_path(cfg, run_dir).parent
     hashes = _input_hashes(files, base)
     if path.is_file():
         try:
@@ -168,7 +187,7 @@ def _record_run(cfg: Config, run_dir: Path, files: list[Path]) -> None:
         {
             "seed": cfg.seed,
             "versions": _versions(),
-            "manifest": str(cfg.data.manifest),
+            "manifest": str(manifest_path(cfg, run_dir)),
             "inputs": hashes,
             "command": " ".join(sys.argv),
         },
@@ -394,7 +413,7 @@ def _run_experiment(cfg: Config, run_dir: Path, resume: bool) -> dict[str, Any]:
     configure_torch(cfg)
     t0 = time.perf_counter()
     cfg = _start_run(cfg, run_dir, resume)
-    data = load_cohort(cfg, cfg.data.manifest)  # type: ignore[arg-type]
+    data = load_cohort(cfg, manifest_path(cfg, run_dir))
     _record_run(cfg, run_dir, data.files)
     lab = data.labelled
     splits = _splits(cfg, run_dir, lab.subjects, lab.labels.tolist())
@@ -453,7 +472,7 @@ def _run_experiment(cfg: Config, run_dir: Path, resume: bool) -> dict[str, Any]:
         "methods": method_metrics,
         "teacher": teacher_metrics,
         "comparisons": comparisons,
-        "cohort": data.cohort,
+        "cohort": {**data.cohort, "manifest": str(cfg.data.manifest)},
         "config": cfg.model_dump(mode="json"),
         "seed": cfg.seed,
         "folds": k,
@@ -672,10 +691,10 @@ def run_stage(
             prev = load_config(saved)
             if prev.data.manifest is not None:
                 cfg.data.manifest = prev.data.manifest
-        cfg.data.manifest = ensure_manifest(cfg, out / "cohort")
+        cfg.data.manifest = _run_relative(ensure_manifest(cfg, out / "cohort"), out)
         if not saved.is_file():
             atomic_write_text(saved, dump_config(cfg))
-        data = load_cohort(cfg, cfg.data.manifest)
+        data = load_cohort(cfg, manifest_path(cfg, out))
         if stage == "teacher":
             from endodistill.train.teacher import train_teacher
 
