@@ -168,7 +168,7 @@ def render_mri(rng: np.random.Generator, site: MRISite, signs: dict[str, int], o
     """
     U = rng.uniform
     # ---- pose: anatomy frame in world RAS, field-of-view centre, acquisition orientation
-    pose = _rot(0, U(-10, 10)) @ _rot(1, U(-3, 3)) @ _rot(2, U(-4, 4))
+    pose = _rot(0, U(-6, 6)) @ _rot(1, U(-3, 3)) @ _rot(2, U(-4, 4))
     anat_origin = np.array([U(-15, 15), U(-30, 10), U(-40, 20)])
     fov_centre = anat_origin + pose @ np.array([U(-3, 3), U(-6, 6), U(-6, 6)])
     acq = _rot(2, U(-8, 8)) @ _rot(1, U(-5, 5)) if oblique else np.eye(3)
@@ -221,19 +221,25 @@ def render_mri(rng: np.random.Generator, site: MRISite, signs: dict[str, int], o
     s1 = isthmus[1] + U(5, 15)
     a_r = a0 - U(0.004, 0.01) * np.maximum(s_grid - s1, 0) ** 2 - 0.15 * np.maximum(s_ref - s_grid, 0)
     s_top = s1 + U(25, 40)  # the rectosigmoid leaves the midline above this level
-    gap = np.full_like(s_grid, U(4, 10))
+    # The normal pouch: a fat gap of 2-4 voxels at the demo's 4 mm working resolution, so closing it
+    # (tethering, strands) is visible there.
+    gap = np.full_like(s_grid, U(9, 16))
     min_gap = np.full_like(s_grid, 0.5)
     fluid = not signs["no_pod_fluid"]
     if fluid:
-        fluid_t, fluid_hs, s_f = U(5, 13), U(7, 12), s_pod + U(-2, 4)
+        fluid_t, fluid_hs, s_f = U(10, 16), U(10, 15), s_pod + U(-2, 4)
         bump = fluid_t * np.exp(-(((s_grid - s_f) / fluid_hs) ** 2))
         gap = np.maximum(gap, bump)
         min_gap = np.maximum(min_gap, bump)  # fluid keeps the pouch open even where the rectum is tethered
     has_post = np.isfinite(post)
+    post_f = np.where(has_post, post, np.interp(s_grid, s_grid[has_post], post[has_post]))
     a_r = np.where(has_post, np.minimum(a_r, post - gap - r_a), a_r)
     if signs["tethered_rectum"]:
-        s_t, pull = s_pod + U(-3, 8), U(9, 15)
-        a_r = a_r + pull * np.exp(-(((s_grid - s_t) / U(7, 12)) ** 2))
+        # The anterior rectal wall is pulled onto the posterior serosa over 2-3 cm: the pouch is closed.
+        s_t, w_t = s_pod + U(-2, 8), U(10, 16)
+        pull = np.exp(-(((s_grid - s_t) / w_t) ** 2))
+        target = post_f - r_a - U(0.0, 2.0)
+        a_r = a_r + pull * np.maximum(target - a_r, 0.0)
     a_r = gaussian_filter1d(a_r, 2.0)
     a_r = np.where(has_post, np.minimum(a_r, post - min_gap - r_a), a_r)
     # The sacrum is concave anteriorly and lies behind the rectum with presacral fat: its curve is moved
@@ -247,7 +253,6 @@ def render_mri(rng: np.random.Generator, site: MRISite, signs: dict[str, int], o
     def at(arr: np.ndarray, s: float) -> float:
         return float(np.interp(s, s_grid, arr))
 
-    post_f = np.where(has_post, post, np.interp(s_grid, s_grid[has_post], post[has_post]))
     pod = np.array([uc, 0.5 * (at(post_f, s_pod) + at(ant, s_pod)), s_pod])
 
     # ---- body wall, bones, muscles (painted first, organs override them)
@@ -322,12 +327,12 @@ def render_mri(rng: np.random.Generator, site: MRISite, signs: dict[str, int], o
     # ---- free fluid in the POD (mostly in negatives): organs painted later shape it to the gap
     if fluid:
         fl_c = (uc + U(-4, 4), at(post_f, s_f) - 0.5 * at(gap, s_f), s_f)
-        fl_h = (U(10, 20), fluid_hs, 0.5 * fluid_t + 2)
+        fl_h = (U(16, 24), fluid_hs, 0.5 * fluid_t + 2)
         cv.paint(lambda u, a, s: _ellipsoid_sd(u, a, s, fl_c, fl_h), t2["fluid"], *_ellipsoid_box(fl_c, fl_h))
 
     # ---- a small-bowel loop dipping into the upper POD in some subjects of both classes (a nuisance
     # that changes the POD's look without carrying label information)
-    if rng.random() < 0.35:
+    if rng.random() < 0.25:
         sb_s = s_pod + U(8, 22)
         sb_c = (uc + U(-8, 8), 0.5 * (at(post_f, sb_s) + at(ant, sb_s)), sb_s)
         r = U(6, 9)
@@ -414,19 +419,22 @@ def render_mri(rng: np.random.Generator, site: MRISite, signs: dict[str, int], o
 
     # ---- obliteration signs on the posterior serosa and across the POD
     if signs["serosal_plaque"]:
-        s_p = s_pod + U(0, 18)
-        half_t = U(3.5, 6.0)
-        pl_c = (uc + U(-5, 5), at(post_f, s_p) - half_t + 1.5, s_p)
-        pl_h = (U(10, 16), U(9, 15), half_t)
+        # A dark fibrotic plate, 9-14 mm thick and 2-3 cm long, on the posterior serosa of the lower
+        # uterine body (above the dark cervical stroma, against which it would not show).
+        s_p = max(s_pod + U(4, 12), isthmus[1] + U(0, 10))
+        half_t = U(4.5, 7.0)
+        pl_c = (uc + U(-4, 4), at(post_f, s_p) - half_t + 2.0, s_p)
+        pl_h = (U(16, 22), U(12, 17), half_t)
         cv.paint(
             lambda u, a, s: _ellipsoid_sd(u, a, s, pl_c, pl_h), t2["plaque"], *_ellipsoid_box(pl_c, pl_h)
         )
     if signs["strands"]:
-        for _ in range(int(rng.integers(2, 4))):
-            sa = s_pod + U(-2, 22)
-            sb = sa + U(-8, 8)
-            p0, p1 = (at(post_f, sa) + 1.0, sa), (at(ant, sb) - 1.0, sb)
-            rad, su, hw = U(2.5, 4.0), uc + U(-8, 8), U(12, 24)
+        # Thick dark fibrous bands bridging the pouch from the serosa to the rectal wall.
+        for _ in range(int(rng.integers(2, 5))):
+            sa = s_pod + U(-4, 20)
+            sb = sa + U(-6, 6)
+            p0, p1 = (at(post_f, sa) + 2.0, sa), (at(ant, sb) - 2.0, sb)
+            rad, su, hw = U(3.0, 4.5), uc + U(-6, 6), U(16, 28)
             lo = (su - hw, min(p0[0], p1[0]) - rad, min(sa, sb) - rad)
             hi = (su + hw, max(p0[0], p1[0]) + rad, max(sa, sb) + rad)
             cv.paint(

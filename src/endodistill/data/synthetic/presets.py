@@ -110,11 +110,12 @@ PRESETS: dict[str, Preset] = {
         tvus_frames=16,
         tvus_fps=8,
     ),
-    # CPU demo: 25 small fits of the whole protocol in minutes on 2 cores.
+    # CPU demo: 25 small fits of the whole protocol in minutes on 2 cores. 200 labelled MRI: with 120 a
+    # linear probe on the 4 mm model input stayed near 0.64 AUC, with 200 it reaches about 0.70.
     "demo": Preset(
         name="demo",
-        n_mri_labelled=120,
-        n_mri_unlabelled=240,
+        n_mri_labelled=200,
+        n_mri_unlabelled=400,
         n_tvus=120,
         prevalence=0.3,
         mri_sites=_sites((1.5, 1.25, 1.5), (96, 116, 96), (4.5, 5.0, 4.5), (16, 14, 16), 2),
