@@ -33,3 +33,44 @@ def tiny_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tiny_cohort")
     generate_cohort(out, preset="tiny", seed=0)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Environment of ``endodistill`` subprocesses: one thread, a session-wide preprocessing cache, no hooks."""
+    env = {k: v for k, v in os.environ.items() if k != "ENDODISTILL_TEST_KILL_AT"}
+    env.update(OMP_NUM_THREADS="1", ENDODISTILL_CACHE=str(tmp_path_factory.mktemp("cli_cache")))
+    return env
+
+
+@pytest.fixture(scope="session")
+def tiny_run_args(tiny_cohort: Path) -> list[str]:
+    """``endodistill run`` options of the tiny protocol on ``tiny_cohort`` (a short teacher keeps it quick)."""
+    return [
+        "--config",
+        "tiny",
+        "--set",
+        f"data.manifest={tiny_cohort / 'manifest.csv'}",
+        "--set",
+        "teacher.epochs=6",
+    ]
+
+
+@pytest.fixture(scope="session")
+def tiny_reference_run(
+    tiny_run_args: list[str], tiny_run_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """One uninterrupted ``endodistill run`` (fresh process) of the tiny protocol, shared as a reference."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("reference") / "run"
+    code = "from endodistill.cli import main; main()"
+    subprocess.run(
+        [sys.executable, "-c", code, "run", *tiny_run_args, "--out", str(out)],
+        env=tiny_run_env,
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    return out

@@ -229,7 +229,14 @@ def main() -> None:
     except SystemExit:
         raise
     except Exception as e:  # a click usage error or an unexpected failure
+        import errno
+
         import click
+
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) and not _STATE["debug"]:
+            # A full disk in a write that is not ours (e.g. Lightning's log files): still one clear line.
+            typer.echo(f"error: {e.filename or 'writing output'}: no space left on device", err=True)
+            sys.exit(1)
 
         if isinstance(e, click.exceptions.Abort):
             typer.echo("interrupted", err=True)

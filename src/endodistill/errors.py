@@ -41,6 +41,16 @@ class TrainingDivergedError(EndodistillError):
     exit_code = 1
 
 
+class DiskFullError(EndodistillError):
+    """Writing an output failed for lack of space (the file's previous version, if any, is intact)."""
+
+    exit_code = 1
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        super().__init__(f"{path}: no space left on device (its previous version, if any, is intact)")
+
+
 class RunLockedError(EndodistillError):
     """Another process holds the run directory."""
 

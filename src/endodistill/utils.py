@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -14,9 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from endodistill.errors import RunLockedError
+from endodistill.errors import DiskFullError, RunLockedError
 
 _HASH_CHUNK = 1 << 20
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -39,9 +41,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         # mkstemp creates files 0600; give the result the permissions a plain open() would have.
         os.chmod(tmp_path, 0o666 & ~_UMASK)
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
+        if isinstance(e, OSError) and e.errno in NO_SPACE_ERRNOS:
+            # A write() error carries no file name: name the output the user would look for.
+            raise DiskFullError(path) from e
         raise
 
 

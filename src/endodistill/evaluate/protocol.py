@@ -403,7 +403,7 @@ def run_experiment(cfg: Config, run_dir: str | Path, resume: bool = False) -> di
 
 def _run_experiment(cfg: Config, run_dir: Path, resume: bool) -> dict[str, Any]:
     from endodistill.evaluate.stats import nan_to_none
-    from endodistill.train.common import configure_torch, fit_seed
+    from endodistill.train.common import configure_torch, fault_point, fit_seed
     from endodistill.train.data import load_cohort
     from endodistill.train.finetune import finetune
     from endodistill.train.teacher import load_teacher_outputs, train_teacher
@@ -501,6 +501,7 @@ def _run_experiment(cfg: Config, run_dir: Path, resume: bool) -> dict[str, Any]:
     write_examples(cfg, data, run_dir)
     from endodistill.evaluate.report import format_ablation_table, write_report
 
+    fault_point("report")  # test-only (no-op unless $ENDODISTILL_TEST_KILL_AT is set)
     html, _md = write_report(run_dir)
     _echo("")
     _echo(format_ablation_table(results))

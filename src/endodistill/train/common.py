@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import math
@@ -36,18 +37,33 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from endodistill.config import Config
-from endodistill.errors import InputError, TrainingDivergedError
-from endodistill.utils import atomic_path, atomic_write_json, stable_hash
+from endodistill.errors import DiskFullError, InputError, TrainingDivergedError
+from endodistill.utils import NO_SPACE_ERRNOS, atomic_path, atomic_write_json, stable_hash
 
 log = logging.getLogger("endodistill")
 
 LAST_CKPT = "checkpoints/last.ckpt"
 DONE = "done.json"
+
+
+def fault_point(event: str) -> None:
+    """Test-only fault injection: signal this process when ``$ENDODISTILL_TEST_KILL_AT`` names ``event``.
+
+    ``ENDODISTILL_TEST_KILL_AT="EVENT"`` sends SIGKILL, ``"SIGINT@EVENT"`` another signal, at a well-defined
+    point (``"<fit> epoch N"``: epoch N starts, the checkpoint of epoch N-1 is on disk; ``"report"``), so the
+    interruption tests are deterministic. Unset (always, outside tests): one environment lookup.
+    """
+    at = os.environ.get("ENDODISTILL_TEST_KILL_AT")
+    if at:
+        sig, _, target = at.rpartition("@")
+        if target == event:
+            os.kill(os.getpid(), getattr(signal, sig or "SIGKILL"))
 
 
 # --------------------------------------------------------------------------------------------------- seeds
@@ -131,11 +147,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
         try:
-            torch.save(checkpoint, tmp)
+            # Serialised in memory first: a full disk then fails as a plain OSError(ENOSPC), named below,
+            # instead of torch's opaque stream-writer RuntimeError.
+            buf = io.BytesIO()
+            torch.save(checkpoint, buf)
+            with open(tmp, "wb") as fh:
+                fh.write(buf.getbuffer())
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as e:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+            if isinstance(e, OSError) and e.errno in NO_SPACE_ERRNOS:
+                raise DiskFullError(path) from e
             raise
         self.save_seconds += time.perf_counter() - t0
 
@@ -156,7 +179,8 @@ def save_weights(path: str | Path, state: dict[str, Tensor], metadata: dict[str,
     """Save a state dict as safetensors, atomically (tensors made contiguous, shared storage split)."""
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+        # Serialised in memory, written by Python: a full disk raises OSError(ENOSPC) (named by atomic_path).
+        tmp.write_bytes(safetensors_bytes(tensors, metadata=metadata))
 
 
 def load_weights(path: str | Path) -> dict[str, Tensor]:
@@ -445,11 +469,21 @@ class StageModule(pl.LightningModule):
         sampler = getattr(self.trainer.train_dataloader, "sampler", None)
         if isinstance(sampler, EpochSampler):
             sampler.set_epoch(self.current_epoch)
+        self._seed_epoch()
+        self._sums, self._count = {}, 0
+        fault_point(f"{self.where} epoch {self.current_epoch}")
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if batch_idx == 0:
+            # Seeded again at the first batch: a fit resumed from an epoch-end checkpoint creates the epoch's
+            # DataLoader iterator (which draws from the global RNG) after on_train_epoch_start, a fresh one before.
+            self._seed_epoch()
+
+    def _seed_epoch(self) -> None:
         s = epoch_seed(self.seed, self.current_epoch)
         random.seed(s)
         np.random.seed(s)
         torch.manual_seed(s)
-        self._sums, self._count = {}, 0
 
     def check_loss(self, loss: Tensor) -> None:
         """Stop with a clear error when the loss is NaN or infinite.
@@ -458,10 +492,14 @@ class StageModule(pl.LightningModule):
             TrainingDivergedError: naming the fit, epoch and step; ``last.ckpt`` stays the previous epoch's.
         """
         if not bool(torch.isfinite(loss.detach())):
+            kept = (
+                "the last good checkpoint is the previous epoch's checkpoints/last.ckpt"
+                if self.current_epoch > 0
+                else "no checkpoint was written (first epoch)"
+            )
             raise TrainingDivergedError(
                 f"{self.where}: loss became {float(loss.detach())} at step {self.global_step} "
-                f"(epoch {self.current_epoch}); the last good checkpoint is the previous epoch's "
-                f"checkpoints/last.ckpt. Lower the learning rate or check the inputs."
+                f"(epoch {self.current_epoch}); {kept}. Lower the learning rate or check the inputs."
             )
 
     def accumulate(self, n: int, **values: Tensor | float) -> None:
