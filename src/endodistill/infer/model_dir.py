@@ -182,7 +182,9 @@ def save_model_dir(
         _check_tensors(tensors, _build(cfg).state_dict(), "state_dict")
     except InputError as e:
         raise ValueError(str(e)) from None
-    blob = st_save(tensors, metadata={"format": "pt", "producer": f"endodistill {endodistill.__version__}"})
+    # One metadata key only: safetensors writes a dict of several keys in an order that varies between
+    # processes, which would make identical weights hash differently.
+    blob = st_save(tensors, metadata={"format": "pt"})
     digest = hashlib.sha256(blob).hexdigest()
     metadata = {
         "format": FORMAT,
