@@ -49,7 +49,10 @@ STAGES = ("teacher", "pretrain", "distill")
 
 
 def _echo(msg: str) -> None:
-    print(msg, flush=True)
+    from endodistill.train.common import is_rank_zero
+
+    if is_rank_zero():  # under DDP every rank runs the protocol; one prints
+        print(msg, flush=True)
 
 
 # ---------------------------------------------------------------------------------------- run directory
@@ -391,14 +394,17 @@ def run_experiment(cfg: Config, run_dir: str | Path, resume: bool = False) -> di
         RunLockedError: another process is using ``run_dir``.
         TrainingDivergedError: a loss became NaN/inf.
     """
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with RunLock(run_dir):
-        try:
-            return _run_experiment(cfg, run_dir, resume)
-        except KeyboardInterrupt:
-            _echo(f"interrupted: continue with `endodistill run --resume {run_dir}`")
-            raise
+    from endodistill.train.common import rank_run_dir
+
+    # Under DDP only rank 0 writes run_dir; the other ranks run the same units in a scratch copy.
+    with rank_run_dir(run_dir, mirror=resume) as run_dir:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with RunLock(run_dir):
+            try:
+                return _run_experiment(cfg, run_dir, resume)
+            except KeyboardInterrupt:
+                _echo(f"interrupted: continue with `endodistill run --resume {run_dir}`")
+                raise
 
 
 def _run_experiment(cfg: Config, run_dir: Path, resume: bool) -> dict[str, Any]:
@@ -673,80 +679,95 @@ def run_stage(
         ConfigError: an unknown stage, method or fold.
         InputError: distill without teacher outputs, or without the MAE encoder for an MAE-initialised method.
     """
-    from endodistill.train.common import configure_torch, fit_seed
-    from endodistill.train.data import load_cohort
-
     if stage not in STAGES:
         raise ConfigError(stage, f"unknown stage (choose from {', '.join(STAGES)})")
     if stage == "distill" and method not in cfg.protocol.methods:
         raise ConfigError(method, f"unknown method (known: {', '.join(cfg.protocol.methods)})")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    with RunLock(out):
-        configure_torch(cfg)
-        cfg = cfg.model_copy(deep=True)
-        from endodistill.train.data import ensure_manifest
+    from endodistill.train.common import rank_run_dir
 
-        saved = out / "config.yaml"
-        if cfg.data.manifest is None and saved.is_file():
-            prev = load_config(saved)
-            if prev.data.manifest is not None:
-                cfg.data.manifest = prev.data.manifest
-        cfg.data.manifest = _run_relative(ensure_manifest(cfg, out / "cohort"), out)
-        if not saved.is_file():
-            atomic_write_text(saved, dump_config(cfg))
-        data = load_cohort(cfg, manifest_path(cfg, out))
-        if stage == "teacher":
-            from endodistill.train.teacher import train_teacher
+    # Under DDP only rank 0 writes `out`; the other ranks work in a scratch copy of it (what they read).
+    with rank_run_dir(out, mirror=True) as out:
+        out.mkdir(parents=True, exist_ok=True)
+        # A distill fit locks only its own unit, so fits of other folds/methods can run at the same time
+        # (one per device, e.g. a SLURM array); `endodistill run --resume` then gathers them.
+        with RunLock(_stage_lock_dir(out, stage, method, fold)):
+            return _run_stage(cfg, out, stage, method, fold, resume)
 
-            return train_teacher(cfg, data, out, resume, _echo)
-        if stage == "pretrain":
-            from endodistill.train.pretrain import mae_unit, pretrain_mae
 
-            train_subjects: list[str] = []
-            if cfg.mae.use_labelled_train:
-                splits = _splits(cfg, out, data.labelled.subjects, data.labelled.labels.tolist())
-                if fold is not None:
-                    _check_fold(fold, splits)
-                    train_subjects = splits[fold]["train"]
-                else:
-                    train_subjects = list(data.labelled.subjects)
-            unit = mae_unit(cfg, fold)
-            seed = fit_seed(cfg.seed, "mae", None if unit == "mae" else fold, unit)
-            return pretrain_mae(cfg, data, out / unit, seed, resume, train_subjects, _echo)
-        from endodistill.data.splits import inner_val_split
-        from endodistill.train.finetune import finetune
-        from endodistill.train.pretrain import mae_unit
-        from endodistill.train.teacher import load_teacher_outputs
+def _stage_lock_dir(out: Path, stage: str, method: str, fold: int | None) -> Path:
+    if stage != "distill":
+        return out
+    return out / "distill" / method if fold is None else out / "folds" / f"fold_{fold}" / method
 
-        teacher = load_teacher_outputs(out)
-        if fold is None:
-            lab = data.labelled
-            train, val = inner_val_split(
-                lab.subjects, lab.labels.tolist(), cfg.finetune.val_fraction, cfg.seed
-            )
-            split = {"train": train, "val": val, "test": []}
-            unit, seed, where = out / "distill" / method, fit_seed(cfg.seed, "final"), f"distill {method}"
-        else:
+
+def _run_stage(
+    cfg: Config, out: Path, stage: str, method: str, fold: int | None, resume: bool
+) -> dict[str, Any]:
+    from endodistill.train.common import configure_torch, fit_seed
+    from endodistill.train.data import load_cohort
+
+    configure_torch(cfg)
+    cfg = cfg.model_copy(deep=True)
+    from endodistill.train.data import ensure_manifest
+
+    saved = out / "config.yaml"
+    if cfg.data.manifest is None and saved.is_file():
+        prev = load_config(saved)
+        if prev.data.manifest is not None:
+            cfg.data.manifest = prev.data.manifest
+    cfg.data.manifest = _run_relative(ensure_manifest(cfg, out / "cohort"), out)
+    if not saved.is_file():
+        atomic_write_text(saved, dump_config(cfg))
+    data = load_cohort(cfg, manifest_path(cfg, out))
+    if stage == "teacher":
+        from endodistill.train.teacher import train_teacher
+
+        return train_teacher(cfg, data, out, resume, _echo)
+    if stage == "pretrain":
+        from endodistill.train.pretrain import mae_unit, pretrain_mae
+
+        train_subjects: list[str] = []
+        if cfg.mae.use_labelled_train:
             splits = _splits(cfg, out, data.labelled.subjects, data.labelled.labels.tolist())
-            _check_fold(fold, splits)
-            split = splits[fold]
-            unit, seed = out / "folds" / f"fold_{fold}" / method, fit_seed(cfg.seed, "distill", fold)
-            where = f"distill fold {fold} {method}"
-        encoder = None
-        if cfg.protocol.methods[method].init == "mae":
-            encoder = out / mae_unit(cfg, fold) / "encoder.safetensors"
-            if not encoder.is_file():
-                raise InputError(
-                    encoder,
-                    f"method '{method}' starts from the MAE encoder: run `endodistill train pretrain` first",
-                )
-        t1 = time.perf_counter()
-        info = finetune(cfg, method, data, teacher, split, unit, seed, where, resume, encoder)
-        _echo(
-            f"[{where}] val AUC {_fmt(info.get('val_auc'))}, test AUC {_fmt(info.get('test_auc'))} ({time.perf_counter() - t1:.1f} s)"
-        )
-        return info
+            if fold is not None:
+                _check_fold(fold, splits)
+                train_subjects = splits[fold]["train"]
+            else:
+                train_subjects = list(data.labelled.subjects)
+        unit = mae_unit(cfg, fold)
+        seed = fit_seed(cfg.seed, "mae", None if unit == "mae" else fold, unit)
+        return pretrain_mae(cfg, data, out / unit, seed, resume, train_subjects, _echo)
+    from endodistill.data.splits import inner_val_split
+    from endodistill.train.finetune import finetune
+    from endodistill.train.pretrain import mae_unit
+    from endodistill.train.teacher import load_teacher_outputs
+
+    teacher = load_teacher_outputs(out)
+    if fold is None:
+        lab = data.labelled
+        train, val = inner_val_split(lab.subjects, lab.labels.tolist(), cfg.finetune.val_fraction, cfg.seed)
+        split = {"train": train, "val": val, "test": []}
+        unit, seed, where = out / "distill" / method, fit_seed(cfg.seed, "final"), f"distill {method}"
+    else:
+        splits = _splits(cfg, out, data.labelled.subjects, data.labelled.labels.tolist())
+        _check_fold(fold, splits)
+        split = splits[fold]
+        unit, seed = out / "folds" / f"fold_{fold}" / method, fit_seed(cfg.seed, "distill", fold)
+        where = f"distill fold {fold} {method}"
+    encoder = None
+    if cfg.protocol.methods[method].init == "mae":
+        encoder = out / mae_unit(cfg, fold) / "encoder.safetensors"
+        if not encoder.is_file():
+            raise InputError(
+                encoder,
+                f"method '{method}' starts from the MAE encoder: run `endodistill train pretrain` first",
+            )
+    t1 = time.perf_counter()
+    info = finetune(cfg, method, data, teacher, split, unit, seed, where, resume, encoder)
+    _echo(
+        f"[{where}] val AUC {_fmt(info.get('val_auc'))}, test AUC {_fmt(info.get('test_auc'))} ({time.perf_counter() - t1:.1f} s)"
+    )
+    return info
 
 
 def _check_fold(fold: int, splits: list[Any]) -> None:

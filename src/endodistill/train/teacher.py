@@ -166,10 +166,19 @@ class TeacherModule(StageModule):
     def setup(self, stage: str) -> None:
         set_rank(self.batches, self.trainer)
 
+    def configure_model(self) -> None:
+        # GPUs only (CPU results unchanged): channels_last_3d weights and inputs use cuDNN's faster 3D
+        # convolution layouts. Done before Lightning moves the model and wraps it for DDP.
+        if self.trainer.strategy.root_device.type == "cuda":
+            self.net.to(memory_format=torch.channels_last_3d)
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         from endodistill.train.losses import task_loss
 
-        logits = self.net(batch["x"])
+        x = batch["x"]
+        if x.is_cuda:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        logits = self.net(x)
         loss = task_loss(logits, batch["y"], self.class_weights)
         self.check_loss(loss)
         acc = (logits.argmax(1) == batch["y"]).float().mean()
