@@ -17,11 +17,9 @@ import io
 import json
 import os
 import pickle
-import resource
 import shutil
 import subprocess
 import sys
-import threading
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -65,10 +63,31 @@ class Run:
         return [ln for ln in self.err.splitlines() if ln.strip()]
 
 
-def cli(*args: str | Path, cwd: Path, as_limit: int | None = None, timeout: float = 180) -> Run:
-    """Run ``python -m endodistill ARGS`` in ``cwd``; returns exit code, output and peak RSS of the child.
+# A small launcher forks the real command and reports its peak RSS. Measuring the command as our own direct
+# child would be wrong: Linux carries the parent's RSS high-water mark into a forked (or vforked) child's
+# ru_maxrss at exec, so inside a pytest process that has imported torch every child would look ~0.5 GB big.
+# The launcher is small when it forks, so the grandchild's figure is its own.
+_LAUNCHER = """
+import os, resource, signal, sys
+limit, report, cmd = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
+pid = os.fork()
+if pid == 0:
+    if limit:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    os.execv(cmd[0], cmd)
+signal.signal(signal.SIGTERM, lambda *_: os.kill(pid, signal.SIGKILL))
+_, status, usage = os.wait4(pid, 0)
+with open(report, "w") as fh:
+    fh.write(str(usage.ru_maxrss))
+code = os.waitstatus_to_exitcode(status)
+sys.exit(code if code >= 0 else 128 - code)
+"""
 
-    ``os.wait4`` gives the child's own ``ru_maxrss`` (``RUSAGE_CHILDREN`` would mix all children).
+
+def cli(*args: str | Path, cwd: Path, as_limit: int | None = None, timeout: float = 180) -> Run:
+    """Run ``python -m endodistill ARGS`` in ``cwd``; returns exit code, output and peak RSS of the command.
+
+    The peak RSS is the command's own ``ru_maxrss`` (see ``_LAUNCHER``); ``as_limit`` caps its address space.
     """
     env = {
         **os.environ,
@@ -78,26 +97,21 @@ def cli(*args: str | Path, cwd: Path, as_limit: int | None = None, timeout: floa
         "ENDODISTILL_CACHE": str(cwd.parent / "cache"),
         "COLUMNS": "200",
     }
-
-    def limit() -> None:
-        if as_limit is not None:
-            resource.setrlimit(resource.RLIMIT_AS, (as_limit, as_limit))
-
     cwd.mkdir(parents=True, exist_ok=True)
+    report = cwd.parent / "maxrss.txt"
+    report.unlink(missing_ok=True)
+    cmd = [sys.executable, "-c", _LAUNCHER, str(as_limit or 0), str(report), *EXE, *map(str, args)]
     with (cwd.parent / "stdout.txt").open("w+") as fo, (cwd.parent / "stderr.txt").open("w+") as fe:
-        p = subprocess.Popen(
-            [*EXE, *map(str, args)], cwd=cwd, env=env, stdout=fo, stderr=fe, preexec_fn=limit
-        )
-        timer = threading.Timer(timeout, p.kill)
-        timer.start()
+        p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=fo, stderr=fe)
         try:
-            _, status, usage = os.wait4(p.pid, 0)
-        finally:
-            timer.cancel()
-        p.returncode = os.waitstatus_to_exitcode(status)
+            rc = p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.terminate()
+            rc = p.wait()
         fo.seek(0)
         fe.seek(0)
-        return Run(p.returncode, fo.read(), fe.read(), usage.ru_maxrss * 1024)
+        maxrss_kib = int(report.read_text()) if report.is_file() else 0
+        return Run(rc, fo.read(), fe.read(), maxrss_kib * 1024)
 
 
 def cli_in_process(
