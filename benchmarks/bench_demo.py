@@ -87,23 +87,13 @@ def main() -> int:
         os.environ["ENDODISTILL_CACHE"] = str(Path(tmp) / "cache")
 
     from endodistill.config import load_config
-    from endodistill.data.synthetic import generate_cohort
     from endodistill.evaluate.protocol import run_demo
+    from endodistill.train.data import ensure_manifest
 
     cfg = load_config("demo", args.overrides)
     t0 = time.perf_counter()
     # Generate the cohort first (as run_demo would) so that its time is shown on its own.
-    s = cfg.data.synth
-    if cfg.data.manifest is None and not (out / "cohort" / "cohort.json").is_file():
-        generate_cohort(
-            out / "cohort",
-            preset=s.preset,
-            seed=s.seed,
-            paired_fraction=s.paired_fraction,
-            n_mri_labelled=s.n_mri_labelled,
-            n_mri_unlabelled=s.n_mri_unlabelled,
-            n_tvus=s.n_tvus,
-        )
+    ensure_manifest(cfg, out / "cohort")
     generation = time.perf_counter() - t0
     run_demo(cfg, out)
     wall = time.perf_counter() - t0

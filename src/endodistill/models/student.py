@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -146,20 +147,25 @@ class StudentViT(ViT):
         return self.classification_head(self.encode(x)[:, 0])
 
 
+def _encoder_kwargs(cfg: Config) -> dict[str, Any]:
+    """Encoder hyper-parameters the classifier and the MAE must share (so MAE weights load into the ViT)."""
+    s = cfg.student
+    return {
+        "in_channels": 1,
+        "img_size": tuple(cfg.mri.size),
+        "patch_size": tuple(s.patch_size),
+        "hidden_size": s.hidden_size,
+        "mlp_dim": s.mlp_dim,
+        "num_layers": s.num_layers,
+        "num_heads": s.num_heads,
+        "qkv_bias": s.qkv_bias,
+    }
+
+
 def build_student(cfg: Config) -> StudentViT:
     """Build the MRI student from ``cfg.student``, ``cfg.mri.size`` and ``cfg.task.num_classes``."""
-    s = cfg.student
     return StudentViT(
-        in_channels=1,
-        img_size=tuple(cfg.mri.size),
-        patch_size=tuple(s.patch_size),
-        hidden_size=s.hidden_size,
-        mlp_dim=s.mlp_dim,
-        num_layers=s.num_layers,
-        num_heads=s.num_heads,
-        num_classes=cfg.task.num_classes,
-        dropout_rate=s.dropout,
-        qkv_bias=s.qkv_bias,
+        **_encoder_kwargs(cfg), num_classes=cfg.task.num_classes, dropout_rate=cfg.student.dropout
     )
 
 
@@ -299,14 +305,8 @@ def build_mae(cfg: Config) -> MAE:
             "mae.mask_ratio", f"{m.mask_ratio} keeps {keep} of {n_patches} patches: at least one must be kept"
         )
     return MAE(
+        **_encoder_kwargs(cfg),
         norm_pix_loss=m.norm_pix_loss,
-        in_channels=1,
-        img_size=tuple(cfg.mri.size),
-        patch_size=tuple(s.patch_size),
-        hidden_size=s.hidden_size,
-        mlp_dim=s.mlp_dim,
-        num_layers=s.num_layers,
-        num_heads=s.num_heads,
         masking_ratio=m.mask_ratio,
         decoder_hidden_size=m.decoder_hidden_size,
         decoder_mlp_dim=4 * m.decoder_hidden_size,
@@ -315,7 +315,6 @@ def build_mae(cfg: Config) -> MAE:
         proj_type="conv",
         dropout_rate=0.0,
         spatial_dims=3,
-        qkv_bias=s.qkv_bias,
     )
 
 
