@@ -242,3 +242,37 @@ def test_fit_seed_is_stable() -> None:
 
     assert fit_seed(0, "distill", 1) == fit_seed(0, "distill", 1)
     assert fit_seed(0, "distill", 1) != fit_seed(0, "distill", 2) != fit_seed(1, "distill", 2)
+
+
+def test_layer_decay_scales_lr_by_depth_and_keeps_weight_decay_split() -> None:
+    from endodistill.models.student import build_student
+    from endodistill.train.common import param_groups
+    from endodistill.train.finetune import layer_decay_groups
+
+    cfg = load_config("tiny", [])
+    net = build_student(cfg)
+    n = len(net.blocks)
+    # 1.0 is off: exactly the groups (same tensors, same order) as before the option existed.
+    off, plain = layer_decay_groups(net, 0.05, 1e-3, 1.0), param_groups(net, 0.05)
+    assert [[id(p) for p in g["params"]] for g in off] == [[id(p) for p in g["params"]] for g in plain]
+    assert [g["weight_decay"] for g in off] == [g["weight_decay"] for g in plain]
+    groups = layer_decay_groups(net, 0.05, 1e-3, 0.5)
+    lr_of, wd_of = {}, {}
+    for g in groups:
+        for p in g["params"]:
+            lr_of[id(p)], wd_of[id(p)] = g["lr"], g["weight_decay"]
+    named = dict(net.named_parameters())
+    trainable = {k: p for k, p in named.items() if p.requires_grad}
+    assert set(lr_of) == {id(p) for p in trainable.values()}  # every trainable tensor exactly once
+    assert sum(len(g["params"]) for g in groups) == len(trainable)
+    assert groups[0]["lr"] == pytest.approx(1e-3)  # the head first: the logged lr is the base lr
+    assert lr_of[id(named["classification_head.weight"])] == pytest.approx(1e-3)
+    assert lr_of[id(named["norm.weight"])] == pytest.approx(1e-3)
+    for i in range(n):
+        assert lr_of[id(named[f"blocks.{i}.attn.qkv.weight"])] == pytest.approx(1e-3 * 0.5 ** (n - i))
+    embed = 1e-3 * 0.5 ** (n + 1)
+    assert lr_of[id(named["patch_embedding.patch_embeddings.weight"])] == pytest.approx(embed)
+    assert lr_of[id(named["cls_token"])] == pytest.approx(embed)
+    # The weight-decay split is unchanged by depth grouping.
+    wd_plain = {id(p): g["weight_decay"] for g in plain for p in g["params"]}
+    assert wd_of == wd_plain

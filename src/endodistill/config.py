@@ -180,6 +180,8 @@ class FinetuneConfig(_Strict):
     batch_size: int = Field(16, ge=1)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.05, ge=0)
+    # Layer-wise lr decay (MAE fine-tuning recipe): block i gets lr * layer_decay**(num_layers - i); 1.0 = off.
+    layer_decay: float = Field(1.0, gt=0, le=1)
     val_fraction: float = Field(0.2, ge=0, lt=1)
     class_balance: Literal["weights", "sampler", "none"] = "weights"
     augment: bool = True

@@ -161,9 +161,61 @@ class StudentModule(StageModule):
 
     def configure_optimizers(self) -> Any:
         f = self.cfg.finetune
-        opt = torch.optim.AdamW(param_groups(self.net, f.weight_decay), lr=f.lr)
+        opt = torch.optim.AdamW(layer_decay_groups(self.net, f.weight_decay, f.lr, f.layer_decay), lr=f.lr)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(self.total_steps, 0.1))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def _layer_id(name: str, num_layers: int) -> int:
+    """Depth of a student parameter: 0 = tokens and patch embedding, i + 1 = block i, num_layers + 1 = the rest."""
+    if name.startswith(("cls_token", "patch_embedding.")):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return num_layers + 1
+
+
+def layer_decay_groups(
+    net: torch.nn.Module, weight_decay: float, lr: float, layer_decay: float = 1.0
+) -> list[dict[str, Any]]:
+    """AdamW parameter groups with layer-wise learning-rate decay (the MAE fine-tuning recipe).
+
+    Block ``i`` (0-based) gets ``lr * layer_decay**(num_layers - i)``, the cls token, position and patch
+    embedding ``lr * layer_decay**(num_layers + 1)``, the final norm and the head ``lr``. The weight-decay /
+    no-decay split of :func:`param_groups` is kept within every depth. Hand-written: MONAI and torch have no
+    layer-decay helper.
+
+    Args:
+        net: the student (``blocks`` is its list of transformer blocks).
+        weight_decay: AdamW weight decay of the decayed parameters.
+        lr: base learning rate (that of the head).
+        layer_decay: per-block factor in ``(0, 1]``; 1.0 returns exactly :func:`param_groups`.
+
+    Returns:
+        Parameter groups, each with ``params``, ``weight_decay``, ``lr`` and ``lr_scale``; the head's first
+        (so the logged lr of group 0 stays the base lr).
+    """
+    if layer_decay == 1.0:
+        return param_groups(net, weight_decay)
+    num_layers = len(net.blocks)  # type: ignore[arg-type]
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    for group in param_groups(net, weight_decay):
+        ids = {id(p) for p in group["params"]}
+        for name, p in net.named_parameters():
+            if id(p) not in ids:
+                continue
+            layer = _layer_id(name, num_layers)
+            key = (layer, group["weight_decay"] > 0)
+            if key not in groups:
+                scale = layer_decay ** (num_layers + 1 - layer)
+                groups[key] = {
+                    "params": [],
+                    "weight_decay": group["weight_decay"],
+                    "lr": lr * scale,
+                    "lr_scale": scale,
+                }
+            groups[key]["params"].append(p)
+    return [groups[k] for k in sorted(groups, key=lambda k: (-k[0], not k[1]))]
 
 
 def student_batch_fn(
