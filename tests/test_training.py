@@ -276,3 +276,25 @@ def test_layer_decay_scales_lr_by_depth_and_keeps_weight_decay_split() -> None:
     # The weight-decay split is unchanged by depth grouping.
     wd_plain = {id(p): g["weight_decay"] for g in plain for p in g["params"]}
     assert wd_of == wd_plain
+
+
+def test_checkpoint_interval_skips_saves_without_changing_the_fit(trained: dict, tmp_path: Path) -> None:
+    """``trainer.checkpoint_every_s`` only decides which epoch ends write last.ckpt; the fit is the same."""
+    from endodistill.train.finetune import read_predictions
+
+    every = trained["cfg"].model_copy(deep=True)
+    every.trainer.checkpoint_every_s = 0.0
+    rare = trained["cfg"].model_copy(deep=True)
+    rare.trainer.checkpoint_every_s = 3600.0
+    a = _finetune(trained, "scratch_kd_ce", tmp_path / "every", every)
+    b = _finetune(trained, "scratch_kd_ce", tmp_path / "rare", rare)
+    last = int(torch.load(tmp_path / "every" / "checkpoints" / "last.ckpt", weights_only=True)["epoch"])
+    assert last == every.finetune.epochs - 1
+    assert not (tmp_path / "rare" / "checkpoints" / "last.ckpt").exists()
+    assert a["timing"]["checkpoint"] > 0 and b["timing"]["checkpoint"] == 0
+    pa, pb = (
+        read_predictions(tmp_path / "every" / "predictions.csv"),
+        read_predictions(tmp_path / "rare" / "predictions.csv"),
+    )
+    assert np.array_equal(pa[2], pb[2])
+    assert (tmp_path / "every" / "history.csv").read_text() == (tmp_path / "rare" / "history.csv").read_text()

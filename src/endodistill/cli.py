@@ -231,18 +231,18 @@ def main() -> None:
     except Exception as e:  # a click usage error or an unexpected failure
         import errno
 
-        import click
-
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) and not _STATE["debug"]:
             # A full disk in a write that is not ours (e.g. Lightning's log files): still one clear line.
             typer.echo(f"error: {e.filename or 'writing output'}: no space left on device", err=True)
             sys.exit(1)
 
-        if isinstance(e, click.exceptions.Abort):
+        # Typer >= 0.2x vendors click (no `click` package to import): click's exceptions are recognised by
+        # their API (Abort by name, usage errors by show() + exit_code), which both variants share.
+        if isinstance(e, typer.Abort) or type(e).__name__ == "Abort":
             typer.echo("interrupted", err=True)
             sys.exit(EXIT_INTERRUPTED)
-        if isinstance(e, click.ClickException):
-            e.show()
+        if callable(getattr(e, "show", None)) and isinstance(getattr(e, "exit_code", None), int):
+            e.show()  # type: ignore[attr-defined]
             sys.exit(2)
         if _STATE["debug"]:
             raise

@@ -31,6 +31,7 @@ from endodistill.train.common import (
     PlannedBatches,
     StageModule,
     TimingCallback,
+    adamw,
     auc_score,
     fit,
     inference_device,
@@ -147,7 +148,9 @@ class StudentModule(StageModule):
                     "epoch": int(self.current_epoch),
                 }
         else:
+            # No selection: the last epoch's weights are the fit's, nothing to copy.
             self.best = {"auc": None, "loss": None, "epoch": int(self.current_epoch)}
+            self.best_state, better = None, False
         if better:
             self.best_state = {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()}
         self.end_epoch(row)
@@ -161,7 +164,7 @@ class StudentModule(StageModule):
 
     def configure_optimizers(self) -> Any:
         f = self.cfg.finetune
-        opt = torch.optim.AdamW(layer_decay_groups(self.net, f.weight_decay, f.lr, f.layer_decay), lr=f.lr)
+        opt = adamw(layer_decay_groups(self.net, f.weight_decay, f.lr, f.layer_decay), lr=f.lr)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(self.total_steps, 0.1))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 

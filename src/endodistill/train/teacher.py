@@ -36,6 +36,7 @@ from endodistill.train.common import (
     PlannedBatches,
     StageModule,
     TimingCallback,
+    adamw,
     auc_score,
     fit,
     fit_seed,
@@ -195,7 +196,7 @@ class TeacherModule(StageModule):
 
     def configure_optimizers(self) -> Any:
         t = self.cfg.teacher
-        opt = torch.optim.AdamW(param_groups(self.net, t.weight_decay), lr=t.lr)
+        opt = adamw(param_groups(self.net, t.weight_decay), lr=t.lr)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(self.total_steps, 0.1))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
