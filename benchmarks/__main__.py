@@ -25,6 +25,7 @@ BENCHES: dict[str, tuple[str, list[str], list[str]]] = {
     "cache": ("benchmarks.bench_cache", ["--n", "8"], ["--n", "32"]),
     "predict": ("benchmarks.bench_predict", ["--repeats", "2"], ["--repeats", "5"]),
     "scaling": ("benchmarks.bench_scaling", ["--quick"], []),
+    "overhead": ("benchmarks.bench_overhead", ["--preset", "demo", "--workers", "0"], ["--preset", "paper"]),
     "memory": ("benchmarks.bench_memory", [], []),
     "demo": ("benchmarks.bench_demo", [], []),
 }
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         out = RESULTS / f"{name}.json"
         flag = "--json" if name == "demo" else "--out"
         cmd = [sys.executable, "-m", module, *(full if args.full else quick), flag, str(out)]
-        if args.device != "cpu" and name in {"models", "scaling"}:
+        if args.device != "cpu" and name in {"models", "scaling", "overhead"}:
             cmd += ["--device", args.device]
         print(f"\n=== {name}: {' '.join(cmd[2:])}", flush=True)
         t0 = time.perf_counter()

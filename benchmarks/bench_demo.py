@@ -21,7 +21,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-PARTS = ("step", "data", "eval", "checkpoint", "startup", "other")
+PARTS = ("step", "data", "eval", "checkpoint", "other", "prepare", "startup", "finish")
 
 
 def _stage_of(fit: str) -> str:

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU table in under 10 minutes on one GPU (step limits add up to 9.5 min): model steps, scaling (demo and paper sizes), the demo protocol.
+# The GPU table in under 10 minutes on one GPU (step limits add up to 9.8 min): model steps, scaling (demo and paper sizes),
+# the overhead of one fit per stage at paper size, the demo protocol.
 #
 #   bash benchmarks/gpu.sh            # from the repository root, with the project's venv active or in .venv
 #
@@ -34,13 +35,17 @@ step() {  # step NAME SECONDS COMMAND...
   lscpu | grep -m1 'Model name' || true; } | tee "$OUT/gpu_machine.txt" | tee -a "$LOG"
 
 # 1. Training-step throughput and fraction of the matmul peak, demo and paper-lite sizes (about 2 min).
-step models 150 "$PY" -m benchmarks.bench_models --device cuda --threads 4 --paper-batch 4 --out "$OUT/gpu_models.json"
+step models 130 "$PY" -m benchmarks.bench_models --device cuda --threads 4 --paper-batch 4 --out "$OUT/gpu_models.json"
 # 2. Epoch time and memory as the cases grow, demo size (about 1 min) and paper size (ViT-B, 96^3; about 2 min).
-step scaling_demo 90 "$PY" -m benchmarks.bench_scaling --device cuda --quick --out "$OUT/gpu_scaling_demo.json"
-step scaling_paper 150 "$PY" -m benchmarks.bench_scaling --device cuda --preset paper --n 16 --epochs 2 \
+step scaling_demo 70 "$PY" -m benchmarks.bench_scaling --device cuda --quick --out "$OUT/gpu_scaling_demo.json"
+step scaling_paper 120 "$PY" -m benchmarks.bench_scaling --device cuda --preset paper --n 16 --epochs 2 \
   --repeats 1 --out "$OUT/gpu_scaling_paper.json"
-# 3. The whole demo protocol on the GPU (teacher, MAE, 5 methods x 5 folds, final model): stage table and overhead.
-step demo 180 "$PY" benchmarks/bench_demo.py --set trainer.accelerator=gpu --set trainer.precision=bf16-mixed \
+# 3. One fit per stage at paper size with the preset's batch sizes, workers and checkpoint interval: overhead and
+#    data time / step time (about 1 min).
+step overhead_paper 100 "$PY" -m benchmarks.bench_overhead --device cuda --preset paper --threads 4 \
+  --out "$OUT/gpu_overhead_paper.json"
+# 4. The whole demo protocol on the GPU (teacher, MAE, 5 methods x 5 folds, final model): stage table and overhead.
+step demo 170 "$PY" benchmarks/bench_demo.py --set trainer.accelerator=gpu --set trainer.precision=bf16-mixed \
   --set trainer.threads=4 --json "$OUT/gpu_demo.json"
 
 echo "results in $OUT/gpu_*.json, log in $LOG" | tee -a "$LOG"
