@@ -20,6 +20,9 @@ Every unit (teacher, mae, each fold x method, final) writes ``done.json`` last; 
 units and continues an interrupted fit from its ``checkpoints/last.ckpt``. Seeds are per fit (see
 :func:`endodistill.train.common.fit_seed`), so a resumed run gives the same ``results.json`` (timings aside).
 
+``trainer.spread_fits`` under torchrun spreads the fold x method fits over the processes, one fit per process
+and device, into the same run directory (:mod:`endodistill.evaluate.spread`); the results are the same.
+
 Within a fold every method uses the same seed (common random numbers: same batch order, pairing draws and
 augmentations), so paired comparisons between methods measure the methods, not seed noise.
 """
@@ -35,13 +38,16 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from endodistill.config import Config, ConfigError, dump_config, load_config
 from endodistill.errors import InputError
 from endodistill.utils import RunLock, atomic_path, atomic_write_json, atomic_write_text
+
+if TYPE_CHECKING:
+    from endodistill.evaluate.spread import Spread
 
 log = logging.getLogger("endodistill")
 
@@ -383,6 +389,10 @@ def write_examples(cfg: Config, data: Any, run_dir: Path) -> list[Path]:
 def run_experiment(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict[str, Any]:
     """Run (or resume) the whole experiment into ``run_dir``; returns the content of ``results.json``.
 
+    With ``trainer.spread_fits`` in processes started by torchrun, the cross-validation fits are spread over
+    the processes (see :mod:`endodistill.evaluate.spread`): rank 0 returns ``results.json`` as usual, the
+    other ranks return ``{"rank": r, "trained": [...], "skipped": [...]}`` (the fits they trained / found done).
+
     Args:
         cfg: the configuration (``data.manifest`` empty: a synthetic cohort is generated into RUN_DIR/cohort).
         run_dir: the run directory.
@@ -393,25 +403,155 @@ def run_experiment(cfg: Config, run_dir: str | Path, resume: bool = False) -> di
             the one a resumed run was started with.
         RunLockedError: another process is using ``run_dir``.
         TrainingDivergedError: a loss became NaN/inf.
+        SpreadError: another process of a spread run failed.
     """
+    from endodistill.evaluate.spread import start_spread
+
+    spread = start_spread(cfg)  # None unless trainer.spread_fits and several torchrun processes
+    if spread is not None:
+        with spread:
+            if spread.rank != 0:
+                # Not locked (rank 0 holds the run's lock) and no scratch mirror: this rank writes only
+                # the unit directories of its own fits, which no other process writes.
+                return _spread_fits(cfg, Path(run_dir), resume, spread)
+            return _locked_run(cfg, Path(run_dir), resume, spread)
+
     from endodistill.train.common import rank_run_dir
 
     # Under DDP only rank 0 writes run_dir; the other ranks run the same units in a scratch copy.
     with rank_run_dir(run_dir, mirror=resume) as run_dir:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with RunLock(run_dir):
-            try:
-                return _run_experiment(cfg, run_dir, resume)
-            except KeyboardInterrupt:
-                _echo(f"interrupted: continue with `endodistill run --resume {run_dir}`")
-                raise
+        return _locked_run(cfg, run_dir, resume, None)
 
 
-def _run_experiment(cfg: Config, run_dir: Path, resume: bool) -> dict[str, Any]:
-    from endodistill.evaluate.stats import nan_to_none
-    from endodistill.train.common import configure_torch, fault_point, fit_seed
-    from endodistill.train.data import load_cohort
+def _locked_run(cfg: Config, run_dir: Path, resume: bool, spread: Spread | None) -> dict[str, Any]:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with RunLock(run_dir):
+        try:
+            return _run_experiment(cfg, run_dir, resume, spread)
+        except KeyboardInterrupt:
+            _echo(f"interrupted: continue with `endodistill run --resume {run_dir}`")
+            raise
+
+
+def _fit_list(splits: list[Any], methods: list[str]) -> list[tuple[int, str]]:
+    """The cross-validation fits in the order of the loop (fold-major); fit ``i`` is rank ``i % N``'s."""
+    return [(f, m) for f in range(len(splits)) for m in methods]
+
+
+def _unit_name(fold: int, method: str) -> str:
+    return f"fold_{fold}/{method}"
+
+
+def _fit_done(unit: Path) -> bool:
+    """Whether ``finetune(..., resume=True)`` will reuse this unit instead of training it."""
+    from endodistill.train.common import read_done
+
+    return read_done(unit) is not None and (unit / "model.safetensors").is_file()
+
+
+def _cv_fit(
+    cfg: Config,
+    data: Any,
+    teacher: Any,
+    splits: list[dict[str, list[str]]],
+    fold: int,
+    method: str,
+    run_dir: Path,
+    resume: bool,
+    encoder: Path | None,
+    tag: str = "",
+) -> dict[str, Any]:
+    """One fold x method fit into ``folds/fold_K/METHOD`` (same unit, seed and inputs in every mode)."""
+    from endodistill.train.common import fit_seed
     from endodistill.train.finetune import finetune
+
+    t1 = time.perf_counter()
+    info = finetune(
+        cfg,
+        method,
+        data,
+        teacher,
+        splits[fold],
+        run_dir / "folds" / f"fold_{fold}" / method,
+        fit_seed(cfg.seed, "distill", fold),
+        f"distill fold {fold} {method}",
+        resume,
+        encoder if cfg.protocol.methods[method].init == "mae" else None,
+    )
+    _echo(
+        f"[fold {fold + 1}/{len(splits)}] {method}: val AUC {_fmt(info.get('val_auc'))}, "
+        f"test AUC {_fmt(info.get('test_auc'))} ({time.perf_counter() - t1:.1f} s){tag}"
+    )
+    return info
+
+
+def _spread_share(
+    cfg: Config,
+    data: Any,
+    teacher: Any,
+    splits: list[dict[str, list[str]]],
+    methods: list[str],
+    run_dir: Path,
+    resume: bool,
+    encoder_of: Callable[[int], Path | None],
+    spread: Spread,
+) -> None:
+    """Run this rank's share of the fits, then record what it trained and arrive at the ``fits`` barrier."""
+    trained, skipped = [], []
+    for i, (f, m) in enumerate(_fit_list(splits, methods)):
+        if not spread.owns(i):
+            continue
+        spread.check_abort()  # another rank failed: stop at this fit boundary
+        unit = run_dir / "folds" / f"fold_{f}" / m
+        (skipped if resume and _fit_done(unit) else trained).append(_unit_name(f, m))
+        _cv_fit(cfg, data, teacher, splits, f, m, run_dir, resume, encoder_of(f), f" (rank {spread.rank})")
+    spread.set(f"trained/{spread.rank}", json.dumps({"trained": trained, "skipped": skipped}))
+    spread.arrive("fits")
+
+
+def _spread_fits(cfg: Config, run_dir: Path, resume: bool, spread: Spread) -> dict[str, Any]:
+    """A rank other than 0: wait for rank 0's teacher and MAE, load them from the run directory, run its fits."""
+    from endodistill.train.common import configure_torch
+    from endodistill.train.data import load_cohort
+    from endodistill.train.pretrain import mae_unit
+    from endodistill.train.teacher import load_teacher_outputs
+
+    _check_mae_config(cfg)
+    configure_torch(cfg)
+    spread.wait("ready", ranks=[0])  # as long as rank 0 is alive: the teacher may train for hours
+    saved = load_config(run_dir / "config.yaml")
+    # Rank 0 resolved the manifest (possibly a cohort it generated into the run directory) and checked that a
+    # resumed run has the same configuration; the fits read the manifest from config.yaml.
+    cfg = cfg.model_copy(deep=True)
+    cfg.data.manifest = saved.data.manifest
+    data = load_cohort(cfg, manifest_path(cfg, run_dir))
+    lab = data.labelled
+    splits = _splits(cfg, run_dir, lab.subjects, lab.labels.tolist())
+    teacher = load_teacher_outputs(run_dir)
+    methods = list(cfg.protocol.methods)
+
+    def encoder_of(fold: int) -> Path | None:
+        if not _needs_mae(cfg, methods):
+            return None
+        path = run_dir / mae_unit(cfg, fold) / "encoder.safetensors"
+        if not path.is_file():
+            raise InputError(path, "MAE encoder missing: rank 0 should have trained it before the fits")
+        return path
+
+    _spread_share(cfg, data, teacher, splits, methods, run_dir, resume, encoder_of, spread)
+    done = json.loads(spread.get(f"trained/{spread.rank}"))
+    print(
+        f"[rank {spread.rank}/{spread.world}] trained {len(done['trained'])} fits, "
+        f"{len(done['skipped'])} already done; rank 0 gathers the results",
+        flush=True,
+    )
+    return {"rank": spread.rank, **done}
+
+
+def _run_experiment(cfg: Config, run_dir: Path, resume: bool, spread: Spread | None = None) -> dict[str, Any]:
+    from endodistill.evaluate.stats import nan_to_none
+    from endodistill.train.common import configure_torch, fault_point
+    from endodistill.train.data import load_cohort
     from endodistill.train.teacher import load_teacher_outputs, train_teacher
 
     t_start = time.perf_counter()
@@ -436,31 +576,39 @@ def _run_experiment(cfg: Config, run_dir: Path, resume: bool) -> dict[str, Any]:
     shared_encoder: Path | None = None
     if _needs_mae(cfg, methods) and not cfg.mae.use_labelled_train:
         shared_encoder = _mae_encoder(cfg, data, run_dir, None, [], resume, _echo)
+    fold_encoders: dict[int, Path | None] = {}
+
+    def encoder_of(f: int) -> Path | None:
+        # Per-fold MAE encoders (mae.use_labelled_train) are trained when their fold is first reached.
+        if f not in fold_encoders:
+            enc = shared_encoder
+            if enc is None and _needs_mae(cfg, methods):
+                enc = _mae_encoder(cfg, data, run_dir, f, splits[f]["train"], resume, _echo)
+            fold_encoders[f] = enc
+        return fold_encoders[f]
 
     k = len(splits)
-    for f, split in enumerate(splits):
-        encoder = shared_encoder
-        if encoder is None and _needs_mae(cfg, methods):
-            encoder = _mae_encoder(cfg, data, run_dir, f, split["train"], resume, _echo)
-        for m in methods:
-            unit = run_dir / "folds" / f"fold_{f}" / m
-            t1 = time.perf_counter()
-            info = finetune(
-                cfg,
-                m,
-                data,
-                teacher,
-                split,
-                unit,
-                fit_seed(cfg.seed, "distill", f),
-                f"distill fold {f} {m}",
-                resume,
-                encoder if cfg.protocol.methods[m].init == "mae" else None,
-            )
-            _echo(
-                f"[fold {f + 1}/{k}] {m}: val AUC {_fmt(info.get('val_auc'))}, test AUC {_fmt(info.get('test_auc'))} "
-                f"({time.perf_counter() - t1:.1f} s)"
-            )
+    spread_info: dict[str, Any] = {"processes": 1}
+    if spread is None:
+        for f, m in _fit_list(splits, methods):
+            _cv_fit(cfg, data, teacher, splits, f, m, run_dir, resume, encoder_of(f))
+    else:
+        for f in range(k):  # every encoder before the others start: they only read them
+            encoder_of(f)
+        spread.arrive("ready")
+        _echo(
+            f"[spread] {k * len(methods)} fits over {spread.world} processes (fit i on rank i % {spread.world})"
+        )
+        _spread_share(cfg, data, teacher, splits, methods, run_dir, resume, encoder_of, spread)
+        spread.wait("fits")
+        by_rank = {str(r): json.loads(spread.get(f"trained/{r}")) for r in range(spread.world)}
+        spread_info = {
+            "processes": spread.world,
+            "engine": "torchrun",
+            "assignment": f"round robin: fit i of the fold x method loop on rank i % {spread.world}",
+            "trained_by_rank": {r: v["trained"] for r, v in by_rank.items()},
+            "skipped_by_rank": {r: v["skipped"] for r, v in by_rank.items()},
+        }
 
     rows = _oof_rows(cfg, splits, methods, run_dir)
     _write_oof(run_dir / "oof_predictions.csv", rows)
@@ -487,6 +635,9 @@ def _run_experiment(cfg: Config, run_dir: Path, resume: bool) -> dict[str, Any]:
         "correction": "holm",
         "final_model": final,
         "timings": timings,
+        # Processes the cross-validation fits were spread over (trainer.spread_fits under torchrun); the
+        # stage timings above are sums of the fits' own times, not wall-clock time.
+        "fit_processes": spread_info["processes"],
     }
     results = nan_to_none(results)
     # Not key-sorted: methods keep the configuration's order (the ablation table's row order).
@@ -502,6 +653,7 @@ def _run_experiment(cfg: Config, run_dir: Path, resume: bool) -> dict[str, Any]:
             "fit_wall_seconds": round(wall_fits, 3),
             "overhead": round(wall_fits / step, 3) if step > 0 else None,
             "this_process_wall_seconds": round(time.perf_counter() - t_start, 3),
+            "spread": spread_info,
         },
     )
     write_examples(cfg, data, run_dir)

@@ -1,0 +1,361 @@
+"""Spread the independent fits of a protocol run over the processes torchrun starts (``trainer.spread_fits``).
+
+::
+
+    torchrun --nproc-per-node 4 -m endodistill run --config paper --out runs/paper --set trainer.spread_fits=true
+
+The engine is torchrun: it launches one process per device (on one or several nodes), restarts nothing, and
+serves the rendezvous store that the processes share. Rank 0 runs everything before the cross-validation fits
+(teacher, MAE encoders) while the others wait; then fit ``i`` of the ``(fold, method)`` loop runs on rank
+``i % world`` (static round robin), each in one process on one device, into the same run directory; rank 0
+waits for every rank and writes ``results.json`` and the report as in a one-process run.
+
+No process group is created: a default process group would make Lightning's one-device fits believe they
+are distributed. The processes only coordinate through torchrun's key-value store (``env://`` rendezvous), and
+torchrun's per-process variables are removed from the environment afterwards, so every fit is an ordinary
+one-process fit.
+
+Why hand-written: what is needed is a few barriers on torch's own store (set a key, wait for the others' keys,
+stop on an ``abort`` key), not a scheduler: the assignment is fixed in advance, and Lightning, torchrun and Ray
+offer no "wait for rank 0, then split a list" primitive without a process group or a cluster service.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from datetime import timedelta
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from endodistill.config import Config
+from endodistill.errors import ConfigError, EndodistillError
+
+if TYPE_CHECKING:
+    from torch.distributed import Store
+
+T = TypeVar("T")
+
+# What torchrun (and SLURM / Lightning's launcher) export per process. Lightning and `is_rank_zero` read them
+# to decide that a process is one rank of a distributed fit; each spread fit is a one-process fit.
+LAUNCHER_ENV = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "GROUP_WORLD_SIZE",
+    "ROLE_RANK",
+    "ROLE_WORLD_SIZE",
+    "ROLE_NAME",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",  # torch.distributed.is_torchelastic_launched() -> Lightning's TorchElasticEnvironment
+    "TORCHELASTIC_USE_AGENT_STORE",
+    "TORCHELASTIC_RESTART_COUNT",
+    "TORCHELASTIC_MAX_RESTARTS",
+    "NODE_RANK",
+    "SLURM_NTASKS",  # Lightning's SLURMEnvironment (torchrun started by srun, one task per node)
+    "SLURM_PROCID",
+    "SLURM_LOCALID",
+    "SLURM_NODEID",
+)
+
+
+class SpreadError(EndodistillError):
+    """Another process of a spread run failed, stopped answering, or the shared store was lost."""
+
+    exit_code = 1
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as the one line the CLI would print for it (without the ``error:`` prefix)."""
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted"
+    text = str(e) if isinstance(e, EndodistillError) else f"unexpected {type(e).__name__}: {e}"
+    return " ".join(text.split())[:500]
+
+
+class Spread:
+    """This process's place in a spread run, and barriers on torchrun's store.
+
+    Every wait polls with ``store.check`` (never a blocking ``get``), so it notices an ``abort`` key set by a
+    failing rank, and a rank whose heartbeat stopped (killed without a chance to set ``abort``), instead of
+    hanging. Waits have no time limit of their own: rank 0 may train the teacher for many hours.
+
+    Args:
+        store: torchrun's store (the keys used here are prefixed, see :func:`start_spread`).
+        rank: this process's global rank.
+        world: the number of processes.
+        poll_s: seconds between two looks at the store while waiting.
+        heartbeat_s: seconds between two heartbeats of this process (a background thread; 0: none).
+        stale_s: a rank whose heartbeat has not moved for this long is taken as dead.
+        grace_s: after setting ``abort``, how long a failing rank waits for the waiting ranks to read it (they
+            print their own line then; torchrun stops the rest of the node when this process exits).
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        rank: int,
+        world: int,
+        poll_s: float = 0.5,
+        heartbeat_s: float = 20.0,
+        stale_s: float = 600.0,
+        grace_s: float = 5.0,
+    ) -> None:
+        self.store = store
+        self.rank = int(rank)
+        self.world = int(world)
+        self.poll_s = poll_s
+        self.stale_s = stale_s
+        self.grace_s = grace_s
+        # The heartbeat thread and the main thread share one store client: one operation at a time.
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
+        if heartbeat_s > 0:
+            self._op(lambda s: s.add(f"beat/{self.rank}", 1))
+            self._beat = threading.Thread(target=self._heartbeat, args=(heartbeat_s,), daemon=True)
+            self._beat.start()
+
+    # -- store access
+    def _op(self, fn: Callable[[Store], T]) -> T:
+        try:
+            with self._lock:
+                return fn(self.store)
+        except EndodistillError:
+            raise
+        except Exception as e:  # the store's host (torchrun's agent on the first node) is gone
+            raise SpreadError(
+                f"rank {self.rank}: lost torchrun's store ({one_line(e)}): another node or its torchrun stopped"
+            ) from None
+
+    def _heartbeat(self, every_s: float) -> None:
+        while not self._stop.wait(every_s):
+            try:
+                self._op(lambda s: s.add(f"beat/{self.rank}", 1))
+            except SpreadError:
+                return  # the main thread reports a lost store at its next wait
+
+    def set(self, key: str, value: str) -> None:
+        """Set ``key`` (prefixed) to ``value``."""
+        self._op(lambda s: s.set(key, value))
+
+    def get(self, key: str) -> str:
+        """The value of ``key`` (which must exist)."""
+        return self._op(lambda s: s.get(key)).decode("utf-8")
+
+    def owns(self, index: int) -> bool:
+        """Whether item ``index`` of the fixed list of fits is this process's (static round robin)."""
+        return index % self.world == self.rank
+
+    # -- failure
+    def check_abort(self) -> None:
+        """Raise if any rank has set ``abort`` (acknowledging it, so that the failing rank can exit).
+
+        Raises:
+            SpreadError: naming the failed rank and its error.
+        """
+        if not self._op(lambda s: s.check(["abort"])):
+            return
+        who, _, msg = self.get("abort").partition("\t")
+        self.set(f"ack/{self.rank}", "1")
+        # The failing rank prints its own error once acknowledged; if this process ended first, torchrun
+        # would stop that one before it says why (SIGTERM to the rest of the node).
+        time.sleep(min(1.0, self.grace_s))
+        raise SpreadError(f"stopping: rank {who} failed: {msg}")
+
+    def abort(self, message: str, grace: bool = True) -> None:
+        """Tell every rank that this one failed (the first failure wins), then give the waiters a moment.
+
+        Args:
+            message: the one-line error.
+            grace: wait up to ``grace_s`` for the waiting ranks to acknowledge it.
+        """
+        try:
+            self._op(lambda s: s.compare_set("abort", "", f"{self.rank}\t{message}"))
+            deadline = time.monotonic() + (self.grace_s if grace else 0.0)
+            # Rank 0 waits to the end; the other ranks leave once they have arrived at "fits".
+            waiting = [r for r in range(self.world) if r != self.rank]
+            while waiting and time.monotonic() < deadline:
+                waiting = [
+                    r
+                    for r in waiting
+                    if not self._op(lambda s, r=r: s.check([f"ack/{r}"]))
+                    and (r == 0 or not self._op(lambda s, r=r: s.check([f"fits/{r}"])))
+                ]
+                time.sleep(self.poll_s / 5)
+        except SpreadError:
+            pass  # the store is gone: nobody is left to tell
+
+    # -- barriers
+    def arrive(self, name: str) -> None:
+        """Mark this rank as having reached point ``name``."""
+        self.set(f"{name}/{self.rank}", "1")
+
+    def wait(self, name: str, ranks: Iterable[int] | None = None, timeout_s: float | None = None) -> None:
+        """Wait until ``ranks`` (default: all) have arrived at ``name``.
+
+        Args:
+            name: the barrier.
+            ranks: the ranks to wait for.
+            timeout_s: give up after this long (None: as long as they are alive).
+
+        Raises:
+            SpreadError: a rank failed (``abort``), stopped sending heartbeats, the store was lost, or the
+                timeout passed.
+        """
+        pending = sorted(set(range(self.world) if ranks is None else ranks) - {self.rank})
+        t0 = time.monotonic()
+        beats: dict[int, tuple[int, float]] = {}
+        while True:
+            self.check_abort()
+            pending = [r for r in pending if not self._op(lambda s, r=r: s.check([f"{name}/{r}"]))]
+            if not pending:
+                return
+            now = time.monotonic()
+            if timeout_s is not None and now - t0 > timeout_s:
+                raise SpreadError(
+                    f"rank {self.rank}: ranks {pending} did not reach '{name}' in {timeout_s:.0f} s"
+                )
+            if self._beat is not None:
+                for r in pending:
+                    n = int(self._op(lambda s, r=r: s.add(f"beat/{r}", 0)))
+                    if r not in beats or beats[r][0] != n:
+                        beats[r] = (n, now)
+                    elif now - beats[r][1] > self.stale_s:
+                        raise SpreadError(
+                            f"stopping: rank {r} stopped answering (no heartbeat for {self.stale_s:.0f} s): "
+                            "killed, or its node was lost"
+                        )
+            time.sleep(self.poll_s)
+
+    # -- life cycle
+    def close(self) -> None:
+        """Stop the heartbeat."""
+        self._stop.set()
+        if self._beat is not None:
+            self._beat.join(timeout=5.0)
+
+    def __enter__(self) -> Spread:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            # A SpreadError is already the news of another rank's failure (or of a lost store).
+            if exc is not None and not isinstance(exc, SpreadError):
+                # Ctrl-C reaches every process of the node at once: nobody is left waiting to acknowledge.
+                self.abort(one_line(exc), grace=not isinstance(exc, KeyboardInterrupt))
+        finally:
+            self.close()
+
+
+def check_spread_config(cfg: Config) -> None:
+    """Refuse ``trainer.spread_fits`` with a data-parallel trainer (one fit per process, one device each).
+
+    Raises:
+        ConfigError: devices other than 1, several nodes, or a multi-process strategy.
+    """
+    t = cfg.trainer
+    if not t.spread_fits:
+        return
+    if str(t.devices).strip() not in ("1", "auto"):
+        raise ConfigError(
+            "trainer.spread_fits",
+            f"runs each fit in one process on one device: it cannot be combined with trainer.devices={t.devices}"
+            " (DDP); set trainer.devices=1, or trainer.spread_fits=false",
+        )
+    if t.num_nodes != 1 or t.strategy not in ("auto", "single_device"):
+        raise ConfigError(
+            "trainer.spread_fits",
+            f"runs each fit in one process: it cannot be combined with trainer.strategy={t.strategy} / "
+            f"trainer.num_nodes={t.num_nodes}; torchrun's --nnodes spreads the fits over nodes",
+        )
+
+
+def _pin_device(cfg: Config, local_rank: int) -> None:
+    """Give this process its own GPU (before CUDA starts), so that ``trainer.devices=1`` differs per process."""
+    if cfg.trainer.accelerator in ("cpu", "mps"):
+        return
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        raise SpreadError(
+            "trainer.spread_fits: CUDA was initialised before the fits were spread over devices"
+        )
+    visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    # Local rank k takes the k-th visible device; listing fewer devices than processes shares them
+    # (CUDA_VISIBLE_DEVICES=0 with 2 processes: both fit on GPU 0).
+    device = visible[local_rank % len(visible)] if visible else str(local_rank)
+    os.environ["CUDA_VISIBLE_DEVICES"] = device
+    if cfg.trainer.accelerator in ("gpu", "cuda"):
+        import torch
+
+        if torch.cuda.device_count() == 0:  # reads the variable just set
+            raise SpreadError(
+                f"local rank {local_rank} has no GPU (CUDA_VISIBLE_DEVICES={device}): start at most one process "
+                "per GPU, or list the GPUs to share, e.g. CUDA_VISIBLE_DEVICES=0 for all processes on GPU 0"
+            )
+
+
+def start_spread(cfg: Config) -> Spread | None:
+    """Join the other processes of a spread run, when this process is one of several started by torchrun.
+
+    Reads torchrun's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``, pins a GPU per process (``CUDA_VISIBLE_DEVICES``,
+    before CUDA starts), joins torchrun's store through the ``env://`` rendezvous, then removes the launcher's
+    per-process variables (:data:`LAUNCHER_ENV`) from ``os.environ`` so that Lightning and ``is_rank_zero``
+    see one process per fit.
+
+    ``torch.distributed.rendezvous("env://")`` is used rather than a hand-built ``TCPStore``: under torchrun
+    (``TORCHELASTIC_USE_AGENT_STORE=True``) it connects every rank as a client to the store that torchrun's
+    agent on the first node already serves at ``MASTER_ADDR:MASTER_PORT``; under another launcher that sets
+    the same variables, rank 0 serves it. Keys are prefixed with the run id and restart count, so nothing
+    of another attempt on the same store is read.
+
+    Args:
+        cfg: the run configuration.
+
+    Returns:
+        None when ``trainer.spread_fits`` is off or the process runs alone (``WORLD_SIZE`` unset or 1):
+        the run is then an ordinary one.
+
+    Raises:
+        ConfigError: ``spread_fits`` with several devices per fit.
+        SpreadError: the rendezvous failed.
+    """
+    check_spread_config(cfg)
+    env = os.environ
+    world = int(env.get("WORLD_SIZE", "1") or 1)
+    if not cfg.trainer.spread_fits or world <= 1:
+        return None
+    rank = int(env.get("RANK", "0") or 0)
+    _pin_device(cfg, int(env.get("LOCAL_RANK", "0") or 0))
+    import torch.distributed as dist
+
+    try:
+        store, rank, world = next(dist.rendezvous("env://", timeout=timedelta(minutes=30)))
+    except Exception as e:
+        raise SpreadError(f"trainer.spread_fits: torchrun rendezvous failed ({one_line(e)})") from None
+    prefix = f"endodistill/spread/{env.get('TORCHELASTIC_RUN_ID', '')}/{env.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+    for name in LAUNCHER_ENV:
+        env.pop(name, None)
+    rz = sys.modules.get("lightning_utilities.core.rank_zero")
+    if rz is not None:  # read from RANK when Lightning was imported: this process now logs as its own rank 0
+        rz.rank_zero_only.rank = 0  # type: ignore[attr-defined]
+    return Spread(dist.PrefixStore(prefix, store), rank, world)
+
+
+def describe(spread: Spread | None) -> dict[str, Any]:
+    """How the fits of a run were distributed (recorded in ``timings.json``)."""
+    if spread is None:
+        return {"processes": 1}
+    return {
+        "processes": spread.world,
+        "engine": "torchrun",
+        "assignment": "round robin (fit i on rank i % N)",
+    }

@@ -1,0 +1,157 @@
+"""``trainer.spread_fits``: the fold x method fits of a run spread over 2 torchrun processes (CPU).
+
+The spread run must give the one-process run's results (same units, seeds and inputs), run every fit exactly
+once, on the rank the round robin gives it, and a failure on one rank must stop the other with one line each.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from endodistill.config import load_config
+from endodistill.errors import ConfigError, InputError
+from endodistill.evaluate.spread import Spread, SpreadError, check_spread_config, start_spread
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+FIT_LINE = re.compile(r"^\[fold (\d+)/\d+\] (\w+): .* \(rank (\d+)\)$")
+
+
+def _fits(run: Path) -> list[str]:
+    """The fold x method units in the protocol's loop order (fold-major)."""
+    methods = list(load_config(run / "config.yaml").protocol.methods)
+    folds = len(json.loads((run / "splits.json").read_text()))
+    return [f"fold_{f}/{m}" for f in range(folds) for m in methods]
+
+
+def _comparable(run: Path) -> dict:
+    results = json.loads((run / "results.json").read_text())
+    results.pop("timings")
+    results.pop("fit_processes")  # records how many processes the fits were spread over
+    results["config"]["trainer"].pop("spread_fits")
+    return results
+
+
+@pytest.fixture(scope="module")
+def spread_run(
+    tiny_run_args: list[str],
+    tiny_run_env: dict[str, str],
+    tiny_reference_run: Path,  # also fills the session's preprocessing cache first
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("spread") / "run"
+    cmd = [*TORCHRUN, "-m", "endodistill", "run", *tiny_run_args, "--set", "trainer.spread_fits=true"]
+    proc = subprocess.run(
+        [*cmd, "--out", str(out)], env=tiny_run_env, capture_output=True, text=True, timeout=400
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+@pytest.mark.timeout(600)
+def test_spread_run_matches_one_process_run(spread_run: tuple[Path, str], tiny_reference_run: Path) -> None:
+    out, stdout = spread_run
+    ref = tiny_reference_run
+    assert (out / "oof_predictions.csv").read_bytes() == (ref / "oof_predictions.csv").read_bytes()
+    assert _comparable(out) == _comparable(ref)
+    assert json.loads((out / "results.json").read_text())["fit_processes"] == 2
+    assert json.loads((ref / "results.json").read_text())["fit_processes"] == 1
+
+    fits = _fits(out)
+    expected = {str(r): [u for i, u in enumerate(fits) if i % 2 == r] for r in (0, 1)}
+    spread = json.loads((out / "timings.json").read_text())["spread"]
+    assert spread["processes"] == 2 and spread["engine"] == "torchrun"
+    assert spread["trained_by_rank"] == expected
+    assert spread["skipped_by_rank"] == {"0": [], "1": []}
+    # Each fit ran once: one Lightning log version per unit, one progress line, on the expected rank.
+    seen = [FIT_LINE.match(line) for line in stdout.splitlines()]
+    ran = sorted((f"fold_{int(m[1]) - 1}/{m[2]}", int(m[3])) for m in seen if m)
+    assert ran == sorted((u, i % 2) for i, u in enumerate(fits))
+    for u in fits:
+        assert [p.name for p in (out / "folds" / u / "logs").iterdir()] == ["version_0"], u
+    # The stage timings still sum every fit's own time (from the units' done.json), whichever rank ran it.
+    stages = json.loads((out / "results.json").read_text())["timings"]
+    fit_walls = [json.loads((out / "folds" / u / "done.json").read_text())["timing"]["wall"] for u in fits]
+    assert stages["cross_validation"] == pytest.approx(sum(fit_walls), abs=1e-2)
+    assert "[rank 1/2] trained 7 fits, 0 already done" in stdout
+
+
+@pytest.mark.timeout(300)
+def test_failure_on_one_rank_stops_both_with_one_line(
+    spread_run: tuple[Path, str], tiny_run_env: dict[str, str], tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(spread_run[0], run, ignore=shutil.ignore_patterns(".lock"))
+    (run / "results.json").unlink()
+    # fold_0/mae_ce is fit 1 of the loop: rank 1's. A damaged checkpoint makes that fit, and only it, fail.
+    unit = run / "folds" / "fold_0" / "mae_ce"
+    (unit / "done.json").unlink()
+    (unit / "model.safetensors").unlink()
+    (unit / "checkpoints").mkdir(exist_ok=True)
+    (unit / "checkpoints" / "last.ckpt").write_bytes(b"not a checkpoint")
+    others = {
+        u: (run / "folds" / u / "done.json").stat().st_mtime_ns for u in _fits(run) if u != "fold_0/mae_ce"
+    }
+
+    proc = subprocess.run(
+        [*TORCHRUN, "-m", "endodistill", "run", "--resume", str(run), "--set", "trainer.spread_fits=true"],
+        env=tiny_run_env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode != 0  # and within the timeout: nobody waits for the failed rank
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    ckpt = str(unit / "checkpoints" / "last.ckpt")
+    # rank 1: its own error; rank 0 (waiting for rank 1's fits): why it stops.
+    assert any(line.startswith(f"error: {ckpt}: unreadable checkpoint") for line in errors), proc.stderr[
+        -3000:
+    ]
+    assert any(line.startswith(f"error: stopping: rank 1 failed: {ckpt}:") for line in errors), errors
+    assert len(errors) == 2, errors
+    assert not re.search(r'File ".*endodistill/', proc.stderr)  # no traceback from the package itself
+    # The resumed ranks skipped every finished fit (rank 0 all 8 of its own) and wrote no results.
+    assert all((run / "folds" / u / "done.json").stat().st_mtime_ns == t for u, t in others.items())
+    assert not (run / "results.json").exists()
+
+
+@pytest.mark.timeout(30)
+def test_barriers_abort_and_heartbeat_in_one_process() -> None:
+    from torch.distributed import HashStore
+
+    store = HashStore()
+    rank0 = Spread(store, 0, 2, poll_s=0.01, heartbeat_s=0, grace_s=0)
+    rank1 = Spread(store, 1, 2, poll_s=0.01, heartbeat_s=0, grace_s=0)
+    rank0.arrive("ready")
+    rank1.wait("ready", ranks=[0])
+    assert [i for i in range(5) if rank1.owns(i)] == [1, 3]
+    with pytest.raises(InputError), rank1:
+        raise InputError("encoder.safetensors", "weights file not found")
+    with pytest.raises(
+        SpreadError, match=r"^stopping: rank 1 failed: encoder.safetensors: weights file not found$"
+    ):
+        rank0.wait("fits")
+
+    # A rank killed outright (no abort key) is found by its silent heartbeat instead of waited for forever.
+    alive = Spread(HashStore(), 0, 2, poll_s=0.01, heartbeat_s=0.02, stale_s=0.3)
+    with pytest.raises(SpreadError, match="rank 1 stopped answering"), alive:
+        alive.wait("fits")
+
+
+def test_spread_config_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    ddp = load_config("tiny", {"trainer": {"spread_fits": True, "devices": 2, "strategy": "ddp"}})
+    with pytest.raises(ConfigError, match=r"trainer\.spread_fits: .*trainer\.devices=2"):
+        check_spread_config(ddp)
+    with pytest.raises(ConfigError, match=r"trainer\.strategy=ddp"):
+        check_spread_config(load_config("tiny", {"trainer": {"spread_fits": True, "strategy": "ddp"}}))
+    # Without torchrun (WORLD_SIZE unset or 1) the option changes nothing.
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert start_spread(load_config("tiny", {"trainer": {"spread_fits": True}})) is None
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert start_spread(load_config("tiny", {"trainer": {"spread_fits": True}})) is None
