@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Iterable
 from datetime import timedelta
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from endodistill.config import Config
 from endodistill.errors import ConfigError, EndodistillError
@@ -348,14 +348,3 @@ def start_spread(cfg: Config) -> Spread | None:
     if rz is not None:  # read from RANK when Lightning was imported: this process now logs as its own rank 0
         rz.rank_zero_only.rank = 0  # type: ignore[attr-defined]
     return Spread(dist.PrefixStore(prefix, store), rank, world)
-
-
-def describe(spread: Spread | None) -> dict[str, Any]:
-    """How the fits of a run were distributed (recorded in ``timings.json``)."""
-    if spread is None:
-        return {"processes": 1}
-    return {
-        "processes": spread.world,
-        "engine": "torchrun",
-        "assignment": "round robin (fit i on rank i % N)",
-    }
