@@ -42,6 +42,7 @@ from endodistill.train.common import (
     write_history,
 )
 from endodistill.train.data import CohortData
+from endodistill.train.speed import compile_if_enabled
 
 log = logging.getLogger("endodistill")
 
@@ -97,6 +98,9 @@ class MAEModule(StageModule):
 
     def setup(self, stage: str) -> None:
         set_rank(self.batches, self.trainer)
+
+    def configure_model(self) -> None:
+        compile_if_enabled(self.mae, self.cfg, self.trainer.strategy.root_device)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss, _, _ = self.mae(batch["x"])
