@@ -196,6 +196,9 @@ class MAE(MaskedAutoEncoderViT):
         """Encoder transformer blocks (``blocks`` also holds the final LayerNorm)."""
         return len(self.blocks) - 1
 
+    # Eager even when the MAE is compiled: Inductor would draw the mask from its own RNG, so the masks
+    # (and the loss curve) would differ from an eager run with the same seed.
+    @torch.compiler.disable
     def _masking(self, x: Tensor, masking_ratio: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
         if self._mask_generator is None:
             return super()._masking(x, masking_ratio=masking_ratio)
@@ -248,10 +251,11 @@ class MAE(MaskedAutoEncoderViT):
         """
         target = self.patchify(x)
         if self.norm_pix_loss:
-            mean = target.mean(dim=-1, keepdim=True)
-            var = target.var(dim=-1, keepdim=True, unbiased=False)
-            target = (target - mean) / (var + 1.0e-6).sqrt()
-        per_patch = (pred - target).pow(2).mean(dim=-1)
+            # (t - mean) / sqrt(biased var + 1e-6) per patch is layer_norm's formula (without affine): one
+            # fused kernel, about 10x faster on CPU than four passes written out (equal up to rounding).
+            target = torch.nn.functional.layer_norm(target, target.shape[-1:], eps=1.0e-6)
+        # mse_loss(reduction="none") is the same squared error in one kernel (and one in backward).
+        per_patch = torch.nn.functional.mse_loss(pred, target, reduction="none").mean(dim=-1)
         m = mask.to(per_patch.dtype)
         return (per_patch * m).sum() / m.sum().clamp_min(1.0)
 
