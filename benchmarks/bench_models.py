@@ -4,7 +4,9 @@ For each network, at the demo size (``load_config("demo")``) and at a "paper-lit
 networks: ViT-B at 96^3 with 16^3 patches, R(2+1)D-18 on 16x112x112 clips, with small batches), it measures:
 
 * the wall time of one training step (forward, loss, backward, AdamW step): the best of a few steps, timed
-  in turns with the other variants (the median is kept in the JSON too);
+  in turns with the other variants (the median is kept in the JSON too). Our variants step with the
+  training's optimiser (``endodistill.train.common.adamw``: fused AdamW, no weight decay on norms and
+  biases); the library defaults with ``torch.optim.AdamW``'s defaults (a per-tensor loop on CPU);
 * the FLOPs of that step, counted with ``torch.utils.flop_counter.FlopCounterMode`` (matmuls, convolutions,
   attention; forward and backward). FlopCounterMode has no formula for CPU's fused SDPA kernel, so FLOPs are
   counted on the same weights with MONAI's explicit einsum attention, which does the same multiplications;
@@ -17,11 +19,16 @@ Variants side by side:
   with the same sizes and MONAI's defaults otherwise (einsum attention, ``post_activation="Tanh"``,
   ``qkv_bias=False``).
 * mae ``ours``: :class:`MAE` (SDPA, our masked loss); ``monai_default``: ``MaskedAutoEncoderViT`` with the same
-  sizes and MONAI's defaults otherwise (einsum attention, ``qkv_bias=False``, decoder MLP 512), same loss.
-* teacher ``ours``: grayscale stem (1 channel); ``torchvision_default``: the same network as torchvision builds it
-  (3-channel stem, the grey clip repeated to RGB); ``ours_cl3d``: ours in ``channels_last_3d``.
+  sizes and MONAI's defaults otherwise (einsum attention, ``qkv_bias=False``, decoder MLP 512), same loss;
+  ``ours_monai_sizes``: our :class:`MAE` built with those MONAI defaults (the same FLOPs as
+  ``monai_default``), to compare the implementations at equal work.
+* teacher ``ours``: grayscale stem (1 channel) in the memory layout training picks for that batch
+  (:func:`endodistill.train.speed.teacher_channels_last`); ``torchvision_default``: the same network as
+  torchvision builds it (3-channel stem, the grey clip repeated to RGB, contiguous); ``ours_cl3d`` or
+  ``ours_contiguous``: ours in the other layout.
 
-Usage: ``python -m benchmarks.bench_models [--quick] [--threads N] [--out PATH] [--device cpu|cuda]``.
+Usage: ``python -m benchmarks.bench_models [--quick] [--repeats N] [--only NET ...] [--sizes SIZE ...]
+[--threads N] [--out PATH] [--device cpu|cuda]``.
 """
 
 from __future__ import annotations
@@ -45,8 +52,10 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from endodistill.config import Config, TeacherConfig, load_config
-from endodistill.models.student import build_mae, build_student, enable_sdpa
+from endodistill.models.student import MAE, build_mae, build_student, enable_sdpa
 from endodistill.models.teacher import build_teacher
+from endodistill.train.common import adamw, param_groups
+from endodistill.train.speed import teacher_channels_last
 from endodistill.utils import atomic_write_json
 
 StepFn = Callable[[], Tensor]
@@ -72,8 +81,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _train_step(model: nn.Module, loss_fn: Callable[[nn.Module], Tensor]) -> StepFn:
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+def _train_step(model: nn.Module, loss_fn: Callable[[nn.Module], Tensor], ours: bool) -> StepFn:
+    if ours:
+        opt: torch.optim.Optimizer = adamw(param_groups(model, 0.01), lr=1e-4)
+    else:
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step() -> Tensor:
         opt.zero_grad(set_to_none=True)
@@ -114,7 +126,7 @@ def _mae_masked_mse(x: Tensor, pred: Tensor, mask: Tensor, patch: tuple[int, int
     target = rearrange(
         x, "b c (g0 p0) (g1 p1) (g2 p2) -> b (g0 g1 g2) (p0 p1 p2 c)", p0=patch[0], p1=patch[1], p2=patch[2]
     )
-    per_patch = (pred - target).pow(2).mean(-1)
+    per_patch = F.mse_loss(pred, target, reduction="none").mean(-1)  # as MAE.loss computes it
     m = mask.to(per_patch.dtype)
     return (per_patch * m).sum() / m.sum()
 
@@ -148,44 +160,58 @@ def mae_cases(cfg: Config, batch: int, device: torch.device) -> dict[str, tuple[
     s, mc = cfg.student, cfg.mae
     x = torch.rand(batch, 1, *cfg.mri.size, device=device)
     ours = build_mae(cfg).to(device).train()
-    default = MaskedAutoEncoderViT(
-        in_channels=1,
-        img_size=cfg.mri.size,
-        patch_size=s.patch_size,
-        hidden_size=s.hidden_size,
-        mlp_dim=s.mlp_dim,
-        num_layers=s.num_layers,
-        num_heads=s.num_heads,
-        masking_ratio=mc.mask_ratio,
-        decoder_hidden_size=mc.decoder_hidden_size,
-        decoder_num_layers=mc.decoder_layers,
-        decoder_num_heads=mc.decoder_heads,
-        spatial_dims=3,
-    ).to(device)
+    sizes: dict[str, Any] = {
+        "in_channels": 1,
+        "img_size": cfg.mri.size,
+        "patch_size": s.patch_size,
+        "hidden_size": s.hidden_size,
+        "mlp_dim": s.mlp_dim,
+        "num_layers": s.num_layers,
+        "num_heads": s.num_heads,
+        "masking_ratio": mc.mask_ratio,
+        "decoder_hidden_size": mc.decoder_hidden_size,
+        "decoder_num_layers": mc.decoder_layers,
+        "decoder_num_heads": mc.decoder_heads,
+        "spatial_dims": 3,
+    }
+    default = MaskedAutoEncoderViT(**sizes).to(device)
+    same_sizes = MAE(norm_pix_loss=mc.norm_pix_loss, **sizes).to(device).train()
     patch = tuple(s.patch_size)
 
     def default_loss(m: nn.Module) -> Tensor:
         pred, mask = m(x)
         return _mae_masked_mse(x, pred, mask, patch)  # type: ignore[arg-type]
 
-    return {"ours": (ours, lambda m: m(x)[0]), "monai_default": (default.train(), default_loss)}
+    return {
+        "ours": (ours, lambda m: m(x)[0]),
+        "monai_default": (default.train(), default_loss),
+        "ours_monai_sizes": (same_sizes, lambda m: m(x)[0]),
+    }
 
 
 def teacher_cases(
     tcfg: TeacherConfig, frames: int, size: tuple[int, int], batch: int, k: int, device: torch.device
 ) -> dict[str, tuple[nn.Module, Any]]:
-    """Our grayscale teacher, the RGB network torchvision builds, and ours in channels_last_3d."""
+    """Our grayscale teacher in training's layout, the RGB network torchvision builds, ours in the other layout."""
     x = torch.rand(batch, 1, frames, *size, device=device)
     y = torch.arange(batch, device=device) % k
-    ours = build_teacher(tcfg, k, in_channels=1).to(device).train()
+    contiguous = build_teacher(tcfg, k, in_channels=1).to(device).train()
     default = build_teacher(tcfg, k, in_channels=3).to(device).train()
     x_rgb = x.expand(-1, 3, -1, -1, -1).contiguous()
-    cl = copy.deepcopy(ours).to(memory_format=torch.channels_last_3d)
+    cl = copy.deepcopy(contiguous).to(memory_format=torch.channels_last_3d)
     x_cl = x.contiguous(memory_format=torch.channels_last_3d)
+    as_trained = Config(teacher=tcfg.model_copy(update={"batch_size": batch}))
+    cases: dict[str, tuple[nn.Module, Any]] = {
+        "cl3d": (cl, lambda m: F.cross_entropy(m(x_cl), y)),
+        "contiguous": (contiguous, lambda m: F.cross_entropy(m(x), y)),
+    }
+    mine, other = (
+        ("cl3d", "contiguous") if teacher_channels_last(as_trained, device) else ("contiguous", "cl3d")
+    )
     return {
-        "ours": (ours, lambda m: F.cross_entropy(m(x), y)),
+        "ours": cases[mine],
         "torchvision_default": (default, lambda m: F.cross_entropy(m(x_rgb), y)),
-        "ours_cl3d": (cl, lambda m: F.cross_entropy(m(x_cl), y)),
+        f"ours_{other}": cases[other],
     }
 
 
@@ -196,7 +222,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # MONAI's sin-cos embedding calls torch.meshgrid without indexing=: harmless, silence the noise.
     warnings.filterwarnings("ignore", message="torch.meshgrid")
     device = torch.device(args.device)
-    repeats = 1 if args.quick else 3
+    repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
     peak = matmul_peak(1024 if args.quick else 2048, 3 if args.quick else 5, device)
     print(
         f"matmul peak (fp32, {args.threads} thread(s), {device.type}): {peak / 1e9:.1f} GFLOP/s", flush=True
@@ -234,13 +260,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     rows: list[dict[str, Any]] = []
     for size, net, batch, make in plan:
-        if args.only and net not in args.only:
+        if (args.only and net not in args.only) or (args.sizes and size not in args.sizes):
             continue
         cases = make()
-        if args.quick and size == "paper-lite":
-            cases.pop("ours_cl3d", None)
         flops = {name: _count_flops(model, loss_fn) for name, (model, loss_fn) in cases.items()}
-        steps = {name: _train_step(model, loss_fn) for name, (model, loss_fn) in cases.items()}
+        steps = {
+            name: _train_step(model, loss_fn, ours=name.startswith("ours"))
+            for name, (model, loss_fn) in cases.items()
+        }
         times = _time_interleaved(steps, repeats, device)
         for variant, (model, _) in cases.items():
             best, med = min(times[variant]), statistics.median(times[variant])
@@ -303,11 +330,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="one timed step per case, smaller matmul peak")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--repeats", type=int, default=None, help="timed steps per variant (default: 1 with --quick, else 3)"
+    )
     p.add_argument("--paper-batch", type=int, default=2, help="batch of the paper-lite student and MAE")
     p.add_argument("--device", default="cpu")
     p.add_argument(
         "--only", nargs="*", choices=["student", "mae", "teacher"], help="benchmark only these nets"
     )
+    p.add_argument("--sizes", nargs="*", choices=["demo", "paper-lite"], help="benchmark only these sizes")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/models.json"))
     args = p.parse_args(argv)
     t0 = time.perf_counter()
