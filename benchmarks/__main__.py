@@ -27,6 +27,8 @@ BENCHES: dict[str, tuple[str, list[str], list[str]]] = {
     "scaling": ("benchmarks.bench_scaling", ["--quick"], []),
     "overhead": ("benchmarks.bench_overhead", ["--preset", "demo", "--workers", "0"], ["--preset", "paper"]),
     "memory": ("benchmarks.bench_memory", [], []),
+    "compile": ("benchmarks.bench_compile", ["--repeats", "3"], []),
+    "spread": ("benchmarks.bench_spread", [], []),
     "demo": ("benchmarks.bench_demo", [], []),
 }
 
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         out = RESULTS / f"{name}.json"
         flag = "--json" if name == "demo" else "--out"
         cmd = [sys.executable, "-m", module, *(full if args.full else quick), flag, str(out)]
-        if args.device != "cpu" and name in {"models", "scaling", "overhead"}:
+        if args.device != "cpu" and name in {"models", "scaling", "overhead", "compile"}:
             cmd += ["--device", args.device]
         print(f"\n=== {name}: {' '.join(cmd[2:])}", flush=True)
         t0 = time.perf_counter()

@@ -51,6 +51,7 @@ from endodistill.train.common import (
 )
 from endodistill.train.data import CohortData
 from endodistill.train.pretrain import augment_volumes
+from endodistill.train.speed import compile_if_enabled
 from endodistill.train.teacher import TeacherOutputs
 from endodistill.utils import atomic_path
 
@@ -95,6 +96,9 @@ class StudentModule(StageModule):
 
     def setup(self, stage: str) -> None:
         set_rank(self.batches, self.trainer)
+
+    def configure_model(self) -> None:
+        compile_if_enabled(self.net, self.cfg, self.trainer.strategy.root_device)
 
     def kd_weight(self) -> float:
         """``a_e`` of the current epoch."""
