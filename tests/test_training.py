@@ -237,6 +237,29 @@ def test_planned_batches_are_pure_and_shard_by_rank() -> None:
     assert sorted(r0[(0, 0)][0] + r1[(0, 0)][0]) == a[(0, 0)][0]
 
 
+def test_planned_batches_look_ahead_thread_changes_no_batch() -> None:
+    """The in-process look-ahead thread builds batch b+1 during step b; every batch is the same as without it."""
+    import threading
+
+    from endodistill.train.common import PlannedBatches
+
+    threads: set[str] = set()
+
+    def make(idx: np.ndarray, rng: np.random.Generator, epoch: int) -> tuple[list[int], float]:
+        threads.add(threading.current_thread().name)
+        return idx.tolist(), float(rng.random())
+
+    ahead, inline = PlannedBatches(23, 4, 5, make), PlannedBatches(23, 4, 5, make)
+    inline.prefetch = False
+    keys = [(e, b) for e in range(3) for b in range(len(ahead))]
+    keys += [(7, 3), (7, 0), (2, 5), (2, 1)]  # out of order: a stale look-ahead is waited for, then replaced
+    assert [ahead[k] for k in keys] == [inline[k] for k in keys]
+    assert any(t.startswith("endodistill-batches") for t in threads)
+    assert ahead._pool is not None or ahead._pending is None
+    ahead[(8, len(ahead) - 1)]  # an epoch's last batch leaves no thread behind
+    assert ahead._pool is None and ahead._pending is None
+
+
 def test_fit_seed_is_stable() -> None:
     from endodistill.train.common import fit_seed
 

@@ -755,6 +755,11 @@ class PlannedBatches(Dataset):
         # reshuffled every epoch, so nothing is left out for good).
         self.num_batches = full + (1 if rest > 1 else 0)
         self._plans: dict[int, list[np.ndarray]] = {}
+        # Look-ahead thread for in-process loading (make_loader turns it off when DataLoader workers build
+        # the batches).
+        self.prefetch = True
+        self._pool: Any = None
+        self._pending: tuple[tuple[int, int], Any] | None = None
 
     def plan(self, epoch: int) -> list[np.ndarray]:
         """The case indices of every batch of ``epoch``."""
@@ -772,7 +777,40 @@ class PlannedBatches(Dataset):
         return self.num_batches
 
     def __getitem__(self, key: tuple[int, int]) -> Any:
-        epoch, b = key
+        epoch, b = int(key[0]), int(key[1])
+        if not self.prefetch:
+            return self._build(epoch, b)
+        # In-process loading with one batch of look-ahead in a thread: batch b+1 is built (indexing and
+        # augmentation release the GIL) while the model steps on batch b. Batches are pure functions of
+        # (seed, epoch, b), so the thread changes no value; a key that was not prefetched is built here.
+        pending, self._pending = self._pending, None
+        if pending is not None and pending[0] == (epoch, b):
+            batch = pending[1].result()
+        else:
+            if pending is not None:
+                # Another key: let the stale build finish first, so that two builds never overlap.
+                with contextlib.suppress(Exception):
+                    pending[1].result()
+            batch = self._build(epoch, b)
+        if b + 1 < self.num_batches:
+            if self._pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="endodistill-batches")
+            self._pending = ((epoch, b + 1), self._pool.submit(self._build, epoch, b + 1))
+        elif self._pool is not None:
+            # The epoch's last batch: no thread is left behind between epochs or after the fit.
+            self._pool.shutdown(wait=False)
+            self._pool = None
+        return batch
+
+    def __getstate__(self) -> dict[str, Any]:
+        # DataLoader workers (spawned) get the batches without the thread state; they build in-process.
+        state = dict(self.__dict__)
+        state.update(_pool=None, _pending=None, prefetch=False)
+        return state
+
+    def _build(self, epoch: int, b: int) -> Any:
         idx = self.plan(epoch)[b]
         rng = np.random.default_rng([self.seed, epoch, b + 1])
         batch = self.make_batch(idx, rng, epoch)
@@ -831,6 +869,7 @@ def make_loader(batches: PlannedBatches, cfg: Config) -> DataLoader:
     With ``num_workers=0`` (the CPU default) batches are built in-process: no worker start-up per fit.
     """
     w = cfg.trainer.num_workers
+    batches.prefetch = w == 0
     return DataLoader(
         batches,
         batch_size=None,
