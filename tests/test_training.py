@@ -321,3 +321,25 @@ def test_checkpoint_interval_skips_saves_without_changing_the_fit(trained: dict,
     )
     assert np.array_equal(pa[2], pb[2])
     assert (tmp_path / "every" / "history.csv").read_text() == (tmp_path / "rare" / "history.csv").read_text()
+
+
+def test_save_weights_round_trips_shared_tensors_and_names_a_full_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import endodistill.train.common as common
+    from endodistill.errors import DiskFullError
+
+    w = torch.randn(4, 3)
+    state = {"a": w, "tied": w, "view": w[1:], "b": torch.arange(5.0)}
+    common.save_weights(tmp_path / "w.safetensors", state, metadata={"k": "v"})
+    back = common.load_weights(tmp_path / "w.safetensors")
+    assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state)
+
+    def full(*a, **k):
+        raise RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
+
+    monkeypatch.setattr(common, "save_file", full)
+    with pytest.raises(DiskFullError, match=r"w\.safetensors"):
+        common.save_weights(tmp_path / "w.safetensors", {"a": torch.ones(2)})
+    assert torch.equal(common.load_weights(tmp_path / "w.safetensors")["b"], state["b"])  # old file intact
+    assert not list(tmp_path.glob(".*.tmp"))
