@@ -25,7 +25,11 @@ BENCHES: dict[str, tuple[str, list[str], list[str]]] = {
     "cache": ("benchmarks.bench_cache", ["--n", "8"], ["--n", "32"]),
     "predict": ("benchmarks.bench_predict", ["--repeats", "2"], ["--repeats", "5"]),
     "scaling": ("benchmarks.bench_scaling", ["--quick"], []),
-    "overhead": ("benchmarks.bench_overhead", ["--preset", "demo", "--workers", "0"], ["--preset", "paper"]),
+    "overhead": (
+        "benchmarks.bench_overhead",
+        ["--preset", "demo", "--workers", "0", "--batch", "16", "--cases", "160", "--epochs", "5"],
+        ["--preset", "paper"],
+    ),
     "memory": ("benchmarks.bench_memory", [], []),
     "compile": ("benchmarks.bench_compile", ["--repeats", "3"], []),
     "spread": ("benchmarks.bench_spread", [], []),
