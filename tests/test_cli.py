@@ -43,3 +43,25 @@ def test_missing_config_file(tmp_path: Path) -> None:
     r = _run("run", "--config", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "run"))
     assert r.returncode == 2
     assert "nope.yaml" in r.stderr and "not found" in r.stderr
+
+
+def test_hardware_options_map_to_trainer_settings_and_win_over_set(tmp_path: Path) -> None:
+    from endodistill.cli import _with_hardware
+
+    assert _with_hardware(["trainer.devices=3"], "gpu", "2", "ddp", 2) == [
+        "trainer.devices=3",
+        "trainer.accelerator=gpu",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        "trainer.num_nodes=2",
+    ]
+    # Through the real command: the option reaches the validated config (and wins over --set).
+    r = _run("run", "--config", "tiny", "--out", str(tmp_path / "run"), "--accelerator", "nonsense")
+    assert r.returncode == 2 and "trainer.accelerator" in r.stderr, r.stderr
+    r = _run(
+        "run", "--config", "tiny", "--out", str(tmp_path / "run2"),
+        "--set", "trainer.devices=3", "--devices", "2", "--set", "trainer.spread_fits=true",
+    )  # fmt: skip
+    assert r.returncode == 2 and "trainer.devices=2" in r.stderr, r.stderr
+    r = _run("run", "--help")
+    assert all(opt in r.stdout for opt in ("--devices", "--strategy", "--accelerator", "--num-nodes"))

@@ -33,6 +33,39 @@ SetOpt = Annotated[
     typer.Option("--set", help="Override a config value: --set finetune.epochs=3 (repeatable)."),
 ]
 
+AcceleratorOpt = Annotated[
+    str | None,
+    typer.Option("--accelerator", help="cpu, gpu, cuda, mps or auto (= --set trainer.accelerator=...)."),
+]
+DevicesOpt = Annotated[
+    str | None, typer.Option("--devices", help="Devices per node, e.g. 4 (= --set trainer.devices=...).")
+]
+StrategyOpt = Annotated[
+    str | None,
+    typer.Option("--strategy", help="Lightning strategy, e.g. ddp (= --set trainer.strategy=...)."),
+]
+NodesOpt = Annotated[int | None, typer.Option("--num-nodes", help="Nodes (= --set trainer.num_nodes=...).")]
+
+
+def _with_hardware(
+    set_: list[str] | None,
+    accelerator: str | None,
+    devices: str | None,
+    strategy: str | None,
+    num_nodes: int | None,
+) -> list[str]:
+    """``--set`` overrides plus the hardware options (given last, so they win over a ``--set`` of the same key)."""
+    out = list(set_ or [])
+    for key, value in (
+        ("accelerator", accelerator),
+        ("devices", devices),
+        ("strategy", strategy),
+        ("num_nodes", num_nodes),
+    ):
+        if value is not None:
+            out.append(f"trainer.{key}={value}")
+    return out
+
 
 @app.callback()
 def _root(
@@ -100,11 +133,16 @@ def demo(
     config: ConfigOpt = "demo",
     set_: SetOpt = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted demo run.")] = False,
+    accelerator: AcceleratorOpt = None,
+    devices: DevicesOpt = None,
+    strategy: StrategyOpt = None,
+    num_nodes: NodesOpt = None,
 ) -> None:
     """Generate the synthetic demo cohort (when absent) and run the whole protocol on it."""
     from endodistill.config import load_config
     from endodistill.evaluate.protocol import run_demo
 
+    set_ = _with_hardware(set_, accelerator, devices, strategy, num_nodes)
     cfg = load_config(config, set_)
     run_demo(cfg, out, resume=resume)
 
@@ -117,10 +155,15 @@ def run(
     resume: Annotated[
         Path | None, typer.Option("--resume", help="Continue the interrupted run in this directory.")
     ] = None,
+    accelerator: AcceleratorOpt = None,
+    devices: DevicesOpt = None,
+    strategy: StrategyOpt = None,
+    num_nodes: NodesOpt = None,
 ) -> None:
     """Run the whole experiment: teacher, MAE, 5-fold ablation, final model, report."""
     from endodistill.config import load_config
 
+    set_ = _with_hardware(set_, accelerator, devices, strategy, num_nodes)
     if resume is not None:
         from endodistill.evaluate.protocol import load_run_config, run_experiment
 
@@ -168,11 +211,16 @@ def train(
     method: Annotated[str, typer.Option(help="Method name for distill.")] = "mae_kd_ce",
     fold: Annotated[int | None, typer.Option(help="Fold for distill (default: train on all).")] = None,
     resume: Annotated[bool, typer.Option(help="Resume from the stage's last checkpoint.")] = False,
+    accelerator: AcceleratorOpt = None,
+    devices: DevicesOpt = None,
+    strategy: StrategyOpt = None,
+    num_nodes: NodesOpt = None,
 ) -> None:
     """Run one training stage on its own, writing into a run directory."""
     from endodistill.config import load_config
     from endodistill.evaluate.protocol import run_stage
 
+    set_ = _with_hardware(set_, accelerator, devices, strategy, num_nodes)
     run_stage(load_config(config, set_), out, stage=stage, method=method, fold=fold, resume=resume)
 
 
