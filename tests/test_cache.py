@@ -175,3 +175,43 @@ def test_dicom_folder_entries_keyed_by_series_and_content(tmp_path: Path) -> Non
     assert files_b[0].exists()
     cache.mri(folder, CFG, series_uid=_uid("a"))
     assert cache.misses == 3
+
+
+def test_threaded_preprocessing_gives_the_same_cohort_and_the_same_first_error(
+    tiny_cohort: Path, tmp_path: Path
+) -> None:
+    """``data.preprocess_threads`` fills the cache in parallel; tensors and the bad-file error do not change."""
+    import csv
+    import shutil
+
+    import torch
+
+    from endodistill.config import load_config
+    from endodistill.train.data import load_cohort
+
+    def load(manifest: Path, threads: int, cache: str):
+        cfg = load_config(
+            "tiny", {"data": {"cache_dir": str(tmp_path / cache), "preprocess_threads": threads}}
+        )
+        return load_cohort(cfg, manifest)
+
+    one = load(tiny_cohort / "manifest.csv", 1, "c1")
+    three = load(tiny_cohort / "manifest.csv", 3, "c3")
+    for a, b in ((one.labelled, three.labelled), (one.unlabelled, three.unlabelled)):
+        assert torch.equal(a.x, b.x) and a.subjects == b.subjects
+    assert all(np.array_equal(x, y) for x, y in zip(one.tvus.clips, three.tvus.clips))
+    assert any((tmp_path / "c3").rglob("*.npy"))
+
+    # Two broken files: the error names the first in manifest order, as without threads.
+    cohort = tmp_path / "cohort"
+    shutil.copytree(tiny_cohort, cohort)
+    rows = list(csv.DictReader((cohort / "manifest.csv").open()))
+    mri = [r for r in rows if r["modality"] == "mri"]
+    for r in (mri[3], mri[1]):
+        (cohort / r["path"]).write_bytes(b"not a nifti")
+    errors = []
+    for threads in (1, 4):
+        with pytest.raises(InputError) as e:
+            load(cohort / "manifest.csv", threads, f"bad{threads}")
+        errors.append(str(e.value))
+    assert errors[0] == errors[1] and mri[1]["path"] in errors[0]

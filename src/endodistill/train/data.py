@@ -163,6 +163,41 @@ def _memo_key(cfg: Config, manifest: Path, root: Path) -> str:
     return json.dumps(parts, sort_keys=True)
 
 
+def _warm_cache(cache: Any, cfg: Config, volumes: list[tuple[Any, str | None]], clips: list[Any]) -> None:
+    """Preprocess the files missing from ``cache`` in a pool of threads, before the ordered pass reads them.
+
+    Decoding (zlib, FFmpeg), resampling and hashing run in C with the GIL released, so threads use the cores
+    without the start-up and fork-safety issues of worker processes. Failures are left to the ordered pass,
+    which reports the first bad file in manifest order with its usual one-line error.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    workers = cfg.data.preprocess_threads or min(8, os.cpu_count() or 1)
+    jobs = [(r, uid) for r, uid in volumes] + [(r, False) for r in clips]
+    if workers <= 1 or len(jobs) < 2:
+        return
+
+    def one(job: tuple[Any, str | bool | None]) -> None:
+        r, uid = job
+        try:
+            if uid is False:
+                cache.clip(r.path, cfg.tvus)
+            else:
+                cache.mri(r.path, cfg.mri, series_uid=uid)
+        except Exception:  # reported by the ordered pass
+            pass
+
+    pool = ThreadPoolExecutor(min(workers, len(jobs)), thread_name_prefix="endodistill-preprocess")
+    try:
+        list(pool.map(one, jobs))
+    except BaseException:
+        pool.shutdown(
+            wait=True, cancel_futures=True
+        )  # Ctrl-C: drop the queued files, finish the running ones
+        raise
+    pool.shutdown(wait=True)
+
+
 def load_cohort(cfg: Config, manifest: str | Path) -> CohortData:
     """Read the manifest and preprocess every file once (cached on disk, memoised in the process).
 
@@ -189,16 +224,18 @@ def load_cohort(cfg: Config, manifest: str | Path) -> CohortData:
     student, teacher = cfg.task.student_modality, cfg.task.teacher_modality
     cache = TensorCache(root)
 
+    def series(r: Any) -> str | None:
+        return (
+            r.series_uid or cfg.data.dicom_series.get(r.subject_id) or cfg.data.dicom_series.get(str(r.path))
+        )
+
+    _warm_cache(cache, cfg, [(r, series(r)) for r in m.select(student)], m.select(teacher))
+
     def volumes(labelled: bool) -> VolumeSet:
         recs = m.select(student, labelled=labelled)
         arrs, subjects, labels, paths = [], [], [], []
         for r in recs:
-            uid = (
-                r.series_uid
-                or cfg.data.dicom_series.get(r.subject_id)
-                or cfg.data.dicom_series.get(str(r.path))
-            )
-            arr, _geom = cache.mri(r.path, cfg.mri, series_uid=uid)
+            arr, _geom = cache.mri(r.path, cfg.mri, series_uid=series(r))
             arrs.append(np.asarray(arr, dtype=np.float32))
             subjects.append(r.subject_id)
             labels.append(-1 if r.label is None else int(r.label))
