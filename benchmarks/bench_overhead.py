@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks.bench_scaling import trainer_overrides
 from endodistill.config import Config, load_config
 from endodistill.utils import atomic_write_json
 
@@ -197,11 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     batch = args.batch or (None if cuda else 2)
     workers = args.workers if args.workers is not None else (preset.trainer.num_workers if cuda else 1)
     over = [
-        f"trainer.accelerator={'gpu' if cuda else 'cpu'}",
-        "trainer.devices=1",
-        f"trainer.precision={'bf16-mixed' if cuda else '32-true'}",
-        f"trainer.num_workers={workers}",
-        f"trainer.threads={args.threads}",
+        *trainer_overrides(cuda, args.threads, workers),
         f"teacher.epochs={args.epochs}",
         "teacher.folds=1",
         f"mae.epochs={args.epochs}",

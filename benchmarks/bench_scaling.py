@@ -41,6 +41,17 @@ from endodistill.utils import atomic_write_json
 METHOD = "scratch_kd_ce"  # KD + CE through the label-matched pairing, no MAE encoder needed
 
 
+def trainer_overrides(cuda: bool, threads: int, workers: int) -> list[str]:
+    """``--set`` overrides for one device as a real run uses it: bf16-mixed on a GPU, fp32 on the CPU."""
+    return [
+        f"trainer.accelerator={'gpu' if cuda else 'cpu'}",
+        "trainer.devices=1",
+        f"trainer.precision={'bf16-mixed' if cuda else '32-true'}",
+        f"trainer.num_workers={workers}",
+        f"trainer.threads={threads}",
+    ]
+
+
 def _proc_status(key: str) -> float | None:
     """A memory figure of this process from ``/proc/self/status`` in MiB (None off Linux)."""
     try:
@@ -208,17 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     n = args.n or (64 if args.quick else 128)
     epochs = args.epochs or (3 if args.quick else 4)
-    trainer = (
-        {"accelerator": "gpu", "devices": 1, "precision": "bf16-mixed", "num_workers": 0}
-        if cuda
-        else {"accelerator": "cpu", "devices": 1, "precision": "32-true", "num_workers": 0}
-    )
-    trainer["threads"] = args.threads
     cfg = load_config(
         args.preset,
         [
             *args.overrides,
-            *(f"trainer.{k}={v}" for k, v in trainer.items()),
+            *trainer_overrides(cuda, args.threads, workers=0),
             f"finetune.epochs={epochs}",
             f"mae.epochs={epochs}",
         ],

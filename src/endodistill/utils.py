@@ -9,9 +9,9 @@ import json
 import os
 import random
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -74,6 +74,33 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+
+def thread_map(fn: Callable[[_T], _R], items: Iterable[_T], workers: int | None, name: str) -> list[_R]:
+    """``[fn(x) for x in items]`` in order, run by up to ``workers`` threads (default: the CPUs, at most 8).
+
+    For work that spends its time in C with the GIL released (NumPy, zlib, FFmpeg/x264, hashing). With one
+    worker or one item it runs in this thread. On an exception or Ctrl-C the queued items are dropped and the
+    running ones finish before it propagates.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    items = list(items)
+    n = min(workers or min(8, os.cpu_count() or 1), len(items))
+    if n <= 1:
+        return [fn(x) for x in items]
+    pool = ThreadPoolExecutor(n, thread_name_prefix=name)
+    try:
+        out = list(pool.map(fn, items))
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+    return out
 
 
 def file_sha256(path: str | Path) -> str:

@@ -170,12 +170,9 @@ def _warm_cache(cache: Any, cfg: Config, volumes: list[tuple[Any, str | None]], 
     without the start-up and fork-safety issues of worker processes. Failures are left to the ordered pass,
     which reports the first bad file in manifest order with its usual one-line error.
     """
-    from concurrent.futures import ThreadPoolExecutor
+    from endodistill.utils import thread_map
 
-    workers = cfg.data.preprocess_threads or min(8, os.cpu_count() or 1)
     jobs = [(r, uid) for r, uid in volumes] + [(r, False) for r in clips]
-    if workers <= 1 or len(jobs) < 2:
-        return
 
     def one(job: tuple[Any, str | bool | None]) -> None:
         r, uid = job
@@ -187,15 +184,8 @@ def _warm_cache(cache: Any, cfg: Config, volumes: list[tuple[Any, str | None]], 
         except Exception:  # reported by the ordered pass
             pass
 
-    pool = ThreadPoolExecutor(min(workers, len(jobs)), thread_name_prefix="endodistill-preprocess")
-    try:
-        list(pool.map(one, jobs))
-    except BaseException:
-        pool.shutdown(
-            wait=True, cancel_futures=True
-        )  # Ctrl-C: drop the queued files, finish the running ones
-        raise
-    pool.shutdown(wait=True)
+    if len(jobs) > 1 and (cfg.data.preprocess_threads or os.cpu_count() or 1) > 1:
+        thread_map(one, jobs, cfg.data.preprocess_threads, "endodistill-preprocess")
 
 
 def load_cohort(cfg: Config, manifest: str | Path) -> CohortData:

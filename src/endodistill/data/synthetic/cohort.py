@@ -36,7 +36,7 @@ from endodistill.data.synthetic.signs import (
 )
 from endodistill.data.synthetic.tvus_render import render_tvus
 from endodistill.errors import InputError
-from endodistill.utils import atomic_write_bytes, atomic_write_json, atomic_write_text
+from endodistill.utils import atomic_write_bytes, atomic_write_json, atomic_write_text, thread_map
 
 GENERATOR_VERSION = 1
 _GROUPS = {"L": 0, "U": 1, "T": 2}  # labelled MRI, unlabelled MRI, TVUS-only subjects
@@ -335,20 +335,7 @@ def generate_cohort(
 
     # Rendering (NumPy), gzip and x264 (one encoder thread each) release the GIL for most of their time:
     # a thread per core renders the demo cohort in about 60 % of the single-thread time.
-    import os
-    from concurrent.futures import ThreadPoolExecutor
-
-    workers = max(1, min(threads or os.cpu_count() or 1, 8))
-    if workers > 1:
-        pool = ThreadPoolExecutor(workers, thread_name_prefix="endodistill-synth")
-        try:
-            made = list(pool.map(make, plan))
-        except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
-        pool.shutdown(wait=True)
-    else:
-        made = [make(subj) for subj in plan]
+    made = thread_map(make, plan, threads, "endodistill-synth")
     manifest_rows = [m for m, _ in made]
     latent_rows = [lat for _, lat in made if lat is not None]
     site_counts: Counter[str] = Counter(m["site"] for m in manifest_rows if m["modality"] == "mri")
