@@ -33,6 +33,7 @@ BENCHES: dict[str, tuple[str, list[str], list[str]]] = {
     "memory": ("benchmarks.bench_memory", [], []),
     "compile": ("benchmarks.bench_compile", ["--repeats", "3"], []),
     "spread": ("benchmarks.bench_spread", [], []),
+    "speedups": ("benchmarks.bench_speedups", [], []),
     "demo": ("benchmarks.bench_demo", [], []),
 }
 

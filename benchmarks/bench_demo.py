@@ -110,10 +110,17 @@ def main() -> int:
             f"shared work: teacher + MAE {shared:.1f} s trained once; once per fit ({n_fits} fits) they would add "
             f"{shared * (n_fits - 1):.0f} s, {(wall + shared * (n_fits - 1)) / wall:.1f}x this demo's wall time"
         )
+    import resource
+
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    print(f"peak RSS of this process: {peak_mib:.0f} MiB (bound: 4096 MiB)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(
-            json.dumps({"wall": wall, "rows": rows, "threads": cfg.trainer.threads}, indent=2)
+            json.dumps(
+                {"wall": wall, "rows": rows, "threads": cfg.trainer.threads, "peak_rss_mib": peak_mib},
+                indent=2,
+            )
         )
     if args.out is None and not args.keep:
         import shutil

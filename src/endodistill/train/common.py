@@ -213,8 +213,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         os.close(fd)
         try:
             # Streamed through a Python file object: its write() raises the plain OSError(ENOSPC) on a full
-            # disk (named below), and nothing is buffered in memory (a 1.35 GB ViT-B checkpoint: 2-3.5 s
-            # against 5-5.4 s through an in-memory buffer).
+            # disk (named below), and nothing is buffered in memory (a ViT-B checkpoint: 0.5-0.9x the time of
+            # going through an in-memory buffer, depending on the page cache; benchmarks/bench_speedups.py).
             with open(tmp, "wb") as fh:
                 torch.save(checkpoint, fh)
             os.replace(tmp, path)
@@ -564,8 +564,8 @@ def adamw(
 ) -> torch.optim.AdamW:
     """AdamW with PyTorch's fused kernel (CPU and CUDA), the same update in one pass over the parameters.
 
-    On the demo student the optimiser step takes 0.23 ms fused against 1.28 ms for the default per-tensor
-    loop on CPU (about 7 % of a 15 ms training step). Deterministic run to run.
+    On the demo student the optimiser step takes about a third of the time of the default per-tensor loop
+    on CPU (``benchmarks/bench_speedups.py``), with the same weights. Deterministic run to run.
     """
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
 
@@ -884,7 +884,7 @@ def make_loader(batches: PlannedBatches, cfg: Config) -> DataLoader:
     With ``num_workers=0`` (the CPU default) batches are built in-process: no worker start-up per fit.
     """
     w = cfg.trainer.num_workers
-    batches.prefetch = w == 0
+    batches.prefetch = w == 0 and cfg.trainer.lookahead
     return DataLoader(
         batches,
         batch_size=None,

@@ -52,8 +52,8 @@ def augment_volumes(x: Tensor, rng: np.random.Generator) -> Tensor:
 
     Only the L-R axis is flipped: the pelvis is roughly left-right symmetric, not front-back or up-down.
     Written on batched tensors (MONAI's per-sample dictionary transforms would add per-case overhead), in
-    place: ``x`` must be the batch's own copy (``volumes[idx]`` is). In place it takes 0.38 ms instead of
-    0.66 ms for a demo batch (16 x 16 x 32 x 32), with bit-identical values.
+    place: ``x`` must be the batch's own copy (``volumes[idx]`` is). In place it saves a fifth to two fifths of
+    the time for a demo batch (16 x 16 x 32 x 32), with bit-identical values (``benchmarks/bench_speedups.py``).
     """
     b = x.shape[0]
     flip = np.flatnonzero(rng.random(b) < 0.5)

@@ -334,7 +334,7 @@ def generate_cohort(
         return {**row, "path": subj.path}, latent
 
     # Rendering (NumPy), gzip and x264 (one encoder thread each) release the GIL for most of their time:
-    # a thread per core renders the demo cohort in about 60 % of the single-thread time.
+    # a thread per core renders a demo cohort in 60-70 % of the single-thread time (bench_speedups).
     made = thread_map(make, plan, threads, "endodistill-synth")
     manifest_rows = [m for m, _ in made]
     latent_rows = [lat for _, lat in made if lat is not None]
