@@ -296,3 +296,35 @@ def test_mismatched_architectures_are_errors(cfg3) -> None:
     student = build_student(cfg3)
     with pytest.raises(InputError, match="unexpected key 'extra'"):
         load_mae_encoder(student, {**state, "extra": torch.zeros(1)}, source="enc.safetensors")
+
+
+@pytest.mark.parametrize("pool", ["mean", "flat"])
+def test_student_pooling_reads_the_patch_tokens(cfg3, pool: str) -> None:
+    cfg = cfg3.model_copy(deep=True)
+    cfg.student.pool = pool
+    torch.manual_seed(0)
+    s = build_student(cfg).eval()
+    x = _vol(cfg)
+    with torch.no_grad():
+        tokens = s.encode(x)
+        pooled = tokens[:, 1:].mean(1) if pool == "mean" else tokens[:, 1:].flatten(1)
+        torch.testing.assert_close(s(x), s.classification_head(pooled))
+
+
+def test_mlp_stem_is_patch_local_and_loads_from_the_mae(cfg3) -> None:
+    cfg = cfg3.model_copy(deep=True)
+    cfg.mri.size, cfg.student.num_layers, cfg.student.stem = (16, 16, 16), 2, "mlp"
+    mae, student = _pair(cfg)
+    embed = student.patch_embedding.patch_embeddings
+    x = _vol(cfg)
+    with torch.no_grad():
+        base = embed(x).flatten(2)
+        y = x.clone()
+        p0, p1, p2 = cfg.student.patch_size
+        y[:, :, :p0, :p1, :p2] += 1.0  # change the first patch only
+        changed = (embed(y).flatten(2) - base).abs().amax(dim=(0, 1)) > 0
+    # Only token 0 (the first patch in the conv embedding's row-major order) sees the change.
+    assert changed[0] and not changed[1:].any()
+    load_mae_encoder(student, mae_encoder_state(mae))
+    with torch.no_grad():
+        torch.testing.assert_close(student.encode(x), mae.encode(x), rtol=0, atol=0)

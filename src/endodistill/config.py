@@ -139,6 +139,17 @@ class StudentConfig(_Strict):
     num_heads: int = Field(3, ge=1)
     dropout: float = Field(0.0, ge=0, lt=1)
     qkv_bias: bool = True
+    stem: Literal["linear", "mlp"] = Field(
+        "linear",
+        description=(
+            "Patch embedding: 'linear' (one strided convolution, MONAI's default) or 'mlp' (a two-layer MLP "
+            "on each flattened patch; patch-local, so the MAE's masked patches stay hidden from the encoder)."
+        ),
+    )
+    stem_width: int = Field(96, ge=1, description="Hidden width of the 'mlp' stem.")
+    pool: Literal["cls", "mean", "flat"] = Field(
+        "cls", description="What the head reads: the cls token, or the mean of the patch tokens."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> StudentConfig:

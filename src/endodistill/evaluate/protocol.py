@@ -241,6 +241,52 @@ def _mae_encoder(
     return run_dir / unit / "encoder.safetensors"
 
 
+def _mae_diagnostic(
+    cfg: Config,
+    data: Any,
+    run_dir: Path,
+    splits: list[dict[str, list[str]]],
+    encoder: Path | None,
+    resume: bool,
+) -> dict[str, Any] | None:
+    """The MAE's linear probe against the same encoder before pre-training (``mae/probe.json``).
+
+    Only for the shared MAE (``mae.use_labelled_train`` trains one per fold, each seeing its fold's training
+    volumes: a probe of one of them on every fold would leak); binary tasks only.
+    """
+    if encoder is None or cfg.task.num_classes != 2:
+        return None
+    from endodistill.train.common import fit_seed, read_done
+    from endodistill.train.probe import mae_probe
+
+    path = run_dir / "mae" / "probe.json"
+    if resume and path.is_file():
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            pass
+    t0 = time.perf_counter()
+    lab = data.labelled
+    y = (lab.labels == cfg.task.positive_class).astype(np.int64)
+    folds = [lab.index(f["test"]) for f in splits]
+    info = mae_probe(cfg, lab.x, y, folds, encoder, fit_seed(cfg.seed, "mae", None, "mae"))
+    done = read_done(run_dir / "mae") or {}
+    info.update(
+        n_volumes=done.get("n_volumes"),
+        loss_first=done.get("loss_first"),
+        loss_last=done.get("loss_last"),
+        seconds=round(time.perf_counter() - t0, 3),
+    )
+    atomic_write_json(path, info)
+    lo, hi = info["probe_auc_ci95"]
+    rlo, rhi = info["random_probe_auc_ci95"]
+    _echo(
+        f"[mae] linear probe AUC {info['probe_auc']:.3f} [{lo:.3f}, {hi:.3f}] vs the same encoder before "
+        f"pre-training {info['random_probe_auc']:.3f} [{rlo:.3f}, {rhi:.3f}] ({info['seconds']:.1f} s)"
+    )
+    return info
+
+
 def _needs_mae(cfg: Config, methods: list[str]) -> bool:
     return cfg.mae.enabled and any(cfg.protocol.methods[m].init == "mae" for m in methods)
 
@@ -576,6 +622,7 @@ def _run_experiment(cfg: Config, run_dir: Path, resume: bool, spread: Spread | N
     shared_encoder: Path | None = None
     if _needs_mae(cfg, methods) and not cfg.mae.use_labelled_train:
         shared_encoder = _mae_encoder(cfg, data, run_dir, None, [], resume, _echo)
+    mae_info = _mae_diagnostic(cfg, data, run_dir, splits, shared_encoder, resume)
     fold_encoders: dict[int, Path | None] = {}
 
     def encoder_of(f: int) -> Path | None:
@@ -625,6 +672,7 @@ def _run_experiment(cfg: Config, run_dir: Path, resume: bool, spread: Spread | N
     results = {
         "methods": method_metrics,
         "teacher": teacher_metrics,
+        "mae": mae_info,
         "comparisons": comparisons,
         "cohort": {**data.cohort, "manifest": str(cfg.data.manifest)},
         "config": cfg.model_dump(mode="json"),
