@@ -188,3 +188,90 @@ def test_missing_or_bad_results_is_input_error(tmp_path: Path) -> None:
     (tmp_path / "results.json").write_text("{bad")
     with pytest.raises(InputError, match="not valid JSON"):
         write_report(tmp_path)
+
+
+def _with_extras(run: Path) -> dict:
+    """Add baselines, the MAE probe and the teacher's CV AUC to a fabricated run's results.json."""
+    results = json.loads((run / "results.json").read_text())
+    rng = np.random.default_rng(5)
+    n = 40
+    y = np.array([int(v) for v in rng.integers(0, 2, n)])
+    y[:2] = [0, 1]
+    rows = []
+    for k, m in enumerate(("logreg", "cnn3d", "oracle")):
+        p = 1 / (1 + np.exp(-(rng.normal(size=n) + (k + 1) * (2 * y - 1))))
+        rows += [
+            {"subject_id": f"s{i:02d}", "fold": i % 5, "method": m, "label": int(y[i]), "prob": float(p[i])}
+            for i in range(n)
+        ]
+    base = summarise_methods(rows, high_sensitivity=0.9)
+    base["sign_visibility"] = {"retroflexion": 0.9612345678901, "elevated_fornix": 0.4412345678901}
+    full = [{**r, "method": "mae_kd_ce"} for r in rows if r["method"] == "cnn3d"]
+    base["comparisons"] = compare_methods([*full, *(r for r in rows if r["method"] == "logreg")], "logreg")
+    results["baselines"] = base
+    results["mae"] = {
+        "probe_auc": 0.6312345678901,
+        "probe_auc_ci95": [0.5512345678901, 0.7112345678901],
+        "random_probe_auc": 0.5512345678901,
+    }
+    results["teacher"].update(
+        cv_auc=0.9612345678901,
+        cv_auc_ci95=[0.9312345678901, 0.9912345678901],
+        clip_baseline={"auc": 0.9212345678901, "auc_ci95": [0.8812345678901, 0.9612345678901]},
+    )
+    (run / "results.json").write_text(json.dumps(nan_to_none(results)))
+    return results
+
+
+def test_report_shows_baselines_and_diagnostics_apart_from_the_methods(tmp_path: Path) -> None:
+    run = _fake_run(tmp_path)
+    results = _with_extras(run)
+    table = format_ablation_table(results)
+    lines = table.splitlines()
+    i = lines.index("Reference baselines (same folds and statistics):")
+    assert all(ln.split(" ")[0] in METHODS for ln in lines[2:i])  # methods first, then the baselines
+    assert [ln.split(" ")[0] for ln in lines[i + 1 : i + 4]] == ["logreg", "cnn3d", "oracle"]
+    # Baseline rows line up with the method rows (same column widths).
+    assert len(lines[i + 1]) == len(lines[2])
+    auc = results["baselines"]["logreg"]["auc"]
+    lo, hi = results["baselines"]["logreg"]["auc_ci95"]
+    assert f"{100 * auc:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]" in lines[i + 1]
+    assert "retroflexion 96.1, elevated_fornix 44.1" in table
+    assert (
+        "MAE linear probe AUC 63.1 [55.1, 71.1] vs the same probe on a randomly initialised encoder 55.1"
+        in table
+    )
+    assert "Teacher cross-validated AUC 96.1 [93.1, 99.1]; simple clip baseline 92.1 [88.1, 96.1]" in table
+    assert "ceilings" in lines[-1]
+
+    html_path, md_path = write_report(run)
+    text = html_path.read_text()
+    _check_html(text)
+    ablation = text.split('<h2 id="ablation">')[1].split("</section>")[0]
+    assert "<h3>Reference baselines</h3>" in ablation and "<td>oracle</td>" in ablation
+    assert "which signs the chosen resolution can show at all" in ablation
+    assert "<td>retroflexion</td><td>96.1</td>" in ablation
+    assert "MAE linear probe AUC 63.1 [55.1, 71.1]" in ablation
+    teacher = text.split('<h2 id="teacher">')[1].split("</section>")[0]
+    assert "Teacher cross-validated AUC 96.1 [93.1, 99.1]; simple clip baseline 92.1 [88.1, 96.1]" in teacher
+    folds = text.split('<h2 id="folds">')[1].split("</section>")[0]
+    assert "<td>logreg (baseline)</td>" in folds
+    comps = text.split('<h2 id="comparisons">')[1].split("</section>")[0]
+    assert "Full method vs reference baselines" in comps and "<td>logreg</td>" in comps
+    # No raw floats anywhere in the rendered tables and sentences (the config YAML aside).
+    body = text.split('<h2 id="config">')[0]
+    assert not re.search(r"(?<![\d.])\d\.\d{5,}", re.sub(r'src="data:[^"]+"', "", body))
+    md = md_path.read_text()
+    assert "## Reference baselines" in md and "| logreg |" in md and "| retroflexion | 96.1 |" in md
+    assert "MAE linear probe AUC 63.1" in md and "Teacher cross-validated AUC 96.1" in md
+    assert not re.search(r"(?<![\d.])\d\.\d{5,}", md)
+
+
+def test_report_without_baselines_has_no_baseline_blocks(tmp_path: Path) -> None:
+    run = _fake_run(tmp_path)
+    results = json.loads((run / "results.json").read_text())
+    table = format_ablation_table(results)
+    assert "Reference baselines" not in table and "Sign visibility" not in table and "MAE" not in table
+    text = write_report(run)[0].read_text()
+    assert "Reference baselines" not in text and "Sign visibility" not in text
+    assert "MAE linear probe" not in text and "cross-validated AUC" not in text

@@ -150,6 +150,80 @@ def _ablation_rows(results: Mapping[str, Any]) -> tuple[list[str], list[list[str
     return headers, rows
 
 
+# The reference baselines (results["baselines"]), in display order, and what each one is.
+BASELINE_NAMES: dict[str, str] = {
+    "logreg": "L2 logistic regression on the preprocessed voxels (C by inner CV on the training part)",
+    "cnn3d": "small 3D CNN (MONAI Classifier), the student's budget rules",
+    "oracle": "posterior from the synthetic cohort's latent signs (the ceiling)",
+}
+SIGN_VISIBILITY_SENTENCE = (
+    "A probe per latent sign on the preprocessed grid: which signs the chosen resolution can show at all "
+    "(out-of-fold AUC of an L2 logistic regression predicting the sign from the voxels, on the run's folds; "
+    "about 50 means the sign is invisible at this grid)."
+)
+
+
+def _baselines(results: Mapping[str, Any]) -> Mapping[str, Any]:
+    b = results.get("baselines")
+    return b if isinstance(b, Mapping) else {}
+
+
+def _baseline_rows(results: Mapping[str, Any], ncols: int) -> list[list[str]]:
+    """The baselines as rows of the ablation table (same columns; no paper AUC)."""
+    rows = []
+    for name in BASELINE_NAMES:
+        m = _baselines(results).get(name)
+        if not isinstance(m, Mapping):
+            continue
+        row = [
+            name,
+            _auc_cell(m),
+            _fold_cell(m),
+            _op_cell(m.get("youden")),
+            _op_cell(m.get("high_sensitivity")),
+            _f(m.get("brier")),
+            _f(m.get("ece")),
+        ]
+        rows.append((row + [DASH] * ncols)[:ncols])
+    return rows
+
+
+def _sign_visibility(results: Mapping[str, Any]) -> dict[str, Any]:
+    sv = _baselines(results).get("sign_visibility")
+    return {str(k): v for k, v in sv.items()} if isinstance(sv, Mapping) else {}
+
+
+def _ci_text(auc: Any, ci: Any) -> str:
+    """``AUC [lo, hi]`` x100, or just the AUC when the CI is missing."""
+    txt = _x100(auc)
+    if txt != DASH and isinstance(ci, Sequence) and not isinstance(ci, str) and len(ci) == 2:
+        lo, hi = _num(ci[0]), _num(ci[1])
+        if lo is not None and hi is not None:
+            txt += f" [{_x100(lo)}, {_x100(hi)}]"
+    return txt
+
+
+def _diagnostic_lines(results: Mapping[str, Any]) -> list[str]:
+    """One line each for the MAE probe and the teacher's CV AUC, when ``results.json`` holds them."""
+    lines = []
+    mae = results.get("mae")
+    if isinstance(mae, Mapping) and _num(mae.get("probe_auc")) is not None:
+        line = "MAE linear probe AUC " + _ci_text(mae.get("probe_auc"), mae.get("probe_auc_ci95"))
+        if _num(mae.get("random_probe_auc")) is not None:
+            line += " vs the same probe on a randomly initialised encoder " + _ci_text(
+                mae.get("random_probe_auc"), mae.get("random_probe_auc_ci95")
+            )
+        lines.append(line)
+    teacher = results.get("teacher")
+    if isinstance(teacher, Mapping) and _num(teacher.get("cv_auc")) is not None:
+        line = "Teacher cross-validated AUC " + _ci_text(teacher.get("cv_auc"), teacher.get("cv_auc_ci95"))
+        clip = teacher.get("clip_baseline")
+        if isinstance(clip, Mapping) and _num(clip.get("auc")) is not None:
+            line += "; simple clip baseline " + _ci_text(clip.get("auc"), clip.get("auc_ci95"))
+        lines.append(line)
+    return lines
+
+
 def _ceilings(results: Mapping[str, Any]) -> dict[str, float]:
     cohort = results.get("cohort")
     ceil = cohort.get("ceilings") if isinstance(cohort, Mapping) else None
@@ -165,17 +239,31 @@ def format_ablation_table(results: Mapping[str, Any]) -> str:
         results: the content of ``results.json``.
 
     Returns:
-        The table, one line per method, plus the cohort's AUC ceilings when known.
+        The table, one line per method, then the reference baselines (same columns), the sign visibility,
+        the MAE probe and the teacher's cross-validated AUC when ``results.json`` holds them, and last the
+        cohort's AUC ceilings when known.
     """
     headers, rows = _ablation_rows(results)
-    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
-    lines = [
-        "  ".join(
+    base = _baseline_rows(results, len(headers))
+    widths = [max(len(r[i]) for r in [headers, *rows, *base]) for i in range(len(headers))]
+
+    def line(r: Sequence[str]) -> str:
+        return "  ".join(
             c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
         )
-        for r in [headers, *rows]
-    ]
+
+    lines = [line(r) for r in [headers, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    if base:
+        lines.append("Reference baselines (same folds and statistics):")
+        lines += [line(r) for r in base]
+    sv = _sign_visibility(results)
+    if sv:
+        lines.append(
+            "Sign visibility (probe AUC per latent sign on the preprocessed grid): "
+            + ", ".join(f"{k} {_x100(v)}" for k, v in sv.items())
+        )
+    lines += _diagnostic_lines(results)
     ceil = _ceilings(results)
     if ceil:
         lines.append(
@@ -630,6 +718,41 @@ def _correction_sentence(comps: Sequence[Mapping[str, Any]]) -> str:
     )
 
 
+def _value_text(v: Any) -> Any:
+    """Floats (and lists of them) at 3 decimals for the key-value tables; anything else unchanged."""
+    if isinstance(v, float):
+        return _f(v)
+    if isinstance(v, list) and v and all(isinstance(x, int | float) or x is None for x in v):
+        return "[" + ", ".join(_f(x) if isinstance(x, float) or x is None else str(x) for x in v) + "]"
+    return v
+
+
+def _baselines_html(results: Mapping[str, Any], headers: Sequence[str]) -> list[str]:
+    """The reference baselines, sign visibility and MAE probe blocks of the ablation section."""
+    parts = []
+    base = _baseline_rows(results, len(headers))
+    if base:
+        what = "; ".join(
+            f"<b>{k}</b>: {html.escape(v)}" for k, v in BASELINE_NAMES.items() if _baselines(results).get(k)
+        )
+        parts += [
+            "<h3>Reference baselines</h3>",
+            f"<p>Same folds and statistics as the methods, apart from them: {what}.</p>",
+            _html_table(["Baseline", *headers[1:]], base),
+        ]
+    sv = _sign_visibility(results)
+    if sv:
+        parts += [
+            "<h3>Sign visibility</h3>",
+            f"<p>{html.escape(SIGN_VISIBILITY_SENTENCE)}</p>",
+            _html_table(["Latent sign", "Probe AUC"], [[k, _x100(v)] for k, v in sv.items()]),
+        ]
+    mae = [ln for ln in _diagnostic_lines(results) if ln.startswith("MAE")]
+    if mae:
+        parts += ["<h3>MAE linear probe</h3>", f"<p>{html.escape(mae[0])} (x100, 95% CI).</p>"]
+    return parts
+
+
 def _html_sections(results: dict[str, Any], run_dir: Path) -> dict[str, str]:
     methods: dict[str, Any] = results.get("methods") or {}
     protocol = _cfg(results).get("protocol")
@@ -644,6 +767,7 @@ def _html_sections(results: dict[str, Any], run_dir: Path) -> dict[str, str]:
             "DeLong 95% CIs. Paper: Wang et al., arXiv 2307.02000 (private cohort, no CIs published)."
         ),
     ]
+    parts += _baselines_html(results, headers)
     ceil = _ceilings(results)
     if ceil:
         parts.append(
@@ -680,8 +804,15 @@ def _html_sections(results: dict[str, Any], run_dir: Path) -> dict[str, str]:
         tparts.append(_img(fig, "teacher ROC") if fig else _note("teacher predictions hold one class only"))
     else:
         tparts.append(_note("teacher/predictions.csv not found"))
+    teacher_cv = [ln for ln in _diagnostic_lines(results) if ln.startswith("Teacher")]
+    if teacher_cv:
+        tparts.append(f"<p>{html.escape(teacher_cv[0])} (x100, 95% CI).</p>")
     if teacher:
-        scalars = {k: v for k, v in teacher.items() if not isinstance(v, Mapping | list) or k == "auc_ci95"}
+        scalars = {
+            k: _value_text(v)
+            for k, v in teacher.items()
+            if not isinstance(v, Mapping | list) or k in ("auc_ci95", "cv_auc_ci95")
+        }
         tparts.append(_kv_table(scalars, "Teacher metric"))
     body["teacher"] = "".join(tparts)
 
@@ -690,10 +821,11 @@ def _html_sections(results: dict[str, Any], run_dir: Path) -> dict[str, str]:
     n_folds = max(
         (len(m.get("fold_aucs") or []) for m in methods.values() if isinstance(m, Mapping)), default=0
     )
-    for n, m in methods.items():
+    baselines = {n: m for n, m in _baselines(results).items() if n in BASELINE_NAMES}
+    for n, m in [*methods.items(), *((f"{n} (baseline)", m) for n, m in baselines.items())]:
         if isinstance(m, Mapping) and m.get("fold_aucs"):
-            vals = [_x100(a) for a in m["fold_aucs"]] + [""] * (n_folds - len(m["fold_aucs"]))
-            fold_rows.append([n, *vals, _fold_cell(m)])
+            vals = [_x100(a) for a in m["fold_aucs"]][:n_folds]
+            fold_rows.append([n, *vals, *[""] * (n_folds - len(vals)), _fold_cell(m)])
     body["folds"] = (_img(fold_fig, "per-fold AUCs") if fold_fig else "") + (
         _html_table(["Method", *[f"fold {i}" for i in range(n_folds)], "mean ± SD"], fold_rows, full)
         if fold_rows
@@ -706,6 +838,14 @@ def _html_sections(results: dict[str, Any], run_dir: Path) -> dict[str, str]:
         body["comparisons"] = f"<p>{html.escape(_correction_sentence(comps))}</p>" + _html_table(h, r)
     else:
         body["comparisons"] = _note("no comparisons in results.json")
+    bcomps = [c for c in _baselines(results).get("comparisons") or [] if isinstance(c, Mapping)]
+    if bcomps:
+        h, r = _comparisons_rows(bcomps)
+        body["comparisons"] += (
+            "<h3>Full method vs reference baselines</h3>"
+            f"<p>{html.escape(_correction_sentence(bcomps))} (A separate family from the methods' tests.)</p>"
+            + _html_table(h, r)
+        )
 
     tparts = []
     for title, items in _training_groups(run_dir).items():
@@ -784,6 +924,25 @@ def _render_md(results: dict[str, Any]) -> str:
         "",
         _md_table(headers, rows) if rows else "_no methods_",
     ]
+    base = _baseline_rows(results, len(headers))
+    if base:
+        out += [
+            "",
+            "## Reference baselines",
+            "",
+            "Same folds and statistics as the methods: "
+            + "; ".join(f"{k}: {v}" for k, v in BASELINE_NAMES.items() if _baselines(results).get(k))
+            + ".",
+            "",
+            _md_table(["Baseline", *headers[1:]], base),
+        ]
+    sv = _sign_visibility(results)
+    if sv:
+        out += ["", "### Sign visibility", "", SIGN_VISIBILITY_SENTENCE, ""]
+        out.append(_md_table(["Latent sign", "Probe AUC"], [[k, _x100(v)] for k, v in sv.items()]))
+    diag = _diagnostic_lines(results)
+    if diag:
+        out += ["", *(f"- {ln} (x100, 95% CI)" for ln in diag)]
     ceil = _ceilings(results)
     if ceil:
         out += [
@@ -794,6 +953,17 @@ def _render_md(results: dict[str, Any]) -> str:
     if comps:
         h, r = _comparisons_rows(comps)
         out += ["", "## Paired comparisons", "", _correction_sentence(comps), "", _md_table(h, r)]
+    bcomps = [c for c in _baselines(results).get("comparisons") or [] if isinstance(c, Mapping)]
+    if bcomps:
+        h, r = _comparisons_rows(bcomps)
+        out += [
+            "",
+            "### Full method vs reference baselines",
+            "",
+            _correction_sentence(bcomps),
+            "",
+            _md_table(h, r),
+        ]
     if results.get("seed") is not None:
         out += ["", f"Seed: {results['seed']}"]
     return "\n".join(out) + "\n"
