@@ -133,3 +133,23 @@ def test_monai_bundle_round_trip(model_dir: Path, real_data: Path, tmp_path: Pat
     assert abs(got["probability"] - pred["probability"]) < 1e-4
     assert got["decision"] == pred["decision"] and got["weights_sha256"] == pred["weights_sha256"]
     assert not (bundle / "eval").exists(), "the export's own check leaves nothing in the bundle"
+
+
+def test_bundle_network_of_a_pooled_mlp_stem_student(tmp_path: Path) -> None:
+    """A student that is not a plain MONAI ViT (MLP stem, mean pooling) is built as StudentViT in the bundle."""
+    from monai.bundle import ConfigParser
+
+    cfg = load_config("tiny", ["student.stem=mlp", "student.pool=mean"])
+    torch.manual_seed(5)
+    model = build_student(cfg)
+    md = save_model_dir(tmp_path / "model", model.state_dict(), cfg, 0.5, {"auc": 0.5})
+    lm = load_model_dir(md)
+    assert lm.metadata["arch"]["network"] == "endodistill.models.student.StudentViT"
+    parser = ConfigParser(export_mod.inference_config(lm))
+    net = parser.get_parsed_content("network_def")
+    net.load_state_dict(lm.model.state_dict(), strict=True)
+    net.eval()
+    x = torch.randn(2, 1, *cfg.mri.size)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), lm.model(x))
+    assert parser.get("logits") == "$@network(@image).detach()"

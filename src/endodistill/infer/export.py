@@ -226,8 +226,32 @@ def export_onnx(lm: LoadedModel, out: Path, volume: Path) -> float:
 # ------------------------------------------------------------------------------------- MONAI bundle
 
 
+def _plain_monai_vit(lm: LoadedModel) -> bool:
+    """Whether the student is exactly a MONAI ``ViT`` (linear patch embedding, cls-token head)."""
+    return lm.cfg.student.stem == "linear" and lm.cfg.student.pool == "cls"
+
+
 def _network_def(lm: LoadedModel) -> dict[str, Any]:
     s, cfg = lm.cfg.student, lm.cfg
+    if not _plain_monai_vit(lm):
+        # An MLP stem or a token-pooling head is our subclass of MONAI's ViT (same keys otherwise); the
+        # bundle already needs endodistill for preprocessing, so it builds that class.
+        return {
+            "_target_": "endodistill.models.student.StudentViT",
+            "in_channels": 1,
+            "img_size": list(cfg.mri.size),
+            "patch_size": list(s.patch_size),
+            "hidden_size": s.hidden_size,
+            "mlp_dim": s.mlp_dim,
+            "num_layers": s.num_layers,
+            "num_heads": s.num_heads,
+            "num_classes": cfg.task.num_classes,
+            "dropout_rate": s.dropout,
+            "qkv_bias": s.qkv_bias,
+            "stem": s.stem,
+            "stem_width": s.stem_width,
+            "pool": s.pool,
+        }
     return {
         "_target_": "monai.networks.nets.ViT",
         "in_channels": 1,
@@ -271,7 +295,8 @@ def inference_config(lm: LoadedModel) -> dict[str, Any]:
             "cfg": "@mri",
         },
         "image": "$torch.as_tensor(@preprocessing[0])[None].to(@device)",
-        "logits": "$@network(@image)[0].detach()",
+        # MONAI's ViT returns (logits, hidden states); StudentViT returns the logits.
+        "logits": "$@network(@image)[0].detach()" if _plain_monai_vit(lm) else "$@network(@image).detach()",
         "probabilities": "$torch.softmax(@logits.double(), dim=1)[0].cpu()",
         "probability": "$float(@probabilities[@positive_class])",
         "result": {
@@ -453,13 +478,24 @@ medical device and must not be used for diagnosis.
 def _readme(lm: LoadedModel) -> str:
     cfg = lm.cfg
     size = " x ".join(map(str, cfg.mri.size))
+    if _plain_monai_vit(lm):
+        net, head = "`monai.networks.nets.ViT`", "cls-token head"
+    else:
+        net = (
+            f"`endodistill.models.student.StudentViT` (MONAI's ViT with a {cfg.student.stem} patch embedding)"
+        )
+        head = {
+            "cls": "cls-token head",
+            "mean": "head on the mean patch token",
+            "flat": "head on all patch tokens",
+        }[cfg.student.pool]
     names = ", ".join(cfg.task.class_names)
     return f"""# {lm.name}: POD obliteration from pelvic MRI (MONAI bundle)
 
 Exported by endodistill {endodistill.__version__}. Research use only; not for diagnosis.
 
-- Network: `monai.networks.nets.ViT` (3D, patch {list(cfg.student.patch_size)}, hidden {cfg.student.hidden_size},
-  {cfg.student.num_layers} layers, {cfg.student.num_heads} heads), cls-token head, no final activation.
+- Network: {net} (3D, patch {list(cfg.student.patch_size)}, hidden {cfg.student.hidden_size},
+  {cfg.student.num_layers} layers, {cfg.student.num_heads} heads), {head}, no final activation.
 - Input: one MRI volume (NIfTI, DICOM series folder, MHA or NRRD), preprocessed by endodistill to
   {size} voxels of {list(cfg.mri.spacing)} mm in {cfg.mri.orientation} orientation, intensities scaled to [0, 1].
 - Output: `eval/prediction.json` with the probabilities of ({names}), the probability of

@@ -6,7 +6,9 @@ Which method and why:
   classification head reads. Each block's head-averaged attention ``A`` is mixed with the identity of
   the residual connection (``0.5 A + 0.5 I``, rows renormalised) and the per-block matrices are
   multiplied from the first block to the last; the cls row of the product, without its own entry, is the
-  map over the patch grid.
+  map over the patch grid. A student whose head reads the patch tokens (``student.pool`` ``mean`` or
+  ``flat``) gets the mean of the patch rows instead: how much each input patch flows into the tokens the
+  head reads (for ``flat`` the head's own per-token weights are not included).
 * Gradient methods were considered and not used: Grad-CAM on the last block's patch tokens is zero by
   construction (the head only reads the cls token, so the last block's patch outputs get no gradient),
   and input-gradient maps of a small ViT are dominated by patch-border noise. Rollout needs no backward
@@ -94,12 +96,14 @@ def attention_rollout(model: nn.Module, x: Tensor, residual: float = 0.5) -> Ten
         rollout = a @ rollout
         tokens = blk(tokens)
     grid = [s // p for s, p in zip(x.shape[2:], _patch_size(embed))]
-    return rollout[:, 0, 1:].reshape(x.shape[0], *grid)
+    if getattr(model, "pool", "cls") == "cls":
+        return rollout[:, 0, 1:].reshape(x.shape[0], *grid)
+    return rollout[:, 1:, 1:].mean(dim=1).reshape(x.shape[0], *grid)
 
 
 def _patch_size(embed: nn.Module) -> tuple[int, ...]:
     conv = getattr(embed, "patch_embeddings", None)
-    ks = getattr(conv, "kernel_size", None)
+    ks = getattr(conv, "patch_size", None) or getattr(conv, "kernel_size", None)
     if ks is None:
         raise TypeError("attention rollout needs MONAI's conv patch embedding (proj_type='conv')")
     return tuple(int(k) for k in ks)

@@ -93,8 +93,9 @@ def arch_summary(cfg: Config) -> dict[str, Any]:
         number and names of classes, positive class.
     """
     s = cfg.student
+    plain = s.stem == "linear" and s.pool == "cls"
     return {
-        "network": "monai.networks.nets.ViT",
+        "network": "monai.networks.nets.ViT" if plain else "endodistill.models.student.StudentViT",
         "in_channels": 1,
         "input_size": [int(v) for v in cfg.mri.size],
         "patch_size": [int(v) for v in s.patch_size],
@@ -104,6 +105,9 @@ def arch_summary(cfg: Config) -> dict[str, Any]:
         "num_heads": s.num_heads,
         "qkv_bias": s.qkv_bias,
         "dropout": s.dropout,
+        "stem": s.stem,
+        "stem_width": s.stem_width,
+        "pool": s.pool,
         "num_classes": cfg.task.num_classes,
         "class_names": list(cfg.task.class_names),
         "positive_class": cfg.task.positive_class,
