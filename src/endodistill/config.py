@@ -234,6 +234,50 @@ class ProtocolConfig(_Strict):
         return self
 
 
+class LogRegBaselineConfig(_Strict):
+    """The ``logreg`` baseline (and the per-sign probes): L2 logistic regression on the preprocessed voxels."""
+
+    enabled: bool = True
+    # Candidate C in units of 1 / (voxels per volume): every standardised voxel has unit variance, so a row's
+    # squared norm is about the voxel count and the same grid fits any grid size. Chosen by inner CV.
+    c_grid: list[float] = Field(default_factory=lambda: [0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0])
+    inner_folds: int = Field(5, ge=2)
+
+    @model_validator(mode="after")
+    def _check(self) -> LogRegBaselineConfig:
+        if not self.c_grid or any(c <= 0 for c in self.c_grid):
+            raise ValueError("c_grid must hold positive values")
+        if sorted(self.c_grid) != list(self.c_grid):
+            raise ValueError("c_grid must be increasing (ties go to the smaller C)")
+        return self
+
+
+class CNN3DBaselineConfig(_Strict):
+    """The ``cnn3d`` baseline: a small 3D CNN (MONAI ``Classifier``) with a fixed schedule, last epoch kept."""
+
+    # Defaults: the demo's recipe (chosen on cohort seeds 10-12, see configs/demo.yaml).
+    enabled: bool = True
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(16, ge=2)
+    lr: float = Field(1e-2, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    width: int = Field(4, ge=1, description="channels of the first conv block (doubled by every block)")
+    blocks: int = Field(4, ge=1, le=8)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    augment: bool = True
+
+
+class BaselinesConfig(_Strict):
+    """Reference baselines on the run's own folds (``results.json`` ``baselines``, apart from the methods)."""
+
+    enabled: bool = True
+    logreg: LogRegBaselineConfig = LogRegBaselineConfig()
+    cnn3d: CNN3DBaselineConfig = CNN3DBaselineConfig()
+    # Synthetic cohorts only (latents.csv beside the manifest); absent without it.
+    oracle: bool = True
+    sign_visibility: bool = True
+
+
 class TrainerConfig(_Strict):
     """Hardware and Lightning settings shared by every stage."""
 
@@ -301,6 +345,7 @@ class Config(_Strict):
     mae: MAEConfig = MAEConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     protocol: ProtocolConfig = ProtocolConfig()
+    baselines: BaselinesConfig = BaselinesConfig()
     trainer: TrainerConfig = TrainerConfig()
 
     @model_validator(mode="after")

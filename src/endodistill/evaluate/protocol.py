@@ -687,6 +687,15 @@ def _run_experiment(cfg: Config, run_dir: Path, resume: bool, spread: Spread | N
         # stage timings above are sums of the fits' own times, not wall-clock time.
         "fit_processes": spread_info["processes"],
     }
+    # --- reference baselines (endodistill.train.baselines): same folds and statistics, apart from the methods
+    if cfg.baselines.enabled:
+        from endodistill.train.baselines import run_baselines
+
+        baselines, baseline_seconds = run_baselines(cfg, data, splits, run_dir, resume, rows, _echo)
+        if baselines:
+            results["baselines"] = baselines
+            results["timings"].update(baseline_seconds)  # in "timings": the only key reruns may change
+    # --- end of reference baselines
     results = nan_to_none(results)
     # Not key-sorted: methods keep the configuration's order (the ablation table's row order).
     atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2, default=_plain) + "\n")
