@@ -116,6 +116,20 @@ class TeacherConfig(_Strict):
     augment: bool = True
     # Subtract each pixel's temporal mean from the clip: static anatomy out, motion (the sliding sign) in.
     motion_input: bool = True
+    motion: Literal["mean", "diff"] = Field(
+        "mean",
+        description=(
+            "How motion_input removes the static anatomy: 'mean' subtracts each pixel's temporal mean "
+            "(T frames in), 'diff' feeds the T - 1 frame-to-frame differences."
+        ),
+    )
+    # Scale each clip's motion input to unit RMS (a per-clip gain: pressure and echo gain vary between clips).
+    motion_norm: bool = False
+    # Augmentations (with `augment`): play a training clip backwards / mirror it left-right, each with p=0.5.
+    time_reverse: bool = False
+    hflip: bool = False
+    # Report a logistic regression on motion features of the same clips, on the same folds, next to the teacher.
+    clip_baseline: bool = True
     channels_last: Literal["auto"] | bool = Field(
         "auto",
         description=(

@@ -93,7 +93,15 @@ def _normalise(x: Tensor, cfg: Config) -> Tensor:
     with this input. Kinetics weights instead expect their own frame statistics.
     """
     if cfg.teacher.motion_input:
-        x = x - x.mean(dim=2, keepdim=True)
+        if cfg.teacher.motion == "diff":
+            x = x[:, :, 1:] - x[:, :, :-1]
+        else:
+            x = x - x.mean(dim=2, keepdim=True)
+        if cfg.teacher.motion_norm:
+            # Each clip's motion to unit RMS: the probe pressure (how far everything moves) varies 2.4x
+            # between clips; what separates the classes is how much of it reaches the rectum side.
+            x = x / x.pow(2).mean(dim=(1, 2, 3, 4), keepdim=True).sqrt().clamp_min(1e-6)
+        return x
     elif cfg.teacher.weights is not None:
         x = (x - KINETICS_GRAY_MEAN) / KINETICS_GRAY_STD
     return x
@@ -129,6 +137,15 @@ def clip_batch_fn(
             xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)), mode="edge")
             d = rng.integers(0, 2 * pad + 1, size=(b, 2))
             x = np.stack([xp[k, :, d[k, 0] : d[k, 0] + h, d[k, 1] : d[k, 1] + w] for k in range(b)])
+            # The sliding sign is the same played backwards (pressure released instead of applied) and
+            # mirrored left-right: both keep the label and double what ~100 clips show. No draws when off,
+            # so configurations without them keep their batches.
+            if cfg.teacher.time_reverse:
+                rev = rng.random(b) < 0.5
+                x[rev] = x[rev][:, ::-1]
+            if cfg.teacher.hflip:
+                flip = rng.random(b) < 0.5
+                x[flip] = x[flip][:, :, :, ::-1]
         x_t = torch.from_numpy(np.ascontiguousarray(x))[:, None]
         return {"x": _normalise(x_t, cfg), "y": torch.from_numpy(clips.labels[ci])}
 
@@ -328,6 +345,21 @@ def _write_predictions(path: Path, rows: list[dict[str, Any]]) -> None:
         tmp.write_text(buf.getvalue(), encoding="utf-8")
 
 
+def _prediction_rows(
+    tv: ClipSet, held: np.ndarray, fold: np.ndarray, probs: np.ndarray, k: int, pos: int
+) -> list[dict[str, Any]]:
+    return [
+        {
+            "subject_id": tv.subjects[i],
+            "label": int(tv.labels[i] == pos) if k == 2 else int(tv.labels[i]),
+            "prob": float(probs[i, pos]),
+            "fold": int(fold[i]),
+            "path": Path(tv.paths[i]).name,
+        }
+        for i in held
+    ]
+
+
 def _cv_folds(cfg: Config, subjects: list[str], labels: np.ndarray) -> list[list[str]]:
     from endodistill.data.splits import stratified_group_folds
 
@@ -482,7 +514,36 @@ def train_teacher(
         # The AUC of the KD targets themselves on all labelled clips: near 1 for in-sample targets
         # (an over-confident teacher), close to the held-out AUC for cross-fitted ones.
         targets_auc=auc_score(tv.labels[lab], probs[lab].numpy(), pos),
+        fold_aucs=[
+            auc_score(tv.labels[heldout_fold == f], heldout_probs[heldout_fold == f], pos)
+            for f in range(int(heldout_fold.max()) + 1)
+        ],
     )
+    # Under cross-validation every labelled clip is held out once: the pooled out-of-fold AUC (DeLong CI)
+    # is the teacher's estimate on new patients, and `auc` is that same number (the report and the model
+    # metadata read `auc`). A hold-out leaves these None rather than pass its smaller sample off as CV.
+    metrics.update(
+        cv_auc=metrics.get("auc") if use_cv else None,
+        cv_auc_ci95=metrics.get("auc_ci95") if use_cv else None,
+    )
+    t_base = time.perf_counter()
+    if cfg.teacher.clip_baseline:
+        from endodistill.train.clip_baseline import GRID, clip_baseline, clip_motion_features, features_name
+
+        # The same clips, frames and folds as the teacher; each fold's choices see its training part only.
+        base = clip_baseline(
+            clip_motion_features(x_eval, GRID), tv.labels, tv.subjects, heldout_fold, k, pos, cfg.seed
+        )
+        base_probs = base.pop("probs")
+        metrics["clip_baseline"] = {**base, "features": features_name(GRID)}
+        _write_predictions(
+            out / "clip_baseline_predictions.csv",
+            [
+                {**r, "prob": float(base_probs[i, pos])}
+                for r, i in zip(_prediction_rows(tv, held, heldout_fold, heldout_probs, k, pos), held)
+            ],
+        )
+    t_base = time.perf_counter() - t_base
     from endodistill.evaluate.stats import nan_to_none
 
     metrics = nan_to_none(metrics)
@@ -498,27 +559,34 @@ def train_teacher(
             "class_names": cfg.task.class_names,
         },
     )
-    rows = [
-        {
-            "subject_id": tv.subjects[i],
-            "label": int(tv.labels[i] == pos) if k == 2 else int(tv.labels[i]),
-            "prob": float(heldout_probs[i, pos]),
-            "fold": int(heldout_fold[i]),
-            "path": Path(tv.paths[i]).name,
-        }
-        for i in held
-    ]
-    _write_predictions(out / "predictions.csv", rows)
+    _write_predictions(
+        out / "predictions.csv", _prediction_rows(tv, held, heldout_fold, heldout_probs, k, pos)
+    )
     atomic_write_json(out / "metrics.json", metrics)
     timing = {
         "wall": round(time.perf_counter() - t0, 4),
         "fits": {kk: v.get("timing") for kk, v in fits.items()},
+        "clip_baseline": round(t_base, 4),
     }
     write_done(out, {"metrics": metrics, "fits": fits, "timing": timing})
-    auc = metrics.get("auc")
-    shown = "n/a" if auc is None else f"{auc:.3f}"
-    echo(f"[teacher] held-out AUC {shown} ({scheme}), targets: {cfg.teacher.targets}")
+    what = f"cross-validated AUC over all {held.size} labelled clips" if use_cv else "held-out AUC"
+    echo(f"[teacher] {what} {_auc_text(metrics)} ({scheme}), targets: {cfg.teacher.targets}")
+    if "clip_baseline" in metrics:
+        echo(
+            f"[teacher] clip baseline (motion features + logistic regression, same folds) AUC "
+            f"{_auc_text(metrics['clip_baseline'])}"
+        )
     return metrics
+
+
+def _auc_text(m: dict[str, Any]) -> str:
+    """``0.912 [95% CI 0.850, 0.970]`` from a metrics dict's ``auc`` and ``auc_ci95`` (n/a where undefined)."""
+    auc, ci = m.get("auc"), m.get("auc_ci95")
+    if auc is None:
+        return "n/a"
+    if not ci or None in ci:
+        return f"{auc:.3f}"
+    return f"{auc:.3f} [95% CI {ci[0]:.3f}, {ci[1]:.3f}]"
 
 
 def load_teacher_outputs(run_dir: Path) -> TeacherOutputs:

@@ -1,0 +1,213 @@
+"""The cross-validated teacher and its clip baseline: subject-level folds, CV AUC with CI, no test-fold leaks."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from endodistill.config import Config, load_config
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def _cfg(cohort: Path, cache: Path, **teacher: object) -> Config:
+    # A short CV teacher: the tests check the protocol, not what the teacher learns.
+    over = {
+        "data": {"manifest": str(cohort / "manifest.csv"), "cache_dir": str(cache)},
+        "trainer": {"threads": 1},
+        "teacher": {"folds": 3, "targets": "oof", "epochs": 2, **teacher},
+    }
+    return load_config("tiny", over)
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def cv_run(tiny_cohort: Path, cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    from endodistill.train.common import configure_torch
+    from endodistill.train.data import load_cohort
+    from endodistill.train.teacher import train_teacher
+
+    cfg = _cfg(tiny_cohort, cache_dir)
+    configure_torch(cfg)
+    data = load_cohort(cfg, cfg.data.manifest)
+    run = tmp_path_factory.mktemp("teacher_cv")
+    lines: list[str] = []
+    metrics = train_teacher(cfg, data, run, echo=lines.append)
+    return {"cfg": cfg, "data": data, "run": run, "metrics": metrics, "lines": lines}
+
+
+def test_cv_holds_out_every_labelled_clip_once_by_subject(cv_run: dict) -> None:
+    run, data = cv_run["run"], cv_run["data"]
+    tv = data.tvus
+    fits = json.loads((run / "teacher" / "done.json").read_text())["fits"]
+    assert sorted(fits) == ["fold_0", "fold_1", "fold_2"]  # oof targets: no extra in-sample fit
+    labelled = {tv.subjects[i] for i in np.flatnonzero(tv.labels >= 0)}
+    tested = [s for f in fits.values() for s in f["test_subjects"]]
+    assert sorted(tested) == sorted(labelled)  # each labelled subject in exactly one test fold
+    for f in fits.values():
+        assert not set(f["train_subjects"]) & set(f["test_subjects"])
+        assert set(f["train_subjects"]) | set(f["test_subjects"]) == labelled
+    rows = _rows(run / "teacher" / "predictions.csv")
+    assert sorted(Path(p).name for p in np.asarray(tv.paths)[tv.labels >= 0]) == sorted(
+        r["path"] for r in rows
+    )
+    for r in rows:  # the fold that scored a clip is the one whose test part holds its subject
+        assert r["subject_id"] in fits[f"fold_{r['fold']}"]["test_subjects"]
+
+
+def test_cv_auc_and_ci_match_the_out_of_fold_predictions(cv_run: dict) -> None:
+    from endodistill.evaluate.delong import delong_auc_ci
+
+    m = cv_run["metrics"]
+    rows = _rows(cv_run["run"] / "teacher" / "predictions.csv")
+    y = np.array([int(r["label"]) for r in rows])
+    p = np.array([float(r["prob"]) for r in rows])
+    auc, lo, hi = delong_auc_ci(y, p)
+    assert m["cv_auc"] == pytest.approx(auc, abs=1e-6) and m["auc"] == m["cv_auc"]
+    assert m["cv_auc_ci95"] == pytest.approx([lo, hi], abs=1e-6)
+    assert m["n_heldout_clips"] == m["n_labelled_clips"] == len(rows)
+    assert len(m["fold_aucs"]) == 3
+    assert json.loads((cv_run["run"] / "teacher" / "metrics.json").read_text()) == m
+    assert any("cross-validated AUC" in line and "95% CI" in line for line in cv_run["lines"])
+    assert any("clip baseline" in line for line in cv_run["lines"])
+
+
+def test_clip_baseline_is_reported_on_the_same_folds(cv_run: dict) -> None:
+    from endodistill.evaluate.delong import delong_auc_ci
+
+    b = cv_run["metrics"]["clip_baseline"]
+    assert set(b) >= {"auc", "auc_ci95", "fold_aucs", "fold_c", "features"}
+    teacher_rows = _rows(cv_run["run"] / "teacher" / "predictions.csv")
+    rows = _rows(cv_run["run"] / "teacher" / "clip_baseline_predictions.csv")
+    key = [(r["subject_id"], r["path"], r["fold"], r["label"]) for r in rows]
+    assert key == [(r["subject_id"], r["path"], r["fold"], r["label"]) for r in teacher_rows]
+    auc, lo, hi = delong_auc_ci([int(r["label"]) for r in rows], [float(r["prob"]) for r in rows])
+    assert b["auc"] == pytest.approx(auc, abs=1e-6) and b["auc_ci95"] == pytest.approx([lo, hi], abs=1e-6)
+    assert len(b["fold_aucs"]) == len(b["fold_c"]) == 3
+
+
+def _planted_problem(seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray]:
+    rng = np.random.default_rng(seed)
+    n = 60
+    subjects = [f"S{i // 2:03d}" for i in range(n)]  # two clips per subject, one label each
+    y = np.repeat((rng.random(n // 2) < 0.4).astype(np.int64), 2)
+    x = rng.normal(size=(n, 6)) + 1.2 * y[:, None] * np.array([1.0, -1.0, 0.5, 0, 0, 0])
+    fold = np.array([(i // 2) % 3 for i in range(n)])
+    return x, y, subjects, fold
+
+
+def test_clip_baseline_choices_see_the_training_part_only() -> None:
+    from endodistill.train.clip_baseline import clip_baseline
+
+    x, y, subjects, fold = _planted_problem()
+    ref = clip_baseline(x, y, subjects, fold, 2, 1, seed=0)
+    te = np.flatnonzero(fold == 0)
+    # Plant test-fold information: flip fold 0's test labels and make one test clip's features scream its
+    # label. Fold 0's C and its model (its predictions on the untouched test clips) must not move.
+    y2 = y.copy()
+    y2[te] = 1 - y2[te]
+    x2 = x.copy()
+    x2[te[0]] += 50.0 * (2 * y2[te[0]] - 1)
+    planted = clip_baseline(x2, y2, subjects, fold, 2, 1, seed=0)
+    assert planted["fold_c"][0] == ref["fold_c"][0]
+    np.testing.assert_array_equal(planted["probs"][te[1:]], ref["probs"][te[1:]])
+    # The test can see a leak: folds 1 and 2 train on fold 0's clips, so their models do change.
+    others = np.flatnonzero(fold > 0)
+    assert not np.array_equal(planted["probs"][others], ref["probs"][others])
+    # Clips held out by no fold (a hold-out's training part, unlabelled clips) are never scored.
+    fold3 = fold.copy()
+    fold3[fold == 2] = -1
+    held = clip_baseline(x, y, subjects, fold3, 2, 1, seed=0)
+    assert np.isnan(held["probs"][fold == 2]).all() and len(held["fold_aucs"]) == 2
+
+
+def test_clip_baseline_is_deterministic_and_finds_planted_signal() -> None:
+    from endodistill.train.clip_baseline import clip_baseline
+
+    x, y, subjects, fold = _planted_problem()
+    a = clip_baseline(x, y, subjects, fold, 2, 1, seed=0)
+    b = clip_baseline(x, y, subjects, fold, 2, 1, seed=0)
+    np.testing.assert_array_equal(a["probs"], b["probs"])
+    assert a["auc"] > 0.75 and a["auc_ci95"][0] < a["auc"] < a["auc_ci95"][1]
+
+
+def test_motion_features_see_where_the_clip_moves() -> None:
+    from endodistill.train.clip_baseline import clip_motion_features
+
+    rng = np.random.default_rng(0)
+    clip = np.repeat(rng.random((1, 1, 1, 16, 16)), 6, axis=2)  # static speckle
+    moving = clip.copy()
+    for t in range(6):  # the left half slides down one pixel per frame
+        moving[0, 0, t, :, :8] = np.roll(clip[0, 0, 0, :, :8], t, axis=0)
+    f = clip_motion_features(np.concatenate([clip, moving]), grid=2)
+    assert f.shape == (2, 8)
+    std_cells, diff_cells = f[1, :4].reshape(2, 2), f[1, 4:].reshape(2, 2)
+    assert (std_cells[:, 0] > std_cells[:, 1] + 3).all() and (diff_cells[:, 0] > diff_cells[:, 1] + 3).all()
+    assert np.allclose(f[0], np.log(1e-4))  # nothing moves
+
+
+def test_frame_difference_input_and_clip_augmentations_train(
+    tiny_cohort: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    from endodistill.train.data import load_cohort
+    from endodistill.train.teacher import _normalise, train_teacher
+
+    cfg = _cfg(
+        tiny_cohort,
+        cache_dir,
+        motion="diff",
+        motion_norm=True,
+        time_reverse=True,
+        hflip=True,
+        folds=2,
+        epochs=1,
+    )
+    x = torch.rand(2, 1, 5, 8, 8)
+    d = _normalise(x, cfg)
+    raw = x[:, :, 1:] - x[:, :, :-1]
+    assert d.shape == (2, 1, 4, 8, 8)
+    torch.testing.assert_close(d, raw / raw.pow(2).mean(dim=(1, 2, 3, 4), keepdim=True).sqrt())
+    data = load_cohort(cfg, cfg.data.manifest)
+    m = train_teacher(cfg, data, tmp_path, echo=lambda s: None)
+    assert m["scheme"].startswith("2-fold") and m["cv_auc"] is not None
+
+
+def test_cv_teacher_resumes_exactly(cv_run: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lightning.pytorch as pl
+
+    import endodistill.train.teacher as tt
+    from endodistill.train.common import make_trainer
+
+    made = []
+
+    class Crash(pl.Callback):
+        def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            if len(made) == 2 and trainer.current_epoch == 1:  # in the second fold, after one epoch
+                raise RuntimeError("simulated crash")
+
+    def crashing(*a: object, **k: object) -> pl.Trainer:
+        made.append(1)
+        return make_trainer(*a, callbacks=[Crash()], **k)
+
+    monkeypatch.setattr(tt, "make_trainer", crashing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        tt.train_teacher(cv_run["cfg"], cv_run["data"], tmp_path, echo=lambda s: None)
+    assert (tmp_path / "teacher" / "fold_0" / "done.json").is_file()
+    assert not (tmp_path / "teacher" / "fold_1" / "done.json").exists()
+    monkeypatch.setattr(tt, "make_trainer", make_trainer)
+    resumed = tt.train_teacher(cv_run["cfg"], cv_run["data"], tmp_path, resume=True, echo=lambda s: None)
+    assert resumed == cv_run["metrics"]
+    for name in ("predictions.csv", "clip_baseline_predictions.csv", "outputs.safetensors"):
+        assert (tmp_path / "teacher" / name).read_bytes() == (cv_run["run"] / "teacher" / name).read_bytes()
