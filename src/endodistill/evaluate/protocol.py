@@ -275,14 +275,14 @@ def _mae_diagnostic(
         n_volumes=done.get("n_volumes"),
         loss_first=done.get("loss_first"),
         loss_last=done.get("loss_last"),
-        seconds=round(time.perf_counter() - t0, 3),
     )
     atomic_write_json(path, info)
+    seconds = time.perf_counter() - t0
     lo, hi = info["probe_auc_ci95"]
     rlo, rhi = info["random_probe_auc_ci95"]
     _echo(
         f"[mae] linear probe AUC {info['probe_auc']:.3f} [{lo:.3f}, {hi:.3f}] vs the same encoder before "
-        f"pre-training {info['random_probe_auc']:.3f} [{rlo:.3f}, {rhi:.3f}] ({info['seconds']:.1f} s)"
+        f"pre-training {info['random_probe_auc']:.3f} [{rlo:.3f}, {rhi:.3f}] ({seconds:.1f} s)"
     )
     return info
 
@@ -622,7 +622,9 @@ def _run_experiment(cfg: Config, run_dir: Path, resume: bool, spread: Spread | N
     shared_encoder: Path | None = None
     if _needs_mae(cfg, methods) and not cfg.mae.use_labelled_train:
         shared_encoder = _mae_encoder(cfg, data, run_dir, None, [], resume, _echo)
+    t_probe = time.perf_counter()
     mae_info = _mae_diagnostic(cfg, data, run_dir, splits, shared_encoder, resume)
+    t_probe = time.perf_counter() - t_probe
     fold_encoders: dict[int, Path | None] = {}
 
     def encoder_of(f: int) -> Path | None:
@@ -669,6 +671,8 @@ def _run_experiment(cfg: Config, run_dir: Path, resume: bool, spread: Spread | N
         )
 
     timings, fits = _timings(run_dir, splits, methods, t_data)
+    if mae_info is not None:
+        timings["mae_probe"] = round(t_probe, 3)
     results = {
         "methods": method_metrics,
         "teacher": teacher_metrics,
