@@ -135,19 +135,21 @@ def _ablation_rows(results: Mapping[str, Any]) -> tuple[list[str], list[list[str
     for name, m in methods.items():
         m = m if isinstance(m, Mapping) else {}
         paper = PAPER_AUC.get(name)
-        rows.append(
-            [
-                str(name),
-                _auc_cell(m),
-                _fold_cell(m),
-                _op_cell(m.get("youden")),
-                _op_cell(m.get("high_sensitivity")),
-                _f(m.get("brier")),
-                _f(m.get("ece")),
-                DASH if paper is None else f"{paper:.1f}",
-            ]
-        )
+        rows.append([*_metric_cells(str(name), m), DASH if paper is None else f"{paper:.1f}"])
     return headers, rows
+
+
+def _metric_cells(name: str, m: Mapping[str, Any]) -> list[str]:
+    """Name, AUC [CI], fold mean ± SD, the two operating points, Brier, ECE: a method's or a baseline's."""
+    return [
+        name,
+        _auc_cell(m),
+        _fold_cell(m),
+        _op_cell(m.get("youden")),
+        _op_cell(m.get("high_sensitivity")),
+        _f(m.get("brier")),
+        _f(m.get("ece")),
+    ]
 
 
 # The reference baselines (results["baselines"]), in display order, and what each one is.
@@ -175,16 +177,7 @@ def _baseline_rows(results: Mapping[str, Any], ncols: int) -> list[list[str]]:
         m = _baselines(results).get(name)
         if not isinstance(m, Mapping):
             continue
-        row = [
-            name,
-            _auc_cell(m),
-            _fold_cell(m),
-            _op_cell(m.get("youden")),
-            _op_cell(m.get("high_sensitivity")),
-            _f(m.get("brier")),
-            _f(m.get("ece")),
-        ]
-        rows.append((row + [DASH] * ncols)[:ncols])
+        rows.append((_metric_cells(name, m) + [DASH] * ncols)[:ncols])
     return rows
 
 

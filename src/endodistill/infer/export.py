@@ -233,27 +233,7 @@ def _plain_monai_vit(lm: LoadedModel) -> bool:
 
 def _network_def(lm: LoadedModel) -> dict[str, Any]:
     s, cfg = lm.cfg.student, lm.cfg
-    if not _plain_monai_vit(lm):
-        # An MLP stem or a token-pooling head is our subclass of MONAI's ViT (same keys otherwise); the
-        # bundle already needs endodistill for preprocessing, so it builds that class.
-        return {
-            "_target_": "endodistill.models.student.StudentViT",
-            "in_channels": 1,
-            "img_size": list(cfg.mri.size),
-            "patch_size": list(s.patch_size),
-            "hidden_size": s.hidden_size,
-            "mlp_dim": s.mlp_dim,
-            "num_layers": s.num_layers,
-            "num_heads": s.num_heads,
-            "num_classes": cfg.task.num_classes,
-            "dropout_rate": s.dropout,
-            "qkv_bias": s.qkv_bias,
-            "stem": s.stem,
-            "stem_width": s.stem_width,
-            "pool": s.pool,
-        }
-    return {
-        "_target_": "monai.networks.nets.ViT",
+    shared = {
         "in_channels": 1,
         "img_size": list(cfg.mri.size),
         "patch_size": list(s.patch_size),
@@ -261,14 +241,23 @@ def _network_def(lm: LoadedModel) -> dict[str, Any]:
         "mlp_dim": s.mlp_dim,
         "num_layers": s.num_layers,
         "num_heads": s.num_heads,
+        "num_classes": cfg.task.num_classes,
+        "dropout_rate": s.dropout,
+        "qkv_bias": s.qkv_bias,
+    }
+    if not _plain_monai_vit(lm):
+        # An MLP stem or a token-pooling head is our subclass of MONAI's ViT (same keys otherwise); the
+        # bundle already needs endodistill for preprocessing, so it builds that class.
+        extra = {"stem": s.stem, "stem_width": s.stem_width, "pool": s.pool}
+        return {"_target_": "endodistill.models.student.StudentViT", **shared, **extra}
+    return {
+        "_target_": "monai.networks.nets.ViT",
+        **shared,
         "proj_type": "conv",
         "pos_embed_type": "learnable",
         "classification": True,
-        "num_classes": cfg.task.num_classes,
-        "dropout_rate": s.dropout,
         "spatial_dims": 3,
         "post_activation": "none",
-        "qkv_bias": s.qkv_bias,
     }
 
 
