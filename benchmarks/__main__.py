@@ -34,6 +34,7 @@ BENCHES: dict[str, tuple[str, list[str], list[str]]] = {
     "compile": ("benchmarks.bench_compile", ["--repeats", "3"], []),
     "spread": ("benchmarks.bench_spread", [], []),
     "speedups": ("benchmarks.bench_speedups", [], []),
+    "baselines": ("benchmarks.bench_baselines", [], []),
     "demo": ("benchmarks.bench_demo", [], []),
 }
 
