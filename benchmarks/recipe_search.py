@@ -1,0 +1,209 @@
+"""The recipe search of issue 12: student / MAE settings scored on a cohort's own 5 folds, outside the protocol.
+
+Run: ``.venv/bin/python -m benchmarks.recipe_search '{"student.pool": "flat"}' COHORT_DIR[,COHORT_DIR...] MODE``
+with MODE ``scratch`` (scratch_ce only), ``mae`` (MAE + probes + mae_ce), ``both`` or ``probe``; the JSON
+holds ``--set``-style overrides of the demo preset (``"_pool": N`` pre-trains on the first N unlabelled
+volumes). Each cohort is a synthetic cohort directory (``endodistill synth --seed 10 ...``): choose on seeds
+you do not report. It uses the package's own networks, augmentation, optimiser groups and schedule in a
+plain loop (no Lightning, no KD: the task-loss methods only), the run's split rule, and prints pooled
+out-of-fold AUCs per cohort and their mean. This is how the numbers in configs/demo.yaml were measured.
+"""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.linear_model import LogisticRegressionCV
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import StratifiedKFold
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from endodistill.config import load_config
+from endodistill.models.student import build_mae, build_student, load_mae_encoder, mae_encoder_state
+from endodistill.train.common import adamw, param_groups, warmup_cosine
+from endodistill.train.finetune import layer_decay_groups
+from endodistill.train.losses import balanced_class_weights
+from endodistill.train.pretrain import augment_volumes
+
+torch.set_num_threads(1)
+
+
+def load(cohort):
+    """Labelled volumes, labels, unlabelled pool and the protocol's folds of a cohort directory."""
+    from endodistill.data.splits import make_cv_splits
+    from endodistill.train.data import load_cohort
+
+    cfg = load_config("demo", [f"data.manifest={cohort}/manifest.csv"])
+    d = load_cohort(cfg, f"{cohort}/manifest.csv")
+    lab = d.labelled
+    folds = np.zeros(len(lab), int)
+    for f, fo in enumerate(make_cv_splits(lab.subjects, lab.labels.tolist(), 5, cfg.seed, 0.0)):
+        folds[lab.index(fo["test"])] = f
+    seed = int(json.loads(Path(cohort, "cohort.json").read_text()).get("seed", 0))
+    return {"x": lab.x.numpy(), "y": lab.labels, "u": d.unlabelled.x.numpy(), "folds": folds, "seed": seed}
+
+
+def cfg_of(over):
+    return load_config("demo", [f"{k}={json.dumps(v)}" for k, v in over.items()])
+
+
+def train_mae(cfg, u, seed):
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    mae = build_mae(cfg)
+    m = cfg.mae
+    opt = adamw(param_groups(mae, m.weight_decay), lr=m.lr, betas=(0.9, 0.95))
+    n = u.shape[0]
+    bs = m.batch_size
+    steps = m.epochs * int(np.ceil(n / bs))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps, 0.1))
+    g = torch.Generator().manual_seed(seed)
+    mae.train()
+    losses = []
+    for _epoch in range(m.epochs):
+        perm = rng.permutation(n)
+        el = 0
+        for i in range(0, n, bs):
+            xb = augment_volumes(u[torch.from_numpy(perm[i : i + bs])], rng)
+            loss, _, _ = mae(xb, generator=g)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            el += float(loss.detach()) * xb.shape[0]
+        losses.append(el / n)
+    mae.eval()
+    return mae, losses
+
+
+@torch.no_grad()
+def feats(enc, x, kind="mean"):
+    t = enc.encode(x)
+    if kind == "mean":
+        return t[:, 1:].mean(1).numpy()
+    if kind == "cls":
+        return t[:, 0].numpy()
+    if kind == "flat":
+        return t[:, 1:].flatten(1).numpy()
+    return torch.cat([t[:, 0], t[:, 1:].mean(1)], 1).numpy()
+
+
+def probe(fx, y, folds):
+    oof = np.zeros(len(y))
+    for f in range(5):
+        tr, te = folds != f, folds == f
+        mu, sd = fx[tr].mean(0), fx[tr].std(0) + 1e-6
+        clf = LogisticRegressionCV(
+            Cs=np.logspace(-3, 2, 8),
+            cv=StratifiedKFold(3, shuffle=True, random_state=0),
+            scoring="roc_auc",
+            max_iter=2000,
+        )
+        clf.fit((fx[tr] - mu) / sd, y[tr])
+        oof[te] = clf.predict_proba((fx[te] - mu) / sd)[:, 1]
+    return roc_auc_score(y, oof)
+
+
+def fit_student(cfg, x, y, seed, enc_state=None, ls=0.0):
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    net = build_student(cfg)
+    if enc_state is not None:
+        load_mae_encoder(net, enc_state)
+    f = cfg.finetune
+    opt = adamw(layer_decay_groups(net, f.weight_decay, f.lr, f.layer_decay), lr=f.lr)
+    n = len(y)
+    bs = f.batch_size
+    steps = f.epochs * int(np.ceil(n / bs))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps, 0.1))
+    cw = balanced_class_weights(y, 2)
+    yt = torch.from_numpy(y)
+    losses = []
+    net.train()
+    for _epoch in range(f.epochs):
+        perm = rng.permutation(n)
+        el = 0
+        for i in range(0, n, bs):
+            idx = torch.from_numpy(perm[i : i + bs])
+            xb = augment_volumes(x[idx], rng)
+            loss = F.cross_entropy(net(xb), yt[idx], weight=cw, label_smoothing=ls)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            el += float(loss.detach()) * len(idx)
+        losses.append(el / n)
+    net.eval()
+    return net, losses
+
+
+def cv(cfg, D, fitseed=0, enc_state=None, ls=0.0):
+    x = torch.from_numpy(D["x"])
+    y = D["y"]
+    folds = D["folds"]
+    oof = np.zeros(len(y))
+    t = time.time()
+    L = []
+    for f in range(5):
+        tr, te = folds != f, folds == f
+        net, losses = fit_student(cfg, x[tr], y[tr], fitseed * 100 + f, enc_state, ls)
+        with torch.no_grad():
+            oof[te] = net(x[te]).softmax(1)[:, 1].numpy()
+        L.append(losses[-1])
+    return roc_auc_score(y, oof), (time.time() - t) / 5, float(np.mean(L))
+
+
+if __name__ == "__main__":
+    over = json.loads(sys.argv[1])
+    seeds = sys.argv[2].split(",")
+    what = sys.argv[3] if len(sys.argv) > 3 else "scratch"  # scratch | mae | both | probe
+    pool_n = over.pop("_pool", None)
+    cfg = cfg_of(over)
+    out = []
+    for s in seeds:
+        D = load(s)
+        r = {"cohort": s}
+        if what in ("mae", "both", "probe"):
+            u = D["u"] if pool_n is None else D["u"][:pool_n]
+            t = time.time()
+            mae, ml = train_mae(cfg, torch.from_numpy(u), 1000 + D["seed"])
+            r["mae_s"] = round(time.time() - t, 1)
+            r["mae_loss"] = [round(ml[0], 4), round(ml[-1], 4)]
+            x = torch.from_numpy(D["x"])
+            rnd = build_mae(cfg)  # same shape, untrained (seeded)
+            torch.manual_seed(1000 + D["seed"])
+            rnd = build_mae(cfg)
+            rnd.eval()
+            for kind in ("mean", "cls", "flat"):
+                r[f"probe_{kind}"] = round(probe(feats(mae, x, kind), D["y"], D["folds"]), 3)
+                r[f"rand_{kind}"] = round(probe(feats(rnd, x, kind), D["y"], D["folds"]), 3)
+            enc = mae_encoder_state(mae)
+        if what in ("scratch", "both"):
+            a, tf, loss_last = cv(cfg, D)
+            r["scratch"] = round(a, 3)
+            r["s_per_fit"] = round(tf, 1)
+            r["s_loss"] = round(loss_last, 3)
+        if what in ("mae", "both"):
+            a, tf, loss_last = cv(cfg, D, enc_state=enc)
+            r["mae_ce"] = round(a, 3)
+            r["m_loss"] = round(loss_last, 3)
+        out.append(r)
+    keys = [k for k in out[0] if k not in ("cohort", "mae_loss")]
+    summ = {
+        k: round(float(np.mean([o[k] for o in out])), 3) for k in keys if isinstance(out[0][k], (int, float))
+    }
+    if pool_n:
+        over["_pool"] = pool_n
+    print(
+        json.dumps(over),
+        what,
+        "|",
+        " ".join(json.dumps(o) for o in out),
+        "| MEAN",
+        json.dumps(summ),
+        flush=True,
+    )
