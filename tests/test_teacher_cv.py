@@ -109,10 +109,10 @@ def _planted_problem(seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[str], 
 
 
 def test_clip_baseline_choices_see_the_training_part_only() -> None:
-    from endodistill.train.clip_baseline import clip_baseline
+    from endodistill.train.logreg_cv import cross_validated_logreg
 
     x, y, subjects, fold = _planted_problem()
-    ref = clip_baseline(x, y, subjects, fold, 2, 1, seed=0)
+    ref = cross_validated_logreg(x, y, subjects, fold, 2, 1, seed=0)
     te = np.flatnonzero(fold == 0)
     # Plant test-fold information: flip fold 0's test labels and make one test clip's features scream its
     # label. Fold 0's C and its model (its predictions on the untouched test clips) must not move.
@@ -120,7 +120,7 @@ def test_clip_baseline_choices_see_the_training_part_only() -> None:
     y2[te] = 1 - y2[te]
     x2 = x.copy()
     x2[te[0]] += 50.0 * (2 * y2[te[0]] - 1)
-    planted = clip_baseline(x2, y2, subjects, fold, 2, 1, seed=0)
+    planted = cross_validated_logreg(x2, y2, subjects, fold, 2, 1, seed=0)
     assert planted["fold_c"][0] == ref["fold_c"][0]
     np.testing.assert_array_equal(planted["probs"][te[1:]], ref["probs"][te[1:]])
     # The test can see a leak: folds 1 and 2 train on fold 0's clips, so their models do change.
@@ -129,16 +129,16 @@ def test_clip_baseline_choices_see_the_training_part_only() -> None:
     # Clips held out by no fold (a hold-out's training part, unlabelled clips) are never scored.
     fold3 = fold.copy()
     fold3[fold == 2] = -1
-    held = clip_baseline(x, y, subjects, fold3, 2, 1, seed=0)
+    held = cross_validated_logreg(x, y, subjects, fold3, 2, 1, seed=0)
     assert np.isnan(held["probs"][fold == 2]).all() and len(held["fold_aucs"]) == 2
 
 
 def test_clip_baseline_is_deterministic_and_finds_planted_signal() -> None:
-    from endodistill.train.clip_baseline import clip_baseline
+    from endodistill.train.logreg_cv import cross_validated_logreg
 
     x, y, subjects, fold = _planted_problem()
-    a = clip_baseline(x, y, subjects, fold, 2, 1, seed=0)
-    b = clip_baseline(x, y, subjects, fold, 2, 1, seed=0)
+    a = cross_validated_logreg(x, y, subjects, fold, 2, 1, seed=0)
+    b = cross_validated_logreg(x, y, subjects, fold, 2, 1, seed=0)
     np.testing.assert_array_equal(a["probs"], b["probs"])
     assert a["auc"] > 0.75 and a["auc_ci95"][0] < a["auc"] < a["auc_ci95"][1]
 

@@ -526,22 +526,21 @@ def train_teacher(
         cv_auc=metrics.get("auc") if use_cv else None,
         cv_auc_ci95=metrics.get("auc_ci95") if use_cv else None,
     )
+    rows = _prediction_rows(tv, held, heldout_fold, heldout_probs, k, pos)
     t_base = time.perf_counter()
     if cfg.teacher.clip_baseline:
-        from endodistill.train.clip_baseline import GRID, clip_baseline, clip_motion_features, features_name
+        from endodistill.train.clip_baseline import GRID, clip_motion_features, features_name
+        from endodistill.train.logreg_cv import cross_validated_logreg
 
         # The same clips, frames and folds as the teacher; each fold's choices see its training part only.
-        base = clip_baseline(
+        base = cross_validated_logreg(
             clip_motion_features(x_eval, GRID), tv.labels, tv.subjects, heldout_fold, k, pos, cfg.seed
         )
         base_probs = base.pop("probs")
         metrics["clip_baseline"] = {**base, "features": features_name(GRID)}
         _write_predictions(
             out / "clip_baseline_predictions.csv",
-            [
-                {**r, "prob": float(base_probs[i, pos])}
-                for r, i in zip(_prediction_rows(tv, held, heldout_fold, heldout_probs, k, pos), held)
-            ],
+            [{**r, "prob": float(base_probs[i, pos])} for r, i in zip(rows, held)],
         )
     t_base = time.perf_counter() - t_base
     from endodistill.evaluate.stats import nan_to_none
@@ -559,9 +558,7 @@ def train_teacher(
             "class_names": cfg.task.class_names,
         },
     )
-    _write_predictions(
-        out / "predictions.csv", _prediction_rows(tv, held, heldout_fold, heldout_probs, k, pos)
-    )
+    _write_predictions(out / "predictions.csv", rows)
     atomic_write_json(out / "metrics.json", metrics)
     timing = {
         "wall": round(time.perf_counter() - t0, 4),
