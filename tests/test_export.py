@@ -153,3 +153,23 @@ def test_bundle_network_of_a_pooled_mlp_stem_student(tmp_path: Path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(net(x), lm.model(x))
     assert parser.get("logits") == "$@network(@image).detach()"
+
+
+def test_model_directory_written_before_stem_and_pool_still_loads(tmp_path: Path) -> None:
+    """metadata.json from before student.stem/pool existed: loads when the config holds their old values."""
+    cfg = load_config("tiny")
+    torch.manual_seed(6)
+    md = save_model_dir(tmp_path / "model", build_student(cfg).state_dict(), cfg, 0.5, {"auc": 0.5})
+    meta = json.loads((md / "metadata.json").read_text())
+    for key in ("stem", "stem_width", "pool"):
+        meta["arch"].pop(key)
+    (md / "metadata.json").write_text(json.dumps(meta))
+    assert load_model_dir(md).cfg.student.pool == "cls"
+    # A pooled student's directory without the key is refused: its weights need the new head.
+    cfg2 = load_config("tiny", ["student.pool=mean"])
+    md2 = save_model_dir(tmp_path / "model2", build_student(cfg2).state_dict(), cfg2, 0.5, {"auc": 0.5})
+    meta2 = json.loads((md2 / "metadata.json").read_text())
+    meta2["arch"].pop("pool")
+    (md2 / "metadata.json").write_text(json.dumps(meta2))
+    with pytest.raises(InputError, match=r"arch\.pool is missing"):
+        load_model_dir(md2)

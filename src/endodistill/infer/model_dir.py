@@ -300,11 +300,17 @@ def _read_metadata(path: Path) -> dict[str, Any]:
     return meta
 
 
+# Architecture keys added after model directories were first written, with the value they had before.
+_LATER_ARCH_KEYS: dict[str, Any] = {"stem": "linear", "stem_width": 96, "pool": "cls"}
+
+
 def _check_arch(meta: dict[str, Any], cfg: Config, meta_path: Path) -> None:
     """metadata.json's architecture summary must equal the one derived from config.yaml."""
     want = arch_summary(cfg)
     got = meta["arch"]
     for key, value in want.items():
+        if key not in got and key in _LATER_ARCH_KEYS and value == _LATER_ARCH_KEYS[key]:
+            continue  # written before the key existed, and the config holds its only value then
         if key not in got:
             raise InputError(meta_path, f"arch.{key} is missing")
         a = json.loads(json.dumps(got[key]))
