@@ -29,8 +29,6 @@ augmentations), so paired comparisons between methods measure the methods, not s
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import platform
@@ -44,7 +42,7 @@ import numpy as np
 
 from endodistill.config import Config, ConfigError, dump_config, load_config
 from endodistill.errors import InputError
-from endodistill.utils import RunLock, atomic_path, atomic_write_json, atomic_write_text
+from endodistill.utils import RunLock, atomic_path, atomic_write_csv, atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:
     from endodistill.evaluate.spread import Spread
@@ -327,13 +325,7 @@ def _oof_rows(
 
 def _write_oof(path: Path, rows: list[dict[str, Any]]) -> None:
     fields = list(rows[0].keys()) if rows else ["subject_id", "fold", "method", "label", "prob"]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: repr(v) if isinstance(v, float) else v for k, v in r.items()})
-    with atomic_path(path) as tmp:
-        tmp.write_text(buf.getvalue(), encoding="utf-8")
+    atomic_write_csv(path, rows, fields)
 
 
 def _method_metrics(cfg: Config, rows: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:

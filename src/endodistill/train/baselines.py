@@ -21,7 +21,6 @@ Outputs go to ``RUN_DIR/baselines/``: ``oof_predictions.csv`` (subject_id,fold,m
 from __future__ import annotations
 
 import csv
-import io
 import logging
 import math
 import time
@@ -35,7 +34,7 @@ import torch
 from torch import Tensor
 
 from endodistill.errors import InputError
-from endodistill.utils import atomic_path
+from endodistill.utils import atomic_write_csv
 
 if TYPE_CHECKING:
     from endodistill.config import CNN3DBaselineConfig, Config, LogRegBaselineConfig
@@ -371,13 +370,7 @@ def _sign_columns(latents: Mapping[str, Mapping[str, str]]) -> list[str]:
 
 # ----------------------------------------------------------------------------------------------- outputs
 def _write_rows(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=["subject_id", "fold", "method", "label", "prob"], lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: repr(v) if isinstance(v, float) else v for k, v in r.items()})
-    with atomic_path(path) as tmp:
-        tmp.write_text(buf.getvalue(), encoding="utf-8")
+    atomic_write_csv(path, [dict(r) for r in rows], ["subject_id", "fold", "method", "label", "prob"])
 
 
 def _auc(y: np.ndarray, p: np.ndarray) -> float | None:
