@@ -226,17 +226,35 @@ def train(
 
 @app.command()
 def predict(
-    model: Annotated[Path, typer.Option("--model", "-m", help="Model directory (RUN_DIR/model).")],
+    model: Annotated[
+        Path,
+        typer.Option(
+            "--model", "-m", help="Model directory: RUN_DIR/model (MRI) or RUN_DIR/teacher_model (TVUS)."
+        ),
+    ],
     input_: Annotated[
-        list[Path], typer.Option("--input", "-i", help="NIfTI, DICOM folder, MHA/NRRD, folder or manifest.")
+        list[Path],
+        typer.Option(
+            "--input",
+            "-i",
+            help="MRI: NIfTI, DICOM folder, MHA/NRRD, folder or manifest. TVUS: mp4/avi/mov, DICOM cine, "
+            "folder of PNG frames, folder of clips or manifest.",
+        ),
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
     heatmap: Annotated[bool, typer.Option(help="Write explanation heatmaps.")] = True,
+    strict: Annotated[
+        bool,
+        typer.Option(
+            help="Refuse cases outside the training data's fingerprint (spacing, field of view, intensity, "
+            "frame rate...) instead of predicting them with a warning."
+        ),
+    ] = False,
 ) -> None:
-    """Predict POD obliteration on new MRI scans (exit 3 when some cases failed)."""
+    """Predict POD obliteration on new MRI scans or TVUS clips (exit 3 when some cases failed)."""
     from endodistill.infer.predict import predict_cases
 
-    n_failed = predict_cases(model, input_, out, heatmap=heatmap)
+    n_failed = predict_cases(model, input_, out, heatmap=heatmap, strict=strict)
     if n_failed:
         raise typer.Exit(3)
 

@@ -30,7 +30,7 @@ from endodistill.utils import atomic_path, atomic_write_json, file_sha256
 log = logging.getLogger(__name__)
 
 #: Bump when preprocessing code changes its output: old entries then stop matching.
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"  # 2: sidecars carry the input's fingerprint stats
 
 _HASH_MEMO: dict[tuple[str, tuple[Any, ...]], str] = {}
 
@@ -136,6 +136,18 @@ class TensorCache:
         Raises:
             InputError: the source cannot be read (nothing is cached then).
         """
+        arr, geom, _stats = self.mri_entry(path, cfg, series_uid)
+        return arr, geom
+
+    def mri_entry(
+        self, path: str | Path, cfg: MRIPreprocessConfig, series_uid: str | None = None
+    ) -> tuple[np.ndarray, Geometry, dict[str, Any]]:
+        """Like :meth:`mri`, plus the source's fingerprint stats (:func:`~endodistill.data.fingerprint.volume_stats`).
+
+        Raises:
+            InputError: the source cannot be read (nothing is cached then).
+        """
+        from endodistill.data.fingerprint import volume_stats
         from endodistill.data.mri import load_volume
         from endodistill.data.preprocess import preprocess_volume
         from endodistill.errors import InputError
@@ -146,11 +158,18 @@ class TensorCache:
         hit = self._read("mri", key)
         if hit is not None:
             self.hits += 1
-            return hit[0], Geometry.from_dict(hit[1]["geometry"])
+            return hit[0], Geometry.from_dict(hit[1]["geometry"]), dict(hit[1].get("stats") or {})
         self.misses += 1
-        arr, geom = preprocess_volume(load_volume(path, series_uid=series_uid), cfg)
-        info = {"source": str(path), "content_sha256": content_hash(path), "geometry": geom.to_dict()}
-        return self._write("mri", key, arr, info), geom
+        vol = load_volume(path, series_uid=series_uid)
+        arr, geom = preprocess_volume(vol, cfg)
+        stats = volume_stats(vol.array, vol.spacing, arr)
+        info = {
+            "source": str(path),
+            "content_sha256": content_hash(path),
+            "geometry": geom.to_dict(),
+            "stats": stats,
+        }
+        return self._write("mri", key, arr, info), geom, stats
 
     def clip(self, path: str | Path, cfg: ClipPreprocessConfig) -> np.ndarray:
         """The preprocessed clip ``(T', *cfg.size)`` float32 in [0, 1] (read-only memory map).
@@ -158,6 +177,15 @@ class TensorCache:
         Raises:
             InputError: the source cannot be read (nothing is cached then).
         """
+        return self.clip_entry(path, cfg)[0]
+
+    def clip_entry(self, path: str | Path, cfg: ClipPreprocessConfig) -> tuple[np.ndarray, dict[str, Any]]:
+        """Like :meth:`clip`, plus the source's fingerprint stats (:func:`~endodistill.data.fingerprint.clip_stats`).
+
+        Raises:
+            InputError: the source cannot be read (nothing is cached then).
+        """
+        from endodistill.data.fingerprint import clip_stats
         from endodistill.data.preprocess import preprocess_clip
         from endodistill.data.video import load_clip
         from endodistill.errors import InputError
@@ -168,12 +196,13 @@ class TensorCache:
         hit = self._read("clip", key)
         if hit is not None:
             self.hits += 1
-            return hit[0]
+            return hit[0], dict(hit[1].get("stats") or {})
         self.misses += 1
         clip = load_clip(path, max_frames=cfg.max_source_frames)
         arr = preprocess_clip(clip, cfg)
-        info = {"source": str(path), "content_sha256": content_hash(path), "fps": clip.fps}
-        return self._write("clip", key, arr, info)
+        stats = clip_stats(clip.frames, clip.fps, arr)
+        info = {"source": str(path), "content_sha256": content_hash(path), "fps": clip.fps, "stats": stats}
+        return self._write("clip", key, arr, info), stats
 
     def clear(self) -> None:
         """Remove every cached entry (the folder itself is kept)."""

@@ -5,11 +5,13 @@ Run directory (``RUN_DIR``)::
     config.yaml          resolved configuration (``--resume`` reads it)
     run.json             package versions, sha256 of every input file, seed
     splits.json          the folds (nnU-Net-like, editable by hand, reused when present)
+    fingerprint.json     what the inputs looked like (spacings, sizes, intensities, clip timing; per site)
     teacher/             sub-fits, outputs.safetensors + outputs.json, predictions.csv, metrics.json
     mae/                 encoder.safetensors (shared by every method and fold)
     folds/fold_K/METHOD/ checkpoints, logs, history.csv, predictions.csv, model.safetensors, done.json
     final/               the full method trained on all labelled MRI
-    model/               the deployable model (infer.model_dir)
+    model/               the deployable MRI model (infer.model_dir), with fingerprint.json
+    teacher_model/       the deployable TVUS teacher: the CV fold teachers as one ensemble (same format)
     oof_predictions.csv  subject_id,fold,method,label,prob (one row per subject and method)
     results.json         metrics, comparisons, cohort, config, seed, timings
     timings.json         per-fit time breakdown (start-up, steps, data, eval, checkpoints)
@@ -41,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from endodistill.config import Config, ConfigError, dump_config, load_config
+from endodistill.data.fingerprint import FILE_NAME as FINGERPRINT_FILE
 from endodistill.errors import InputError
 from endodistill.utils import RunLock, atomic_path, atomic_write_csv, atomic_write_json, atomic_write_text
 
@@ -599,6 +602,7 @@ def _run_experiment(cfg: Config, run_dir: Path, resume: bool, spread: Spread | N
     cfg = _start_run(cfg, run_dir, resume)
     data = load_cohort(cfg, manifest_path(cfg, run_dir))
     _record_run(cfg, run_dir, data.files)
+    atomic_write_json(run_dir / FINGERPRINT_FILE, data.fingerprint)
     lab = data.labelled
     splits = _splits(cfg, run_dir, lab.subjects, lab.labels.tolist())
     t_data = time.perf_counter() - t0
@@ -609,6 +613,7 @@ def _run_experiment(cfg: Config, run_dir: Path, resume: bool, spread: Spread | N
 
     teacher_metrics = train_teacher(cfg, data, run_dir, resume, _echo)
     teacher = load_teacher_outputs(run_dir)
+    teacher_model = _teacher_model(cfg, run_dir, teacher_metrics, data.fingerprint, resume)
 
     methods = list(cfg.protocol.methods)
     shared_encoder: Path | None = None
@@ -678,6 +683,7 @@ def _run_experiment(cfg: Config, run_dir: Path, resume: bool, spread: Spread | N
         "full_method": cfg.protocol.full_method,
         "correction": "holm",
         "final_model": final,
+        "teacher_model": teacher_model,
         "timings": timings,
         # Processes the cross-validation fits were spread over (trainer.spread_fits under torchrun); the
         # stage timings above are sums of the fits' own times, not wall-clock time.
@@ -731,6 +737,28 @@ def _plain(obj: Any) -> Any:
 
 def _fmt(v: Any) -> str:
     return "n/a" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{float(v):.3f}"
+
+
+def _teacher_model(
+    cfg: Config, run_dir: Path, metrics: dict[str, Any], fingerprint: dict[str, Any], resume: bool
+) -> dict[str, Any] | None:
+    """Write the deployable TVUS teacher ``RUN_DIR/teacher_model`` (with the final model's switch)."""
+    from endodistill.infer.model_dir import METADATA_FILE
+    from endodistill.infer.teacher_model import save_teacher_model, teacher_member_dirs
+
+    if not cfg.protocol.final_model:
+        return None
+    out = run_dir / "teacher_model"
+    members = teacher_member_dirs(run_dir)
+    fresh = not (resume and (out / METADATA_FILE).is_file())
+    if fresh and save_teacher_model(cfg, run_dir, metrics, fingerprint, out) is None:
+        return None
+    meta = json.loads((out / METADATA_FILE).read_text(encoding="utf-8"))
+    _echo(
+        f"[teacher model] {len(members)} network(s) ({', '.join(m.name for m in members)}), "
+        f"threshold {meta['threshold']:.3f} -> {out.name}/"
+    )
+    return {"path": out.name, "members": [m.name for m in members], "threshold": meta["threshold"]}
 
 
 def _final_model(
@@ -794,7 +822,12 @@ def _final_model(
             "final_val_auc": info.get("val_auc"),
         }
         save_model_dir(
-            model_dir, load_weights(run_dir / "final" / "model.safetensors"), cfg, threshold, metrics
+            model_dir,
+            load_weights(run_dir / "final" / "model.safetensors"),
+            cfg,
+            threshold,
+            metrics,
+            fingerprint=data.fingerprint,
         )
     _echo(
         f"[final] {m} on {len(train)} + {len(val)} subjects, threshold {threshold:.3f} ({time.perf_counter() - t1:.1f} s)"

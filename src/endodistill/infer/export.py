@@ -100,8 +100,17 @@ def export_model(model_dir: str | Path, fmt: str, out: str | Path, sample: str |
         raise InputError(fmt, f"unknown export format (choose {' or '.join(FORMATS)})")
     lm = load_model_dir(model_dir)
     out = Path(out)
+    if lm.kind == "teacher" and fmt != "onnx":
+        raise InputError(
+            model_dir, "a TVUS teacher exports to onnx only (a MONAI bundle holds the MRI model)"
+        )
     with tempfile.TemporaryDirectory(prefix="endodistill-export-") as tmp:
-        volume = Path(sample) if sample is not None else _phantom_nifti(Path(tmp) / "phantom.nii.gz", lm)
+        if sample is not None:
+            volume = Path(sample)
+        elif lm.kind == "teacher":
+            volume = _phantom_clip(Path(tmp) / "phantom.npy")
+        else:
+            volume = _phantom_nifti(Path(tmp) / "phantom.nii.gz", lm)
         if fmt == "onnx":
             diff = export_onnx(lm, out, volume)
             return f"wrote {out} (ONNX opset {OPSET}; max |onnxruntime - torch| = {diff:.2e})"
@@ -127,12 +136,39 @@ def _phantom_nifti(path: Path, lm: LoadedModel) -> Path:
     return path
 
 
-def _preprocessed(lm: LoadedModel, volume: Path) -> np.ndarray:
+def _phantom_clip(path: Path) -> Path:
+    """A textured disc sliding over a still background (uint8 frames, .npy): a clip for validation."""
+    rng = np.random.default_rng(0)
+    bg = rng.integers(0, 120, size=(64, 64)).astype(np.float32)
+    yy, xx = np.mgrid[:64, :64]
+    frames = []
+    for t in range(16):
+        disc = ((yy - 32) ** 2 + (xx - 20 - t) ** 2) < 100
+        frames.append(np.where(disc, 200.0, bg))
+    np.save(path, np.stack(frames).astype(np.uint8), allow_pickle=False)
+    return path
+
+
+def _preprocessed(lm: LoadedModel, sample: Path) -> np.ndarray:
+    """The model input ``(1, ...)`` made from a volume (MRI model) or a clip (teacher) file."""
+    if lm.kind == "teacher":
+        from endodistill.data.video import load_clip
+        from endodistill.infer.teacher_model import clip_input
+
+        clip = load_clip(sample, max_frames=lm.cfg.tvus.max_source_frames)
+        return clip_input(clip.frames, clip.fps, lm.cfg)[1][None]
     from endodistill.data.mri import load_volume
     from endodistill.data.preprocess import preprocess_volume
 
-    arr, _ = preprocess_volume(load_volume(volume), lm.cfg.mri)
+    arr, _ = preprocess_volume(load_volume(sample), lm.cfg.mri)
     return arr[None].astype(np.float32)
+
+
+def _input_shape(lm: LoadedModel) -> tuple[int, ...]:
+    """One input without the batch axis: ``(1, D, H, W)`` volumes or ``(1, T, H, W)`` clips."""
+    if lm.kind == "teacher":
+        return (1, lm.cfg.tvus.frames, *lm.cfg.tvus.size)
+    return (1, *lm.cfg.mri.size)
 
 
 # --------------------------------------------------------------------------------------------- ONNX
@@ -157,12 +193,14 @@ def export_onnx(lm: LoadedModel, out: Path, volume: Path) -> float:
     import torch
 
     wrapper = _logits_and_probs(lm.model)
-    size = tuple(lm.cfg.mri.size)
-    dummy = torch.zeros(1, 1, *size)
+    shape = _input_shape(lm)
+    dummy = torch.zeros(1, *shape)
     gen = torch.Generator().manual_seed(0)
+    # Clips are in [0, 1] (uniform noise); volumes are normalised intensities (Gaussian noise).
+    draw = torch.rand if lm.kind == "teacher" else torch.randn
     inputs = {
-        "random batch 1": torch.randn(1, 1, *size, generator=gen),
-        "random batch 3": torch.randn(3, 1, *size, generator=gen),
+        "random batch 1": draw(1, *shape, generator=gen),
+        "random batch 3": draw(3, *shape, generator=gen),
         f"preprocessed {volume.name}": torch.from_numpy(_preprocessed(lm, volume)),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -189,7 +227,13 @@ def export_onnx(lm: LoadedModel, out: Path, volume: Path) -> float:
             "threshold": repr(lm.threshold),
             "class_names": json.dumps(list(lm.cfg.task.class_names)),
             "positive_class": str(lm.cfg.task.positive_class),
-            "input": f"(B, 1, {', '.join(map(str, size))}) float32 from endodistill preprocess_volume",
+            "kind": lm.kind,
+            "input": f"(B, {', '.join(map(str, shape))}) float32 from endodistill "
+            + (
+                "preprocess_clip + sample_frames (frames in [0, 1])"
+                if lm.kind == "teacher"
+                else "preprocess_volume"
+            ),
             "outputs": "logits (B, K); probabilities (B, K) = softmax(logits)",
         }
         for k, v in meta.items():

@@ -2,10 +2,12 @@
 
 Layout of ``MODEL_DIR`` (written by :func:`save_model_dir`, read by :func:`load_model_dir`)::
 
-    model.safetensors   student weights (safetensors: a JSON header and raw tensors, nothing executable)
+    model.safetensors   weights (safetensors: a JSON header and raw tensors, nothing executable)
     config.yaml         the resolved run config (``endodistill.config.dump_config``)
-    metadata.json       name, version, creation time, architecture summary, preprocessing, threshold,
-                        metrics and the SHA-256 of model.safetensors
+    metadata.json       kind (``student``: the MRI model, ``teacher``: the TVUS model), name, version,
+                        creation time, architecture summary, preprocessing, threshold, metrics and the
+                        SHA-256 of model.safetensors
+    fingerprint.json    what the training data looked like (``endodistill.data.fingerprint``); optional
 
 Loading checks, in this order, and refuses with an :class:`~endodistill.errors.InputError` naming the file
 and the problem: pickle files (never opened), missing files, metadata that is not JSON, weights whose
@@ -39,6 +41,9 @@ CONFIG_FILE = "config.yaml"
 METADATA_FILE = "metadata.json"
 FORMAT = "endodistill-model-dir"
 FORMAT_VERSION = 1
+FINGERPRINT_FILE = "fingerprint.json"
+KINDS = ("student", "teacher")
+_MAX_MEMBERS = 32  # networks in a teacher ensemble: a CV has 5-10 folds; refuses absurd metadata first
 
 # Files whose loading would run the pickle machinery: refused by name, never opened.
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin", ".joblib", ".npz", ".tar")
@@ -58,6 +63,8 @@ class LoadedModel:
         metadata: the content of metadata.json.
         weights_sha256: SHA-256 of model.safetensors (checked against metadata.json).
         path: the model directory.
+        kind: ``student`` (MRI volumes) or ``teacher`` (TVUS clips).
+        fingerprint: the training data's fingerprint, None for directories written without one.
     """
 
     model: nn.Module
@@ -66,6 +73,8 @@ class LoadedModel:
     metadata: dict[str, Any]
     weights_sha256: str
     path: Path = field(default_factory=Path)
+    kind: str = "student"
+    fingerprint: dict[str, Any] | None = None
 
     @property
     def name(self) -> str:
@@ -82,16 +91,35 @@ class LoadedModel:
         return {"model_name": self.name, "model_version": self.version, "weights_sha256": self.weights_sha256}
 
 
-def arch_summary(cfg: Config) -> dict[str, Any]:
+def arch_summary(cfg: Config, kind: str = "student", members: int = 1) -> dict[str, Any]:
     """The architecture facts a model directory must agree on (metadata vs config vs tensors).
 
     Args:
         cfg: the run config.
+        kind: ``student`` or ``teacher``.
+        members: networks in a teacher ensemble.
 
     Returns:
-        A JSON-serialisable dict: network family, input channels and size, student hyper-parameters,
-        number and names of classes, positive class.
+        A JSON-serialisable dict: network family, input channels and size, hyper-parameters, number and
+        names of classes, positive class.
     """
+    if kind == "teacher":
+        t = cfg.teacher
+        return {
+            "network": "endodistill.infer.teacher_model.TeacherEnsemble",
+            "members": int(members),
+            "arch": t.arch,
+            "width": t.width,
+            "in_channels": 1,
+            "frames": cfg.tvus.frames,
+            "input_size": [int(v) for v in cfg.tvus.size],
+            "motion_input": t.motion_input,
+            "motion": t.motion,
+            "motion_norm": t.motion_norm,
+            "num_classes": cfg.task.num_classes,
+            "class_names": list(cfg.task.class_names),
+            "positive_class": cfg.task.positive_class,
+        }
     s = cfg.student
     plain = s.stem == "linear" and s.pool == "cls"
     return {
@@ -114,7 +142,11 @@ def arch_summary(cfg: Config) -> dict[str, Any]:
     }
 
 
-def _build(cfg: Config) -> nn.Module:
+def _build(cfg: Config, kind: str = "student", members: int = 1) -> nn.Module:
+    if kind == "teacher":
+        from endodistill.infer.teacher_model import build_teacher_ensemble
+
+        return build_teacher_ensemble(cfg, members)
     from endodistill.models.student import build_student
 
     return build_student(cfg)
@@ -154,11 +186,14 @@ def save_model_dir(
     threshold: float,
     metrics: Mapping[str, Any],
     name: str = "endodistill-pod",
+    kind: str = "student",
+    members: int = 1,
+    fingerprint: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a deployable model directory atomically (a staging folder renamed into place).
 
-    The weights are checked against ``build_student(cfg)`` first, so a directory that would not load is
-    never written.
+    The weights are checked against the architecture the config describes first, so a directory that
+    would not load is never written.
 
     Args:
         out_dir: the model directory (e.g. ``RUN_DIR/model``); replaced if it exists.
@@ -167,6 +202,9 @@ def save_model_dir(
         threshold: decision threshold on the positive-class probability, in [0, 1].
         metrics: evaluation figures to record (JSON-serialisable).
         name: model name recorded in metadata.json and in every prediction.
+        kind: ``student`` (the MRI student) or ``teacher`` (a TVUS teacher ensemble).
+        members: networks in a teacher ensemble (state keys ``members.<i>.``).
+        fingerprint: the training data's fingerprint, written as fingerprint.json.
 
     Returns:
         The model directory.
@@ -175,6 +213,8 @@ def save_model_dir(
         ValueError: a threshold outside [0, 1] or weights that do not fit the architecture.
     """
     out_dir = Path(out_dir)
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     threshold = float(threshold)
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
@@ -183,7 +223,7 @@ def save_model_dir(
 
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in state_dict.items()}
     try:
-        _check_tensors(tensors, _build(cfg).state_dict(), "state_dict")
+        _check_tensors(tensors, _build(cfg, kind, members).state_dict(), "state_dict")
     except InputError as e:
         raise ValueError(str(e)) from None
     # One metadata key only: safetensors writes a dict of several keys in an order that varies between
@@ -193,12 +233,15 @@ def save_model_dir(
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
+        "kind": kind,
         "name": name,
         "version": endodistill.__version__,
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "task": "pouch of Douglas obliteration from pelvic MRI (arXiv 2307.02000)",
-        "arch": arch_summary(cfg),
-        "preprocessing": cfg.mri.model_dump(mode="json"),
+        "task": "pouch of Douglas obliteration from "
+        + ("pelvic MRI" if kind == "student" else "transvaginal ultrasound clips")
+        + " (arXiv 2307.02000)",
+        "arch": arch_summary(cfg, kind, members),
+        "preprocessing": (cfg.mri if kind == "student" else cfg.tvus).model_dump(mode="json"),
         "threshold": threshold,
         "metrics": json.loads(json.dumps(dict(metrics), default=_json_default)),
         "weights_file": WEIGHTS_FILE,
@@ -214,6 +257,8 @@ def save_model_dir(
             CONFIG_FILE: dump_config(cfg).encode("utf-8"),
             METADATA_FILE: (json.dumps(metadata, indent=2, sort_keys=True) + "\n").encode("utf-8"),
         }
+        if fingerprint is not None:
+            files[FINGERPRINT_FILE] = (json.dumps(fingerprint, indent=2, sort_keys=True) + "\n").encode()
         for fname, data in files.items():
             with open(staging / fname, "wb") as fh:
                 fh.write(data)
@@ -297,6 +342,13 @@ def _read_metadata(path: Path) -> dict[str, Any]:
         raise InputError(meta_path, f"'threshold' must be a number in [0, 1], got {thr!r}")
     if not isinstance(meta["arch"], dict):
         raise InputError(meta_path, "'arch' must be an object")
+    if model_kind(meta) not in KINDS:
+        raise InputError(meta_path, f"'kind' must be one of {', '.join(KINDS)}, got {meta['kind']!r}")
+    members = meta["arch"].get("members", 1)
+    if not isinstance(members, int) or isinstance(members, bool) or not 1 <= members <= _MAX_MEMBERS:
+        raise InputError(
+            meta_path, f"'arch.members' must be an integer in [1, {_MAX_MEMBERS}], got {members!r}"
+        )
     return meta
 
 
@@ -304,10 +356,28 @@ def _read_metadata(path: Path) -> dict[str, Any]:
 _LATER_ARCH_KEYS: dict[str, Any] = {"stem": "linear", "stem_width": 96, "pool": "cls"}
 
 
+def model_kind(meta: Mapping[str, Any]) -> str:
+    """``student`` or ``teacher`` (directories written before kinds existed hold a student)."""
+    return str(meta.get("kind", "student"))
+
+
+def _read_fingerprint(path: Path) -> dict[str, Any] | None:
+    f = path / FINGERPRINT_FILE
+    if not f.is_file():
+        return None
+    try:
+        fp = json.loads(f.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f, f"not valid JSON ({type(e).__name__})") from None
+    if not isinstance(fp, dict):
+        raise InputError(f, "must be a JSON object")
+    return fp
+
+
 def _check_arch(meta: dict[str, Any], cfg: Config, meta_path: Path) -> None:
     """metadata.json's architecture summary must equal the one derived from config.yaml."""
-    want = arch_summary(cfg)
     got = meta["arch"]
+    want = arch_summary(cfg, model_kind(meta), int(got.get("members", 1)))
     for key, value in want.items():
         if key not in got and key in _LATER_ARCH_KEYS and value == _LATER_ARCH_KEYS[key]:
             continue  # written before the key existed, and the config holds its only value then
@@ -326,7 +396,7 @@ def _check_arch(meta: dict[str, Any], cfg: Config, meta_path: Path) -> None:
 def _read_weights(weights: Path, expected_sha: str) -> dict[str, Tensor]:
     size = weights.stat().st_size
     if size > _MAX_WEIGHTS_BYTES:
-        raise InputError(weights, f"is {size} bytes: implausibly large for a student model")
+        raise InputError(weights, f"is {size} bytes: implausibly large for a model")
     blob = weights.read_bytes()
     if blob[:2] in _PICKLE_MAGIC or blob[:4] in _PICKLE_MAGIC:
         raise InputError(weights, "is a pickle / torch.save file, not safetensors: refusing to unpickle it")
@@ -393,7 +463,8 @@ def load_model_dir(path: str | Path) -> LoadedModel:
     meta, cfg = read_model_dir_config(path)
     weights = path / WEIGHTS_FILE
     state = _read_weights(weights, str(meta["weights_sha256"]))
-    model = _build(cfg)
+    kind = model_kind(meta)
+    model = _build(cfg, kind, int(meta["arch"].get("members", 1)))
     _check_tensors(state, model.state_dict(), weights)
     model.load_state_dict(state, strict=True)
     model.eval()
@@ -406,4 +477,6 @@ def load_model_dir(path: str | Path) -> LoadedModel:
         metadata=meta,
         weights_sha256=str(meta["weights_sha256"]),
         path=path,
+        kind=kind,
+        fingerprint=_read_fingerprint(path),
     )

@@ -1,10 +1,16 @@
-"""Predict POD obliteration on new MRI scans with a model directory.
+"""Predict POD obliteration on new MRI scans or TVUS clips with a model directory.
 
-``predict_cases`` expands the inputs into cases (a NIfTI / MetaImage / NRRD file, a DICOM series folder,
-a folder of such cases, or a manifest's MRI rows), then for each case: reads it, preprocesses it into
-the model grid, computes the positive-class probability and the decision at the model's threshold, and
-writes an attention-rollout heatmap on the ORIGINAL voxel grid (same shape and world affine as the input
-volume) with a PNG of central sagittal slices.
+``predict_cases`` expands the inputs into cases, then for each case: reads it, preprocesses it into the
+model grid, computes the positive-class probability and the decision at the model's threshold, compares
+the input with the training data's fingerprint (``warnings``; ``strict`` refuses such cases) and writes
+an explanation.
+
+- An MRI model (``RUN_DIR/model``) takes NIfTI / MetaImage / NRRD files, DICOM series folders, folders of
+  such cases, or a manifest's MRI rows; its explanation is an attention-rollout heatmap on the ORIGINAL
+  voxel grid (same shape and world affine as the input volume) with a PNG of central sagittal slices.
+- A TVUS teacher (``RUN_DIR/teacher_model``) takes video files (mp4/avi/mov/...), DICOM cines, folders of
+  PNG frames, folders of such clips, or a manifest's TVUS rows; its explanation is an occlusion map drawn
+  over a few frames (:mod:`endodistill.infer.teacher_model`).
 
 Outputs (each file written atomically)::
 
@@ -36,7 +42,8 @@ import numpy as np
 
 import endodistill
 from endodistill.errors import EndodistillError, InputError
-from endodistill.infer.model_dir import LoadedModel, load_model_dir, read_model_dir_config
+from endodistill.infer.model_dir import LoadedModel, load_model_dir, model_kind, read_model_dir_config
+from endodistill.infer.teacher_model import OCCLUSION_METHOD
 from endodistill.utils import atomic_write_bytes, atomic_write_json, atomic_write_text, file_sha256
 
 if TYPE_CHECKING:  # torch is imported where it is used: refused inputs and models fail fast
@@ -56,6 +63,8 @@ CSV_COLUMNS = (
     "decision",
     "decision_label",
     "threshold",
+    "warnings",
+    "notes",
     "model_name",
     "model_version",
     "weights_sha256",
@@ -92,6 +101,7 @@ class CaseResult:
     probabilities: list[float] = field(default_factory=list)
     input_sha256: str = ""
     error: str = ""
+    warnings: list[str] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -143,29 +153,79 @@ def _is_volume_file(p: Path) -> bool:
     return p.is_file() and p.name.lower().endswith(_VOLUME_SUFFIXES)
 
 
-def _manifest_cases(path: Path, cfg: Config) -> list[Case]:
+def _manifest_cases(path: Path, cfg: Config, modality: str) -> list[Case]:
     from endodistill.data.manifest import read_manifest
 
     manifest = read_manifest(
         path, allow_outside=cfg.data.allow_outside_paths, num_classes=cfg.task.num_classes
     )
-    records = manifest.select(modality=cfg.task.student_modality)
+    records = manifest.select(modality=modality)
     if not records:
-        raise InputError(path, f"no rows with modality '{cfg.task.student_modality}' to predict")
+        raise InputError(path, f"no rows with modality '{modality}' to predict")
     return [Case(_safe_id(r.subject_id), r.path, r.series_uid) for r in records]
 
 
-def expand_inputs(inputs: Sequence[str | Path], cfg: Config, out_dir: Path | None = None) -> list[Case]:
+def _is_clip_file(p: Path) -> bool:
+    from endodistill.data.video import DICOM_SUFFIXES, VIDEO_SUFFIXES
+
+    name = p.name.lower()
+    return p.is_file() and (name.endswith(VIDEO_SUFFIXES + DICOM_SUFFIXES + (".npy",)) or _looks_dicom(p))
+
+
+def _is_frame_folder(p: Path) -> bool:
+    from endodistill.data.video import IMAGE_SUFFIXES
+
+    return p.is_dir() and any(c.is_file() and c.suffix.lower() in IMAGE_SUFFIXES for c in p.iterdir())
+
+
+def _clip_stem(p: Path) -> str:
+    """A clip's case id: the file name without its clip suffix, or the frame folder's name."""
+    return p.stem if p.is_file() and p.suffix else p.name
+
+
+def _expand_clips(inputs: Sequence[str | Path], cfg: Config, skip: Path | None) -> list[Case]:
+    """Clip cases: a video/DICOM/npy file, a folder of PNG frames, a folder of those, or a manifest."""
+    cases: list[Case] = []
+    for raw in inputs:
+        p = Path(raw)
+        if not p.exists():
+            raise InputError(p, "no such file or folder")
+        if p.is_file() and p.suffix.lower() == ".csv":
+            cases.extend(_manifest_cases(p, cfg, cfg.task.teacher_modality))
+        elif p.is_file() or _is_frame_folder(p):
+            cases.append(Case(_safe_id(_clip_stem(p)), p))
+        else:
+            found = [
+                Case(_safe_id(_clip_stem(c)), c)
+                for c in sorted(p.iterdir())
+                if not c.name.startswith(".")
+                and not (skip is not None and c.resolve() == skip)
+                and (_is_clip_file(c) or _is_frame_folder(c))
+            ]
+            if not found:
+                raise InputError(
+                    p, "no clip in this folder (video files, DICOM cines or folders of PNG frames)"
+                )
+            cases.extend(found)
+    return cases
+
+
+def expand_inputs(
+    inputs: Sequence[str | Path], cfg: Config, out_dir: Path | None = None, kind: str = "student"
+) -> list[Case]:
     """Turn the ``--input`` paths into cases.
 
-    A ``.csv`` is a manifest (its rows of the student modality); a folder that directly holds DICOM files
-    is one series; any other folder is a folder of cases (each NIfTI/MHA/NRRD file and each subfolder
-    holding DICOM is a case; other files are ignored); any other file is one case.
+    For an MRI model (``kind="student"``): a ``.csv`` is a manifest (its rows of the student modality); a
+    folder that directly holds DICOM files is one series; any other folder is a folder of cases (each
+    NIfTI/MHA/NRRD file and each subfolder holding DICOM is a case; other files are ignored); any other
+    file is one case. For a TVUS teacher (``kind="teacher"``): a manifest's teacher-modality rows, a clip
+    file, a folder of PNG frames (one clip), or a folder of those.
 
     Args:
         inputs: paths given by the user.
-        cfg: the model's config (it names the student modality and the number of classes).
+        cfg: the model's config (it names the modalities and the number of classes).
         out_dir: the output folder, never taken as a case.
+        kind: the model directory's kind.
 
     Returns:
         Cases with unique ids, in input order (folders sorted by name).
@@ -174,13 +234,13 @@ def expand_inputs(inputs: Sequence[str | Path], cfg: Config, out_dir: Path | Non
         InputError: an input that does not exist, a folder with no case, or a bad manifest.
     """
     skip = out_dir.resolve() if out_dir is not None else None
-    cases: list[Case] = []
-    for raw in inputs:
+    cases: list[Case] = _expand_clips(inputs, cfg, skip) if kind == "teacher" else []
+    for raw in inputs if kind != "teacher" else []:
         p = Path(raw)
         if not p.exists():
             raise InputError(p, "no such file or folder")
         if p.is_file() and p.suffix.lower() == ".csv":
-            cases.extend(_manifest_cases(p, cfg))
+            cases.extend(_manifest_cases(p, cfg, cfg.task.student_modality))
         elif p.is_file():
             cases.append(Case(_safe_id(_stem(p)), p))
         elif _has_dicom(p, recursive=False):
@@ -331,6 +391,7 @@ def predict_one(
     """
     import torch
 
+    from endodistill.data.fingerprint import check_input, volume_stats
     from endodistill.data.mri import load_volume
     from endodistill.data.preprocess import preprocess_volume, to_source_grid
     from endodistill.infer.heatmap import heatmap_model_space
@@ -346,6 +407,11 @@ def predict_one(
     t = time.perf_counter()
     arr, geometry = preprocess_volume(vol, lm.cfg.mri)
     res.timings["preprocess"] = time.perf_counter() - t
+    t = time.perf_counter()
+    res.warnings = check_input(
+        lm.fingerprint, lm.cfg.task.student_modality, volume_stats(vol.array, vol.spacing, arr)
+    )
+    res.timings["fingerprint"] = time.perf_counter() - t
     t = time.perf_counter()
     probs = forward_probabilities(lm.model, arr)
     res.timings["forward"] = time.perf_counter() - t
@@ -384,10 +450,76 @@ def predict_one(
     return res
 
 
+def predict_clip(
+    lm: LoadedModel, case: Case, out_dir: Path | None, heatmap: bool = True, hash_input: bool = True
+) -> CaseResult:
+    """Predict one TVUS clip with a teacher model and write its occlusion PNG (errors propagate).
+
+    Args:
+        lm: the loaded teacher model (``kind == "teacher"``).
+        case: the clip.
+        out_dir: output folder for the saliency PNG (None: compute nothing to write).
+        heatmap: compute and write the occlusion map.
+        hash_input: compute the SHA-256 of the input's bytes.
+    """
+    import torch
+
+    from endodistill.data.fingerprint import check_input, clip_stats
+    from endodistill.data.video import load_clip
+    from endodistill.infer.teacher_model import clip_input, clip_png_bytes, occlusion_map
+
+    res = CaseResult(case)
+    t = time.perf_counter()
+    if hash_input and case.path.is_file():
+        res.input_sha256 = file_sha256(case.path)
+    res.timings["hash"] = time.perf_counter() - t
+    t = time.perf_counter()
+    clip = load_clip(case.path, max_frames=lm.cfg.tvus.max_source_frames)
+    res.timings["load"] = time.perf_counter() - t
+    t = time.perf_counter()
+    arr, x = clip_input(clip.frames, clip.fps, lm.cfg)
+    res.timings["preprocess"] = time.perf_counter() - t
+    res.warnings = check_input(
+        lm.fingerprint, lm.cfg.task.teacher_modality, clip_stats(clip.frames, clip.fps, arr)
+    )
+    t = time.perf_counter()
+    with torch.inference_mode():
+        logits = lm.model(torch.from_numpy(x)[None])
+    probs = torch.softmax(logits.to(torch.float64), dim=1)[0].numpy()
+    res.timings["forward"] = time.perf_counter() - t
+    pos = lm.cfg.task.positive_class
+    res.probabilities = [float(p) for p in probs]
+    res.probability = float(probs[pos])
+    res.info = {
+        "format": clip.format,
+        "frames": int(clip.frames.shape[0]),
+        "fps": round(float(clip.fps), 4),
+        "size": [int(clip.frames.shape[1]), int(clip.frames.shape[2])],
+    }
+    if heatmap:
+        t = time.perf_counter()
+        heat = occlusion_map(lm.model, x, pos)
+        res.timings["heatmap"] = time.perf_counter() - t
+        if out_dir is not None:
+            t = time.perf_counter()
+            positive = res.probability >= lm.threshold
+            title = (
+                f"{case.case_id}: P({lm.cfg.task.class_names[pos]}) = {res.probability:.3f} -> "
+                f"{_decision_label(lm, positive)} (threshold {lm.threshold:.3f})"
+            )
+            png = out_dir / "heatmaps" / f"{case.case_id}_occlusion.png"
+            atomic_write_bytes(png, clip_png_bytes(x[0], heat, title))
+            res.info["heatmap_png"] = png.relative_to(out_dir).as_posix()
+            res.timings["write"] = time.perf_counter() - t
+    return res
+
+
 # ------------------------------------------------------------------------------------------- runs
 
 
 def _row(lm: LoadedModel, r: CaseResult) -> dict[str, Any]:
+    from endodistill.data.fingerprint import synthetic_note
+
     ok = not r.error
     positive = ok and r.probability is not None and r.probability >= lm.threshold
     row: dict[str, Any] = {
@@ -399,6 +531,8 @@ def _row(lm: LoadedModel, r: CaseResult) -> dict[str, Any]:
         "decision": (1 if positive else 0) if ok else None,
         "decision_label": _decision_label(lm, positive) if ok else None,
         "threshold": lm.threshold,
+        "warnings": "; ".join(r.warnings) or None,
+        "notes": synthetic_note(lm.fingerprint) or None,
         **lm.identity(),
         "heatmap_nifti": r.info.get("heatmap_nifti"),
         "heatmap_png": r.info.get("heatmap_png"),
@@ -423,6 +557,7 @@ def predict_cases(
     heatmap: bool = True,
     progress: bool | None = None,
     on_result: Callable[[CaseResult], None] | None = None,
+    strict: bool = False,
 ) -> int:
     """Predict every case in ``inputs`` with the model in ``model_dir``; write results to ``out_dir``.
 
@@ -430,12 +565,15 @@ def predict_cases(
     recorded with ``status=failed`` and skipped; the others still run.
 
     Args:
-        model_dir: a model directory (``RUN_DIR/model``).
-        inputs: NIfTI/MHA/NRRD files, DICOM series folders, folders of cases, or manifest csv files.
+        model_dir: a model directory (``RUN_DIR/model`` or ``RUN_DIR/teacher_model``).
+        inputs: for an MRI model NIfTI/MHA/NRRD files, DICOM series folders, folders of cases, or manifest
+            csv files; for a teacher clips, frame folders, folders of clips, or manifests.
         out_dir: output folder (created).
-        heatmap: write attention-rollout heatmaps (NIfTI on the input grid and a PNG).
+        heatmap: write explanations (MRI: attention-rollout NIfTI on the input grid and a PNG; clips: an
+            occlusion PNG).
         progress: show a progress bar (default: when there are several cases and stderr is a terminal).
         on_result: called with each :class:`CaseResult` (benchmarks use it for timings).
+        strict: refuse (``status=failed``) a case whose input is outside the training fingerprint.
 
     Returns:
         The number of failed cases (the CLI exits with 3 when it is not 0).
@@ -450,9 +588,11 @@ def predict_cases(
     out = Path(out_dir)
     # Model metadata and inputs are checked before the weights are read and torch is imported, so that
     # a refused model or input fails in a fraction of a second.
-    _, cfg = read_model_dir_config(model_dir)
-    cases = expand_inputs(inputs, cfg, out_dir=out)
+    meta, cfg = read_model_dir_config(model_dir)
+    kind = model_kind(meta)
+    cases = expand_inputs(inputs, cfg, out_dir=out, kind=kind)
     lm = load_model_dir(model_dir)
+    one = predict_clip if kind == "teacher" else predict_one
     if out.exists() and not out.is_dir():
         raise InputError(out, "output path exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
@@ -462,13 +602,22 @@ def predict_cases(
     with logging_redirect_tqdm():
         for case in tqdm(cases, desc="predict", unit="case", disable=not progress, file=sys.stderr):
             try:
-                res = predict_one(lm, case, out, heatmap=heatmap)
+                res = one(lm, case, out, heatmap=heatmap)
+                if strict and res.warnings:
+                    res = CaseResult(
+                        case,
+                        input_sha256=res.input_sha256,
+                        warnings=res.warnings,
+                        error=_one_line(f"{case.path}: refused (--strict): {'; '.join(res.warnings)}"),
+                    )
             except (KeyboardInterrupt, SystemExit):
                 raise
             except EndodistillError as e:
                 res = CaseResult(case, error=_one_line(e))
             except Exception as e:  # one broken case must not stop the others
                 res = CaseResult(case, error=_one_line(f"{case.path}: {type(e).__name__}: {e}"))
+            if res.warnings and not res.error:
+                log.warning("%s: %s", case.case_id, "; ".join(res.warnings))
             if res.error:
                 log.error("failed: %s", res.error)
                 if not res.input_sha256:
@@ -485,17 +634,22 @@ def predict_cases(
         "endodistill_version": endodistill.__version__,
         "model": {
             **lm.identity(),
+            "kind": kind,
+            "modality": lm.cfg.task.teacher_modality if kind == "teacher" else lm.cfg.task.student_modality,
             "threshold": lm.threshold,
             "positive_class": lm.cfg.task.class_names[lm.cfg.task.positive_class],
             "class_names": list(lm.cfg.task.class_names),
-            "input_size": list(lm.cfg.mri.size),
+            "input_size": list(lm.cfg.tvus.size if kind == "teacher" else lm.cfg.mri.size),
+            "fingerprint": lm.fingerprint is not None,
         },
-        "heatmap_method": HEATMAP_METHOD if heatmap else None,
+        "strict": strict,
+        "heatmap_method": (OCCLUSION_METHOD if kind == "teacher" else HEATMAP_METHOD) if heatmap else None,
         "n_cases": len(results),
         "n_failed": n_failed,
         "cases": [
             {
                 **row,
+                "warnings": r.warnings,
                 "probabilities": dict(zip(lm.cfg.task.class_names, r.probabilities)) if not r.error else None,
                 "input_info": r.info or None,
             }

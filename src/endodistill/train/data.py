@@ -94,6 +94,7 @@ class CohortData:
         tvus: teacher-modality clips (labelled ones train the teacher).
         cohort: ``cohort.json`` next to the manifest when present (synthetic data), else counts.
         files: every input file (for hashing).
+        fingerprint: what the inputs looked like (:func:`endodistill.data.fingerprint.build_fingerprint`).
     """
 
     manifest: Path
@@ -102,6 +103,7 @@ class CohortData:
     tvus: ClipSet
     cohort: dict[str, Any]
     files: list[Path]
+    fingerprint: dict[str, Any] = field(default_factory=dict)
 
 
 def cache_root(cfg: Config) -> Path:
@@ -203,6 +205,7 @@ def load_cohort(cfg: Config, manifest: str | Path) -> CohortData:
         InputError: a bad manifest or file (named), no labelled student volume, or no labelled clip.
     """
     from endodistill.data.cache import TensorCache
+    from endodistill.data.fingerprint import build_fingerprint, summarise
     from endodistill.data.manifest import read_manifest
 
     manifest = Path(manifest).resolve()
@@ -221,11 +224,14 @@ def load_cohort(cfg: Config, manifest: str | Path) -> CohortData:
 
     _warm_cache(cache, cfg, [(r, series(r)) for r in m.select(student)], m.select(teacher))
 
+    stats: dict[str, list[tuple[dict[str, Any], str]]] = {student: [], teacher: []}
+
     def volumes(labelled: bool) -> VolumeSet:
         recs = m.select(student, labelled=labelled)
         arrs, subjects, labels, paths = [], [], [], []
         for r in recs:
-            arr, _geom = cache.mri(r.path, cfg.mri, series_uid=series(r))
+            arr, _geom, st = cache.mri_entry(r.path, cfg.mri, series_uid=series(r))
+            stats[student].append((st, r.extra.get("site", "")))
             arrs.append(np.asarray(arr, dtype=np.float32))
             subjects.append(r.subject_id)
             labels.append(-1 if r.label is None else int(r.label))
@@ -254,7 +260,9 @@ def load_cohort(cfg: Config, manifest: str | Path) -> CohortData:
 
     clips, c_labels, c_subjects, c_paths = [], [], [], []
     for r in m.select(teacher):
-        clips.append(np.asarray(cache.clip(r.path, cfg.tvus), dtype=np.float32))
+        arr, st = cache.clip_entry(r.path, cfg.tvus)
+        stats[teacher].append((st, r.extra.get("site", "")))
+        clips.append(np.asarray(arr, dtype=np.float32))
         c_labels.append(-1 if r.label is None else int(r.label))
         c_subjects.append(r.subject_id)
         c_paths.append(str(r.path))
@@ -278,8 +286,21 @@ def load_cohort(cfg: Config, manifest: str | Path) -> CohortData:
     }
     cohort["manifest"] = str(manifest)
     files = [manifest, *(r.path for r in m.records)]
+    fingerprint = build_fingerprint(
+        {
+            mod: summarise([e for e, _ in rows if e], [site for e, site in rows if e])
+            for mod, rows in stats.items()
+        },
+        synthetic=cohort.get("generator") == "endodistill.data.synthetic",
+    )
     data = CohortData(
-        manifest=manifest, labelled=labelled, unlabelled=unlabelled, tvus=tvus, cohort=cohort, files=files
+        manifest=manifest,
+        labelled=labelled,
+        unlabelled=unlabelled,
+        tvus=tvus,
+        cohort=cohort,
+        files=files,
+        fingerprint=fingerprint,
     )
     _MEMO.clear()  # one cohort at a time: tests and runs do not pile up memory
     _MEMO[key] = data
