@@ -215,3 +215,35 @@ def test_threaded_preprocessing_gives_the_same_cohort_and_the_same_first_error(
             load(cohort / "manifest.csv", threads, f"bad{threads}")
         errors.append(str(e.value))
     assert errors[0] == errors[1] and mri[1]["path"] in errors[0]
+
+
+def test_key_follows_the_preprocessing_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An edit to a data module (or a library upgrade) gives new keys: no stale tensors, no manual bump."""
+    src = _nifti(tmp_path / "a.nii.gz")
+    cache = TensorCache(tmp_path / "cache")
+    arr, _ = cache.mri(src, CFG)
+    key = cache.key("mri", src, CFG)
+    assert (
+        json.loads(next(p for p in _entries(tmp_path / "cache") if p.suffix == ".json").read_text())["code"]
+        == cache_mod.code_hash()
+    )
+    # The hash covers every module of endodistill.data: a new one changes it.
+    monkeypatch.setattr(cache_mod, "_CODE_HASH", None)
+    before = cache_mod.code_hash()
+    data_dir = Path(cache_mod.__file__).parent
+    extra = data_dir / "_test_extra_module.py"
+    try:
+        extra.write_text("X = 1\n")
+        monkeypatch.setattr(cache_mod, "_CODE_HASH", None)
+        changed = cache_mod.code_hash()
+    finally:
+        extra.unlink()
+    monkeypatch.setattr(cache_mod, "_CODE_HASH", None)
+    assert changed != before and cache_mod.code_hash() == before
+    monkeypatch.setattr(cache_mod, "_CODE_HASH", "0" * 64)
+    assert cache.key("mri", src, CFG) != key
+    misses = cache.misses
+    cache.mri(src, CFG)
+    assert cache.misses == misses + 1  # recomputed under the new code, not served stale
+    monkeypatch.setattr(cache_mod, "_CODE_HASH", None)
+    np.testing.assert_array_equal(cache.mri(src, CFG)[0], arr)

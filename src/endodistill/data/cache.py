@@ -2,8 +2,10 @@
 
 Layout: ``ROOT/{mri,clip}/<k[:2]>/<k>.npy`` plus ``<k>.json`` (geometry and provenance), where the key
 ``k`` is the SHA-256 of the source content hash (file bytes, or a DICOM folder's files), the preprocessing
-config section, the DICOM series and :data:`CACHE_VERSION`. A changed file or config therefore gets a new
-key and never reads a stale entry. Arrays are plain ``.npy`` written with ``allow_pickle=False`` and read
+config section, the DICOM series, :data:`CACHE_VERSION` (the entry layout) and :func:`code_hash` (the
+source of the readers and preprocessing, and the versions of the libraries that decode and resample). A
+changed file, config, reader or preprocessing step therefore gets a new key and never reads a stale entry,
+without anyone remembering to bump a version. Arrays are plain ``.npy`` written with ``allow_pickle=False`` and read
 with ``mmap_mode="r"``; the sidecar is JSON: nothing in the cache is unpickled.
 
 Writes go to a temporary file and are renamed into place (``os.replace``), the array before the
@@ -29,8 +31,37 @@ from endodistill.utils import atomic_path, atomic_write_json, file_sha256
 
 log = logging.getLogger(__name__)
 
-#: Bump when preprocessing code changes its output: old entries then stop matching.
+#: The entry layout (array + sidecar keys); what the code computes is keyed by :func:`code_hash`.
 CACHE_VERSION = "2"  # 2: sidecars carry the input's fingerprint stats
+
+# Libraries whose upgrade can change decoded or resampled voxels.
+_KEY_LIBRARIES = ("numpy", "scipy", "nibabel", "pydicom", "SimpleITK", "av", "pillow")
+_CODE_HASH: str | None = None
+
+
+def code_hash() -> str:
+    """SHA-256 of the code that makes a cache entry: every module of ``endodistill.data`` (not the synthetic
+    generator) and the versions of :data:`_KEY_LIBRARIES`.
+
+    The whole package folder rather than a hand-kept list, so a new reader module is covered too; an edit
+    to a module that does not change the arrays (the manifest reader, say) costs one re-preprocessing.
+    """
+    global _CODE_HASH
+    if _CODE_HASH is None:
+        from importlib import metadata
+
+        h = hashlib.sha256()
+        for f in sorted(Path(__file__).parent.glob("*.py")):
+            h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+        for lib in _KEY_LIBRARIES:
+            try:
+                version = metadata.version(lib)
+            except metadata.PackageNotFoundError:
+                version = "absent"
+            h.update(f"{lib}=={version}\0".encode())
+        _CODE_HASH = h.hexdigest()
+    return _CODE_HASH
+
 
 _HASH_MEMO: dict[tuple[str, tuple[Any, ...]], str] = {}
 
@@ -90,6 +121,7 @@ class TensorCache:
             "config": _config_dict(cfg),
             "series_uid": series_uid or "",
             "version": CACHE_VERSION,
+            "code": code_hash(),
         }
         return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
@@ -115,7 +147,13 @@ class TensorCache:
     def _write(self, kind: str, key: str, arr: np.ndarray, info: dict[str, Any]) -> np.ndarray:
         npy, side = self._paths(kind, key)
         arr = np.ascontiguousarray(arr, dtype=np.float32)
-        info = {**info, "shape": list(arr.shape), "dtype": str(arr.dtype), "version": CACHE_VERSION}
+        info = {
+            **info,
+            "shape": list(arr.shape),
+            "dtype": str(arr.dtype),
+            "version": CACHE_VERSION,
+            "code": code_hash(),
+        }
         try:
             with atomic_path(npy) as tmp, open(tmp, "wb") as fh:
                 np.save(fh, arr, allow_pickle=False)
