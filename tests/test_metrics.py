@@ -195,6 +195,30 @@ def test_compare_methods_structure() -> None:
         compare_methods(rows, reference="nope")
 
 
+def test_mcnemar_against_a_hand_computation() -> None:
+    from endodistill.evaluate.stats import mcnemar_test, youden_threshold
+
+    # 10 cases: A right on 8, B right on 5; discordant: A only on 4 cases, B only on 1.
+    y = np.array([1, 1, 1, 1, 1, 0, 0, 0, 0, 0])
+    a = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 1])
+    b = np.array([1, 0, 0, 0, 1, 0, 0, 1, 0, 1])
+    out = mcnemar_test(y, a, b)
+    assert (out["a_only"], out["b_only"]) == (4, 1)
+    assert out["accuracy_a"] == pytest.approx(0.8) and out["accuracy_b"] == pytest.approx(0.5)
+    # Exact two-sided binomial: 2 * P(X <= 1 | n=5, 1/2) = 2 * (1 + 5) / 32 = 0.375.
+    assert out["p"] == pytest.approx(0.375)
+    assert mcnemar_test(y, a, a)["p"] == 1.0  # no discordant case
+    # Youden's threshold: the highest cut that maximises TPR - FPR.
+    assert youden_threshold(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8])) == pytest.approx(0.8)
+    comps = compare_methods(_oof(), reference="scratch_ce", full="mae_kd_ce")
+    for c in comps:
+        mc = c["mcnemar"]
+        assert mc["a_only"] + mc["b_only"] <= c["n"] and 0 <= mc["p"] <= mc["p_adjusted"] <= 1
+    assert [c["mcnemar"]["p_adjusted"] for c in comps] == pytest.approx(
+        adjust_pvalues([c["mcnemar"]["p"] for c in comps])
+    )
+
+
 def test_per_fold_and_summary() -> None:
     rows = _oof()
     folds = per_fold_aucs(rows, "mae_kd_ce")

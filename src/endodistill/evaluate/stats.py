@@ -129,6 +129,43 @@ def adjust_pvalues(pvalues: Sequence[float], correction: str = "holm") -> list[f
     return out.tolist()
 
 
+def youden_threshold(labels: np.ndarray, probs: np.ndarray) -> float:
+    """The highest threshold maximising sensitivity + specificity - 1 (a case is positive at ``p >= t``)."""
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, thr = roc_curve(labels, probs, drop_intermediate=False)
+    finite = np.isfinite(thr)
+    j = tpr[finite] - fpr[finite]
+    return float(thr[finite][int(np.argmax(j))])
+
+
+def mcnemar_test(labels: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray) -> dict[str, Any]:
+    """Exact McNemar test of two classifiers' decisions on the same cases.
+
+    Only the discordant cases count: ``a_only`` (A right, B wrong) and ``b_only``; under the null each
+    discordant case is a fair coin, so the two-sided p is the exact binomial one (SciPy's ``binomtest``;
+    exact rather than the chi-square approximation, because the demo's discordant counts are small).
+
+    Returns:
+        ``{"a_only": int, "b_only": int, "accuracy_a", "accuracy_b", "p"}`` (p = 1 with no discordance).
+    """
+    from scipy.stats import binomtest
+
+    y = np.asarray(labels).astype(bool)
+    ra = np.asarray(pred_a).astype(bool) == y
+    rb = np.asarray(pred_b).astype(bool) == y
+    a_only, b_only = int(np.sum(ra & ~rb)), int(np.sum(~ra & rb))
+    n = a_only + b_only
+    p = float(binomtest(min(a_only, b_only), n, 0.5).pvalue) if n else 1.0
+    return {
+        "a_only": a_only,
+        "b_only": b_only,
+        "accuracy_a": float(ra.mean()),
+        "accuracy_b": float(rb.mean()),
+        "p": p,
+    }
+
+
 def compare_methods(
     oof_rows: Sequence[Mapping[str, Any]],
     reference: str = "scratch_ce",
@@ -145,7 +182,10 @@ def compare_methods(
 
     Returns:
         One dict per comparison: ``method_a, method_b, n, n_pos, auc_a, auc_b, diff (a - b), se, z, p,
-        p_adjusted, correction``.
+        p_adjusted, correction`` and ``mcnemar``: McNemar's test of the two methods' decisions at the
+        Youden threshold of B, the pair's reference (the seed paper's check), with its own Holm-adjusted
+        p over the family. One threshold for both, as asked of it; a method calibrated very differently
+        from B is judged at B's operating point, which the DeLong test (threshold-free) is not.
 
     Raises:
         ValueError: unknown reference, different subject sets or labels between methods, a single class.
@@ -162,6 +202,10 @@ def compare_methods(
     for a, b in pairs:
         y, pa, pb = _paired(oof_rows, a, b)
         t = delong_test(y, pa, pb)
+        mc: dict[str, Any] | None = None
+        if 0 < y.sum() < y.size:
+            thr = youden_threshold(y, pb)
+            mc = {"threshold": thr, **mcnemar_test(y, pa >= thr, pb >= thr)}
         results.append(
             {
                 "method_a": a,
@@ -169,12 +213,18 @@ def compare_methods(
                 "n": int(y.size),
                 "n_pos": int(y.sum()),
                 **t,
+                "mcnemar": mc,
             }
         )
     adjusted = adjust_pvalues([r["p"] for r in results], correction)
-    for r, q in zip(results, adjusted, strict=True):
+    mc_adjusted = adjust_pvalues(
+        [r["mcnemar"]["p"] if r["mcnemar"] else float("nan") for r in results], correction
+    )
+    for r, q, qm in zip(results, adjusted, mc_adjusted, strict=True):
         r["p_adjusted"] = q
         r["correction"] = correction
+        if r["mcnemar"]:
+            r["mcnemar"]["p_adjusted"] = qm
     return results
 
 
