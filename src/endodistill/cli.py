@@ -189,6 +189,37 @@ def run(
         raise
 
 
+@app.command()
+def study(
+    name: Annotated[str, typer.Argument(help="alpha, mask_ratio, kd_controls, pairing, pool or grid.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Study directory.")],
+    config: ConfigOpt = "demo",
+    set_: SetOpt = None,
+    vary: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--vary",
+            help="grid only: KEY=V1,V2,... (repeatable; the cartesian product is the grid). Keys starting "
+            "with method. change the fine-tuned method, e.g. method.schedule.alpha=0.7,0.9; others the "
+            "config, e.g. finetune.lr=1e-3,3e-3.",
+        ),
+    ] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the study in --out.")] = False,
+    accelerator: AcceleratorOpt = None,
+    devices: DevicesOpt = None,
+    strategy: StrategyOpt = None,
+    num_nodes: NodesOpt = None,
+) -> None:
+    """Answer one of the paper's open questions: every setting on the same folds, paired tests, a report."""
+    from endodistill.config import load_config
+
+    cfg = load_config(config, _with_hardware(set_, accelerator, devices, strategy, num_nodes))
+    from endodistill.experiment.study import plan_study, run_study
+
+    plan_study(name, cfg, vary or [])  # an unknown study or a bad --vary fails before any work
+    run_study(name, cfg, out, resume=resume, vary=vary or [], echo=typer.echo)
+
+
 def _remove_unstarted_run(run_dir: Path) -> None:
     """Remove a run directory this command created when bad input stopped it before any result.
 

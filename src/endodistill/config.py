@@ -47,6 +47,8 @@ class SynthConfig(_Strict):
     n_mri_unlabelled: int | None = Field(None, ge=0)
     n_tvus: int | None = Field(None, ge=4)
     paired_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    # The unlabelled MRI pool from a shifted site (other contrast and geometry; the pool study).
+    pool_shift: bool = False
 
 
 class DataConfig(_Strict):
@@ -130,6 +132,9 @@ class TeacherConfig(_Strict):
     hflip: bool = False
     # Report a logistic regression on motion features of the same clips, on the same folds, next to the teacher.
     clip_baseline: bool = True
+    # Train the teacher on labels permuted among the labelled clips (a control of the kd_controls study:
+    # a teacher that knows nothing of the sign). Evaluation still uses the true labels.
+    shuffle_labels: bool = False
     channels_last: Literal["auto"] | bool = Field(
         "auto",
         description=(
@@ -188,6 +193,9 @@ class MAEConfig(_Strict):
     decoder_layers: int = Field(1, ge=1)
     decoder_heads: int = Field(3, ge=1)
     use_labelled_train: bool = False
+    # Share of the unlabelled pool the MAE sees (a seeded subset; the pool study). Epochs are scaled by
+    # 1 / pool_fraction so that every pool size gets the same number of optimiser steps.
+    pool_fraction: float = Field(1.0, gt=0, le=1)
 
 
 class ScheduleConfig(_Strict):
@@ -205,6 +213,13 @@ class MethodConfig(_Strict):
     kd_loss: Literal["mse_logits", "mse_probs", "kl", "prototype"] = "mse_logits"
     temperature: float = Field(2.0, gt=0)
     pairing: Literal["label_matched", "paired"] = "label_matched"
+    # What the KD target of a case is (the kd_controls study): the partner clip's teacher output
+    # ("teacher", the paper), the per-class mean teacher output ("class_mean"), a label-smoothed one-hot
+    # whose confidence equals the teacher's mean confidence on the class ("smoothed_labels"), or the
+    # teacher outputs permuted among the clips of each class ("permuted").
+    kd_target: Literal["teacher", "class_mean", "smoothed_labels", "permuted"] = "teacher"
+    # Fraction of KD partners drawn from the other class (label-matching noise; the pairing study).
+    pairing_noise: float = Field(0.0, ge=0, le=1)
 
 
 def default_methods() -> dict[str, MethodConfig]:

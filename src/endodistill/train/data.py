@@ -146,6 +146,7 @@ def ensure_manifest(cfg: Config, cohort_dir: Path) -> Path:
         n_mri_labelled=s.n_mri_labelled,
         n_mri_unlabelled=s.n_mri_unlabelled,
         n_tvus=s.n_tvus,
+        pool_shift=s.pool_shift,
     )
     return manifest.resolve()
 

@@ -249,10 +249,21 @@ def student_batch_fn(
         num_classes: K.
         augment: flips and intensity jitter.
     """
-    from endodistill.train.pairing import class_prototypes, label_matched_pairs
+    from endodistill.train.pairing import (
+        class_prototypes,
+        control_targets,
+        label_matched_pairs,
+        noisy_partners,
+    )
 
-    pool_logits = teacher.logits[torch.from_numpy(pool)].float()
     pool_labels = teacher.labels[pool]
+    pool_logits = control_targets(
+        teacher.logits[torch.from_numpy(pool)],
+        teacher.probs[torch.from_numpy(pool)],
+        pool_labels,
+        method.kd_target,
+        seed,
+    )
     pool_subjects = [teacher.subjects[i] for i in pool]
     protos = (
         class_prototypes(pool_logits, pool_labels, num_classes) if method.kd_loss == "prototype" else None
@@ -266,6 +277,7 @@ def student_batch_fn(
                 tgt = protos[y_t]
             else:
                 p = label_matched_pairs(y, pool_labels, seed, epoch, subjects, pool_subjects, method.pairing)
+                p = noisy_partners(p, y, pool_labels, method.pairing_noise, seed, epoch)
                 tgt = pool_logits[torch.from_numpy(p)]
             pairs.clear()
             pairs[epoch] = tgt

@@ -132,3 +132,75 @@ def class_prototypes(
             raise ValueError(f"class {k}: no TVUS case with this label, cannot form its prototype")
         rows.append(logits[sel].mean(dim=0))
     return torch.stack(rows)
+
+
+def noisy_partners(
+    partners: np.ndarray,
+    mri_labels: np.ndarray,
+    tvus_labels: np.ndarray,
+    fraction: float,
+    seed: int,
+    epoch: int,
+) -> np.ndarray:
+    """Replace a ``fraction`` of the partners by a clip of another class (label-matching noise).
+
+    Each labelled MRI case independently gets, with probability ``fraction``, a uniformly drawn clip whose
+    label differs from its own; the draw is a pure function of ``(seed, epoch)`` like the pairs themselves
+    (its own stream, so ``fraction=0`` leaves the pairs exactly as they were).
+    """
+    out = np.asarray(partners, dtype=np.int64).copy()
+    if fraction <= 0:
+        return out
+    y_mri = _labels(mri_labels, "mri_labels")
+    y_tvus = _labels(tvus_labels, "tvus_labels")
+    rng = np.random.default_rng([seed, epoch, 7919])
+    flip = (rng.random(out.size) < fraction) & (y_mri >= 0)
+    for i in np.flatnonzero(flip):
+        others = np.flatnonzero((y_tvus >= 0) & (y_tvus != y_mri[i]))
+        if others.size:
+            out[i] = others[int(rng.integers(others.size))]
+    return out
+
+
+def control_targets(logits: Tensor, probs: Tensor, labels: np.ndarray, kind: str, seed: int) -> Tensor:
+    """KD targets of the pool clips under a control of the kd_controls study (rows follow ``logits``).
+
+    Args:
+        logits: ``(n, K)`` teacher logits of the pool clips.
+        probs: ``(n, K)`` their softmax probabilities.
+        labels: ``(n,)`` their labels (all >= 0).
+        kind: ``teacher`` (unchanged), ``class_mean`` (each clip gets its class's mean logits: in
+            expectation what an unpaired, label-matched partner gives), ``smoothed_labels`` (logits of a
+            label-smoothed one-hot, its true-class probability the teacher's mean probability of that class
+            on its clips, shifted to the class-mean logits' mean so only the shape differs), ``permuted``
+            (teacher outputs shuffled among the clips of each class, seeded).
+        seed: the permutation's seed.
+
+    Returns:
+        ``(n, K)`` float targets in logit space.
+    """
+    logits = logits.float()
+    if kind == "teacher":
+        return logits
+    y = torch.as_tensor(labels, dtype=torch.long)
+    k = logits.shape[1]
+    out = logits.clone()
+    rng = np.random.default_rng([seed, 104729])
+    for c in range(k):
+        sel = torch.nonzero(y == c).flatten()
+        if sel.numel() == 0:
+            continue
+        if kind == "class_mean":
+            out[sel] = logits[sel].mean(0)
+        elif kind == "smoothed_labels":
+            conf = float(probs[sel, c].float().mean().clamp(1e-4, 1 - 1e-4))
+            q = torch.full((k,), (1 - conf) / max(k - 1, 1))
+            q[c] = conf
+            lq = torch.log(q)
+            out[sel] = lq - lq.mean() + logits[sel].mean(0).mean()
+        elif kind == "permuted":
+            perm = torch.from_numpy(rng.permutation(sel.numel()))
+            out[sel] = logits[sel[perm]]
+        else:
+            raise ValueError(f"unknown KD target {kind!r}")
+    return out

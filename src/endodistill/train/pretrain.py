@@ -159,6 +159,12 @@ def pretrain_mae(
     t0 = time.perf_counter()
     ckpt = prepare_unit(unit_dir, resume)
     pool = [data.unlabelled.x]
+    epochs = cfg.mae.epochs
+    if cfg.mae.pool_fraction < 1.0 and len(data.unlabelled):
+        n = max(2, round(cfg.mae.pool_fraction * len(data.unlabelled)))
+        keep = np.sort(np.random.default_rng([seed, 2750159]).permutation(len(data.unlabelled))[:n])
+        pool = [data.unlabelled.x[torch.from_numpy(keep)]]
+        epochs = max(1, round(cfg.mae.epochs / cfg.mae.pool_fraction))
     if labelled_subjects:
         pool.append(data.labelled.x[torch.from_numpy(data.labelled.index(list(labelled_subjects)))])
     x = torch.cat(pool) if len(pool) > 1 else pool[0]
@@ -176,14 +182,14 @@ def pretrain_mae(
     hp = {"stage": "mae", "seed": seed, "n_volumes": int(x.shape[0]), "mae": m.model_dump(mode="json")}
     module = MAEModule(
         cfg,
-        total_steps=len(batches) * m.epochs,
+        total_steps=len(batches) * epochs,
         batches=batches,
         hparams=hp,
         seed=seed,
         where=where,
         timing=timing,
     )
-    trainer = make_trainer(cfg, unit_dir, m.epochs, timing)
+    trainer = make_trainer(cfg, unit_dir, epochs, timing)
     fit(trainer, module, make_loader(batches, cfg), ckpt)
     from endodistill.models.student import mae_encoder_state
 
@@ -205,7 +211,7 @@ def pretrain_mae(
     }
     write_done(unit_dir, info)
     echo(
-        f"[mae] {x.shape[0]} volumes, {m.epochs} epochs: loss {info['loss_first']:.4f} -> {info['loss_last']:.4f} "
+        f"[mae] {x.shape[0]} volumes, {epochs} epochs: loss {info['loss_first']:.4f} -> {info['loss_last']:.4f} "
         f"({time.perf_counter() - t0:.1f} s)"
     )
     return info

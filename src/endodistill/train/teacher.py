@@ -360,6 +360,18 @@ def _prediction_rows(
     ]
 
 
+def _shuffled_labels(data: CohortData, seed: int) -> CohortData:
+    """The cohort with its labelled clips' labels permuted (seeded): what a shuffled-label teacher trains on."""
+    import dataclasses
+
+    tv = data.tvus
+    labels = tv.labels.copy()
+    lab = np.flatnonzero(labels >= 0)
+    labels[lab] = labels[lab][np.random.default_rng([seed, 15485863]).permutation(lab.size)]
+    clips = dataclasses.replace(tv, labels=labels, _eval=tv._eval)
+    return dataclasses.replace(data, tvus=clips)
+
+
 def _cv_folds(cfg: Config, subjects: list[str], labels: np.ndarray) -> list[list[str]]:
     from endodistill.data.splits import stratified_group_folds
 
@@ -405,6 +417,7 @@ def train_teacher(
         )
     subj = [tv.subjects[i] for i in lab]
     x_eval = tv.eval_tensor(cfg.tvus.frames)
+    fit_data = _shuffled_labels(data, cfg.seed) if cfg.teacher.shuffle_labels else data
     n = len(tv)
     fits: dict[str, Any] = {}
     heldout_probs = np.full((n, k), np.nan)
@@ -423,7 +436,9 @@ def train_teacher(
             tr = np.array([i for i in lab if tv.subjects[i] not in test_set], dtype=np.int64)
             seed = fit_seed(cfg.seed, "teacher", f, "cv")
             t1 = time.perf_counter()
-            net, info = fit_teacher(cfg, data, tr, out / f"fold_{f}", seed, f"teacher fold {f}", resume, te)
+            net, info = fit_teacher(
+                cfg, fit_data, tr, out / f"fold_{f}", seed, f"teacher fold {f}", resume, te
+            )
             logits, feats = teacher_forward(net, x_eval[te], cfg)
             if oof_feats is None:
                 oof_feats = torch.zeros(n, feats.shape[1])
@@ -455,7 +470,7 @@ def train_teacher(
         t1 = time.perf_counter()
         net, info = fit_teacher(
             cfg,
-            data,
+            fit_data,
             tr,
             out / "holdout",
             fit_seed(cfg.seed, "teacher", None, "holdout"),
@@ -478,7 +493,7 @@ def train_teacher(
         t1 = time.perf_counter()
         net, info = fit_teacher(
             cfg,
-            data,
+            fit_data,
             lab,
             out / "full",
             fit_seed(cfg.seed, "teacher", None, "full"),

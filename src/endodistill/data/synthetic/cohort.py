@@ -24,7 +24,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from endodistill.data.synthetic.mri_render import render_mri
-from endodistill.data.synthetic.presets import Preset, get_preset
+from endodistill.data.synthetic.presets import Preset, get_preset, shifted_site
 from endodistill.data.synthetic.signs import (
     MRI_SIGNS,
     TVUS_SLIDING_BETA,
@@ -257,6 +257,7 @@ def generate_cohort(
     n_mri_unlabelled: int | None = None,
     n_tvus: int | None = None,
     threads: int | None = None,
+    pool_shift: bool = False,
 ) -> dict[str, Any]:
     """Generate the synthetic pelvic cohort into ``out``.
 
@@ -271,6 +272,10 @@ def generate_cohort(
         seed: generator seed.
         paired_fraction: share of TVUS subjects that also have a labelled MRI (same subject_id).
         n_mri_labelled, n_mri_unlabelled, n_tvus: override the preset's counts.
+        threads: rendering threads.
+        pool_shift: scan the unlabelled pool at :func:`~endodistill.data.synthetic.presets.shifted_site`
+            (other contrast and geometry) instead of the labelled subjects' sites; everything else,
+            including every labelled volume and clip, is unchanged.
 
     Returns:
         The content of cohort.json.
@@ -289,6 +294,7 @@ def generate_cohort(
     (out / "mri").mkdir(parents=True, exist_ok=True)
     (out / "tvus").mkdir(parents=True, exist_ok=True)
     site_names = [s.name for s in pre.mri_sites]
+    shift_site = shifted_site(pre)
     site_p = np.array([s.weight for s in pre.mri_sites])
     site_p = site_p / site_p.sum()
 
@@ -300,6 +306,8 @@ def generate_cohort(
             rng = _rng(seed, "mri", subj.group, subj.index)
             signs = draw_mri_signs(rng, subj.latent_label)
             site = pre.mri_sites[int(rng.choice(len(site_names), p=site_p))]
+            if pool_shift and subj.group == "U":
+                site = shift_site  # after the draw: the subject's other random numbers stay the same
             oblique = bool(rng.random() < pre.oblique_fraction)
             vol = render_mri(rng, site, signs, oblique)
             _write_nifti(out / subj.path, vol.array, vol.affine)
@@ -359,6 +367,7 @@ def generate_cohort(
         "preset": pre.name,
         "seed": int(seed),
         "paired_fraction": float(paired_fraction),
+        "pool_shift": bool(pool_shift),
         "settings": settings,
         "counts": {
             "mri_labelled": len(y_m),
@@ -367,7 +376,10 @@ def generate_cohort(
             "tvus": len(y_t),
             "tvus_positive": int(sum(y_t)),
             "tvus_paired": n_paired,
-            "mri_sites": {name: site_counts.get(name, 0) for name in site_names},
+            "mri_sites": {
+                name: site_counts.get(name, 0)
+                for name in site_names + ([shift_site.name] if pool_shift else [])
+            },
         },
         "prevalence": {
             "generative": pre.prevalence,
@@ -386,7 +398,10 @@ def generate_cohort(
             "dtype": "uint16",
             "axcodes": ["P", "I", "R"],
             "oblique_fraction": pre.oblique_fraction,
-            "sites": {s.name: {"shape": list(s.shape), "zooms": list(s.zooms)} for s in pre.mri_sites},
+            "sites": {
+                s.name: {"shape": list(s.shape), "zooms": list(s.zooms)}
+                for s in (*pre.mri_sites, *([shift_site] if pool_shift else []))
+            },
         },
         "tvus": {
             "format": "mp4",

@@ -97,6 +97,20 @@ def _sites(
     return all_sites[:k]
 
 
+def shifted_site(pre: Preset) -> MRISite:
+    """A site unlike any of the preset's: other vendor contrast (darker fat, stronger bias, steeper
+    gamma) and geometry (1.3x coarser in-plane pixels, 15% smaller field of view, 0.8x thinner slices).
+
+    The unlabelled pool of a ``pool_shift`` cohort is scanned here (the pool study's domain question).
+    """
+    a = pre.mri_sites[0]
+    inplane = round(a.inplane_mm * 1.3, 3)
+    n = max(8, round(a.inplane_n * a.inplane_mm * 0.85 / inplane))
+    slc = round(a.slice_mm * 0.8, 3)
+    ns = max(4, round(a.n_slices * a.slice_mm / slc))
+    return MRISite("siteShift", inplane, n, slc, ns, 900.0, 0.05, 0.38, 0.30, 0.80, 0.36, 1.35, 0.0)
+
+
 PRESETS: dict[str, Preset] = {
     # Test-suite size: coarse grids, tiny clips; generates in a couple of seconds.
     "tiny": Preset(

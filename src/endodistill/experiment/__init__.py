@@ -1,0 +1,1 @@
+"""Orchestration above single runs: studies (grids of settings on the same folds, with shared units)."""
