@@ -287,3 +287,48 @@ def test_format_summary_names_counts_and_ceilings(tiny_cohort: Path) -> None:
     text = format_summary(summary)
     assert f"{summary['counts']['mri_labelled']}" in text and "TVUS" in text
     assert f"{summary['ceilings']['mri']:.3f}" in text and f"{summary['ceilings']['tvus']:.3f}" in text
+
+
+def test_severity_coupling_keeps_marginals_and_pairs_the_modalities(tmp_path: Path) -> None:
+    """The planted severity: per-class marginals unchanged, shared by a paired subject's MRI and clip."""
+    from scipy import stats as st
+
+    from endodistill.data.synthetic.signs import (
+        TVUS_SLIDING_BETA,
+        _pattern_likelihood,
+        draw_mri_signs,
+        draw_tvus_sliding,
+    )
+
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal(20000)
+    signs = np.array([[draw_mri_signs(rng, 1, zi, 0.5)[n] for n in MRI_SIGNS] for zi in z[:6000]])
+    p1 = np.array([v[0] for v in MRI_SIGNS.values()])
+    assert np.allclose(signs.mean(0), p1, atol=0.025)  # P(sign | y=1) unchanged
+    assert np.corrcoef(signs.sum(1), z[:6000])[0, 1] > 0.3  # more signs when severe
+    f = np.array([draw_tvus_sliding(rng, 0, zi, 0.5) for zi in z[:4000]])
+    assert st.kstest(f, st.beta(*TVUS_SLIDING_BETA[0]).cdf).pvalue > 0.01  # the Beta marginal kept
+    assert np.corrcoef(f, z[:4000])[0, 1] < -0.3  # less sliding when severe
+    # The exact likelihood integrates the severity out: a distribution over the 64 sign patterns.
+    import itertools
+
+    pats = np.array(list(itertools.product((0, 1), repeat=len(MRI_SIGNS))), dtype=bool)
+    for y in (0, 1):
+        assert _pattern_likelihood(pats, y, 0.5).sum() == pytest.approx(1.0, abs=1e-9)
+    assert population_ceilings(0.5)["tvus"] == population_ceilings()["tvus"]
+    assert 0.78 < population_ceilings(0.5)["mri"] < population_ceilings()["mri"]
+    # A cohort: paired subjects share their severity; the recorded oracle is recomputable from the latents.
+    from endodistill.data.synthetic import generate_cohort
+
+    summary = generate_cohort(tmp_path, preset="tiny", seed=3, paired_fraction=0.5, severity_coupling=0.5)
+    assert summary["severity_coupling"] == 0.5
+    rows = _rows(tmp_path / "latents.csv")
+    mri = {r["subject_id"]: r for r in rows if r["modality"] == "mri"}
+    tv = {r["subject_id"]: r for r in rows if r["modality"] == "tvus"}
+    both = sorted(mri.keys() & tv.keys())
+    assert both and all(mri[s]["severity"] == tv[s]["severity"] for s in both)
+    prev = summary["prevalence"]["generative"]
+    for r in list(mri.values())[:5]:
+        assert float(r["oracle"]) == pytest.approx(
+            mri_oracle({k: int(r[k]) for k in MRI_SIGNS}, float(prev), 0.5), abs=1e-6
+        )

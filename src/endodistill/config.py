@@ -49,6 +49,9 @@ class SynthConfig(_Strict):
     paired_fraction: float = Field(0.0, ge=0.0, le=1.0)
     # The unlabelled MRI pool from a shifted site (other contrast and geometry; the pool study).
     pool_shift: bool = False
+    # How strongly a per-subject latent severity drives both the MRI signs and the sliding fraction of
+    # the same subject (0: independent given the label; the pairing study plants 0.5).
+    severity_coupling: float = Field(0.0, ge=0.0, lt=1.0)
 
 
 class DataConfig(_Strict):

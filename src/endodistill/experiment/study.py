@@ -52,6 +52,9 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 STUDIES = ("alpha", "mask_ratio", "kd_controls", "pairing", "pool", "grid")
 _SHARED_UNITS = ("teacher", "mae")
+# Severity coupling of the pairing study's cohorts: MRI population ceiling 0.816 (0.872 uncoupled), TVUS
+# 0.980 unchanged (population_ceilings).
+PAIRING_COUPLING = 0.5
 
 
 @dataclass
@@ -232,8 +235,16 @@ def plan_study(name: str, cfg: Config, vary: Sequence[str] = ()) -> StudyPlan:
             "KD target",
         )
     if name == "pairing":
+        # Every setting on a cohort with the planted severity (PAIRING_COUPLING): a paired subject's clip
+        # then says how severe its MRI case is, which no label-matched clip can.
+        planted = {"severity_coupling": PAIRING_COUPLING}
         settings = [
-            Setting(f"noise_{_num(f)}", f"label noise {_num(f)}", _upd(full, pairing_noise=f))
+            Setting(
+                f"noise_{_num(f)}",
+                f"label noise {_num(f)}",
+                _upd(full, pairing_noise=f),
+                {"data": {"synth": dict(planted)}},
+            )
             for f in (0.0, 0.1, 0.3)
         ]
         settings += [
@@ -241,7 +252,7 @@ def plan_study(name: str, cfg: Config, vary: Sequence[str] = ()) -> StudyPlan:
                 f"paired_{_num(p)}",
                 f"paired {_num(p)}",
                 _upd(full, pairing="paired"),
-                {"data": {"synth": {"paired_fraction": p}}},
+                {"data": {"synth": {**planted, "paired_fraction": p}}},
             )
             for p in (0.25, 0.5, 1.0)
         ]

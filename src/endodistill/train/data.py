@@ -147,6 +147,7 @@ def ensure_manifest(cfg: Config, cohort_dir: Path) -> Path:
         n_mri_unlabelled=s.n_mri_unlabelled,
         n_tvus=s.n_tvus,
         pool_shift=s.pool_shift,
+        severity_coupling=s.severity_coupling,
     )
     return manifest.resolve()
 

@@ -29,6 +29,7 @@ from endodistill.data.synthetic.signs import (
     MRI_SIGNS,
     TVUS_SLIDING_BETA,
     draw_mri_signs,
+    draw_severity,
     draw_tvus_sliding,
     mri_oracle,
     population_ceilings,
@@ -40,7 +41,7 @@ from endodistill.utils import atomic_write_bytes, atomic_write_json, atomic_writ
 
 GENERATOR_VERSION = 1
 _GROUPS = {"L": 0, "U": 1, "T": 2}  # labelled MRI, unlabelled MRI, TVUS-only subjects
-_STREAM = {"labels": 7, "mri": 1, "tvus": 2}
+_STREAM = {"labels": 7, "mri": 1, "tvus": 2, "severity": 11}
 MANIFEST_COLUMNS = ["subject_id", "modality", "path", "label", "site"]
 LATENT_COLUMNS = [
     "subject_id",
@@ -50,6 +51,7 @@ LATENT_COLUMNS = [
     *MRI_SIGNS,
     "sliding",
     "oracle",
+    "severity",
     "pod_x",
     "pod_y",
     "pod_z",
@@ -258,6 +260,7 @@ def generate_cohort(
     n_tvus: int | None = None,
     threads: int | None = None,
     pool_shift: bool = False,
+    severity_coupling: float = 0.0,
 ) -> dict[str, Any]:
     """Generate the synthetic pelvic cohort into ``out``.
 
@@ -276,6 +279,10 @@ def generate_cohort(
         pool_shift: scan the unlabelled pool at :func:`~endodistill.data.synthetic.presets.shifted_site`
             (other contrast and geometry) instead of the labelled subjects' sites; everything else,
             including every labelled volume and clip, is unchanged.
+        severity_coupling: how strongly the subject's latent severity drives its MRI signs and its
+            sliding fraction (0: independent given the label, the default; per-class marginals are kept at
+            any value, see :mod:`endodistill.data.synthetic.signs`). A paired subject's MRI and clip share
+            the severity, so real pairing then carries instance-level knowledge.
 
     Returns:
         The content of cohort.json.
@@ -284,6 +291,9 @@ def generate_cohort(
         InputError: unknown preset, impossible counts, or ``out`` is not a folder.
     """
     pre = get_preset(preset)
+    if not 0.0 <= float(severity_coupling) < 1.0:
+        raise InputError("severity_coupling", f"must be in [0, 1), got {severity_coupling}")
+    c = float(severity_coupling)
     plan = plan_cohort(preset, seed, paired_fraction, n_mri_labelled, n_mri_unlabelled, n_tvus)
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -303,8 +313,9 @@ def generate_cohort(
         # can be rendered in any order and in parallel with identical files.
         row: dict[str, Any] = {"subject_id": subj.subject_id, "modality": subj.modality, "label": subj.label}
         if subj.modality == "mri":
+            severity = draw_severity(_rng(seed, "severity", subj.group, subj.index))
             rng = _rng(seed, "mri", subj.group, subj.index)
-            signs = draw_mri_signs(rng, subj.latent_label)
+            signs = draw_mri_signs(rng, subj.latent_label, severity, c)
             site = pre.mri_sites[int(rng.choice(len(site_names), p=site_p))]
             if pool_shift and subj.group == "U":
                 site = shift_site  # after the draw: the subject's other random numbers stay the same
@@ -317,14 +328,16 @@ def generate_cohort(
                 latent = {
                     **row,
                     **signs,
-                    "oracle": mri_oracle(signs, pre.prevalence),
+                    "oracle": mri_oracle(signs, pre.prevalence, c),
+                    "severity": round(severity, 6),
                     "pod_x": float(vol.pod_world[0]),
                     "pod_y": float(vol.pod_world[1]),
                     "pod_z": float(vol.pod_world[2]),
                 }
         else:
+            severity = draw_severity(_rng(seed, "severity", subj.group, subj.index))
             rng = _rng(seed, "tvus", subj.group, subj.index)
-            sliding = draw_tvus_sliding(rng, subj.latent_label)
+            sliding = draw_tvus_sliding(rng, subj.latent_label, severity, c)
             clip = render_tvus(rng, sliding, pre.tvus_size, pre.tvus_frames, pre.tvus_fps, pre.tvus_depth_mm)
             _write_mp4(out / subj.path, clip.frames, clip.fps)
             row["site"] = "tvus"
@@ -332,6 +345,7 @@ def generate_cohort(
                 **row,
                 "sliding": sliding,
                 "oracle": tvus_oracle(sliding, pre.prevalence),
+                "severity": round(severity, 6),
                 "uterus_row": clip.info["uterus_px"][0],
                 "uterus_col": clip.info["uterus_px"][1],
                 "rectum_row": clip.info["rectum_px"][0],
@@ -368,6 +382,7 @@ def generate_cohort(
         "seed": int(seed),
         "paired_fraction": float(paired_fraction),
         "pool_shift": bool(pool_shift),
+        "severity_coupling": c,
         "settings": settings,
         "counts": {
             "mri_labelled": len(y_m),
@@ -387,7 +402,7 @@ def generate_cohort(
             "tvus": round(sum(y_t) / len(y_t), 4),
         },
         "ceilings": {"mri": _auc(y_m, s_m), "tvus": _auc(y_t, s_t)},
-        "population_ceilings": population_ceilings(),
+        "population_ceilings": population_ceilings(c),
         "latent_model": {
             "mri_signs": {k: {"p_if_obliterated": v[0], "p_if_not": v[1]} for k, v in MRI_SIGNS.items()},
             "tvus_sliding_beta": {str(k): list(v) for k, v in TVUS_SLIDING_BETA.items()},
