@@ -36,6 +36,8 @@ BENCHES: dict[str, tuple[str, list[str], list[str]]] = {
     "speedups": ("benchmarks.bench_speedups", [], []),
     "baselines": ("benchmarks.bench_baselines", [], []),
     "demo": ("benchmarks.bench_demo", [], []),
+    # The quick run times the two 5-minute studies; --full all five (about 40 minutes on 2 cores).
+    "studies": ("benchmarks.bench_studies", ["--studies", "alpha,kd_controls"], []),
 }
 
 
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         module, quick, full = BENCHES[name]
         out = RESULTS / f"{name}.json"
-        flag = "--json" if name == "demo" else "--out"
+        flag = "--json" if name in ("demo", "studies") else "--out"
         cmd = [sys.executable, "-m", module, *(full if args.full else quick), flag, str(out)]
         if args.device != "cpu" and name in {"models", "scaling", "overhead", "compile"}:
             cmd += ["--device", args.device]
