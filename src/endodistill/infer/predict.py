@@ -147,7 +147,7 @@ def _manifest_cases(path: Path, cfg: Config) -> list[Case]:
     from endodistill.data.manifest import read_manifest
 
     manifest = read_manifest(
-        path, allow_outside=cfg.data.allow_outside_paths, num_classes=cfg.task.num_classes
+        path, restrict_paths=cfg.data.restrict_paths, num_classes=cfg.task.num_classes
     )
     records = manifest.select(modality=cfg.task.student_modality)
     if not records:
