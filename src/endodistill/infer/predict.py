@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 import endodistill
+from endodistill.data.mri import VOLUME_SUFFIXES
 from endodistill.errors import EndodistillError, InputError
 from endodistill.infer.model_dir import LoadedModel, load_model_dir, read_model_dir_config
 from endodistill.utils import atomic_write_bytes, atomic_write_json, atomic_write_text, file_sha256
@@ -63,8 +64,8 @@ CSV_COLUMNS = (
     "heatmap_png",
     "error",
 )
-_VOLUME_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr")
-_STRIP_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
+# Case ids drop a volume suffix (longest first: ``.nii.gz`` before ``.gz``-less ones).
+_STRIP_SUFFIXES = (*sorted(VOLUME_SUFFIXES, key=len, reverse=True), ".dcm")
 _MAX_DICOM_PROBE = 64  # files looked at to decide whether a folder holds DICOM
 
 
@@ -74,7 +75,7 @@ class Case:
 
     Attributes:
         case_id: file-system-safe id (file/folder name or manifest subject_id), unique in the run.
-        path: the NIfTI/MHA/NRRD file or DICOM series folder.
+        path: the volume file (any format of ``data.mri.FORMATS``), DICOM series folder or enhanced DICOM file.
         series_uid: SeriesInstanceUID to pick in a folder with several series (manifest column).
     """
 
@@ -140,15 +141,13 @@ def _has_dicom(folder: Path, recursive: bool) -> bool:
 
 
 def _is_volume_file(p: Path) -> bool:
-    return p.is_file() and p.name.lower().endswith(_VOLUME_SUFFIXES)
+    return p.is_file() and p.name.lower().endswith(VOLUME_SUFFIXES)
 
 
 def _manifest_cases(path: Path, cfg: Config) -> list[Case]:
     from endodistill.data.manifest import read_manifest
 
-    manifest = read_manifest(
-        path, restrict_paths=cfg.data.restrict_paths, num_classes=cfg.task.num_classes
-    )
+    manifest = read_manifest(path, restrict_paths=cfg.data.restrict_paths, num_classes=cfg.task.num_classes)
     records = manifest.select(modality=cfg.task.student_modality)
     if not records:
         raise InputError(path, f"no rows with modality '{cfg.task.student_modality}' to predict")
@@ -159,7 +158,7 @@ def expand_inputs(inputs: Sequence[str | Path], cfg: Config, out_dir: Path | Non
     """Turn the ``--input`` paths into cases.
 
     A ``.csv`` is a manifest (its rows of the student modality); a folder that directly holds DICOM files
-    is one series; any other folder is a folder of cases (each NIfTI/MHA/NRRD file and each subfolder
+    is one series; any other folder is a folder of cases (each volume file, e.g. NIfTI/MGZ/MINC/NRRD, and each subfolder
     holding DICOM is a case; other files are ignored); any other file is one case.
 
     Args:
@@ -198,7 +197,8 @@ def expand_inputs(inputs: Sequence[str | Path], cfg: Config, out_dir: Path | Non
                     log.debug("%s: not an MRI case, ignored", child)
             if not found:
                 raise InputError(
-                    p, "no MRI case in this folder (NIfTI/MHA/NRRD files or DICOM series folders)"
+                    p,
+                    "no MRI case in this folder (volume files such as NIfTI/MGZ/MINC/NRRD, or DICOM series folders)",
                 )
             cases.extend(found)
     seen: dict[str, int] = {}
@@ -431,7 +431,7 @@ def predict_cases(
 
     Args:
         model_dir: a model directory (``RUN_DIR/model``).
-        inputs: NIfTI/MHA/NRRD files, DICOM series folders, folders of cases, or manifest csv files.
+        inputs: volume files (NIfTI, MGZ, MINC, NRRD, ...), DICOM series folders, folders of cases, or manifest csv files.
         out_dir: output folder (created).
         heatmap: write attention-rollout heatmaps (NIfTI on the input grid and a PNG).
         progress: show a progress bar (default: when there are several cases and stderr is a terminal).
