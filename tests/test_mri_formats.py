@@ -454,3 +454,18 @@ def test_cli_inspect_names_the_reader(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     assert "reader:      pydicom enhanced multi-frame" in res.stdout
     assert "kind:        volume (dicom)" in res.stdout
+
+
+def test_header_data_pairs_are_hashed_with_their_data(tmp_path: Path) -> None:
+    """Two Analyze pairs of one protocol share identical header bytes: not a leaked copy of each other."""
+    from endodistill.data.manifest import validate_manifest
+    from endodistill.utils import file_sha256
+
+    for k in range(2):
+        nib.AnalyzeImage(np.full((4, 4, 4), k, np.int16), np.eye(4)).to_filename(str(tmp_path / f"a{k}.hdr"))
+    assert (tmp_path / "a0.hdr").read_bytes() == (tmp_path / "a1.hdr").read_bytes()
+    assert file_sha256(tmp_path / "a0.hdr") != file_sha256(tmp_path / "a1.hdr")
+    (tmp_path / "m.csv").write_text("subject_id,modality,path,label\ns0,mri,a0.hdr,0\ns1,mri,a1.hdr,1\n")
+    assert not [p for p in validate_manifest(tmp_path / "m.csv", decode=False) if "same content" in p.reason]
+    shutil.copyfile(tmp_path / "a0.img", tmp_path / "a1.img")  # now a real copy: caught
+    assert [p for p in validate_manifest(tmp_path / "m.csv", decode=False) if "same content" in p.reason]

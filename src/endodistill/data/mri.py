@@ -138,6 +138,31 @@ def volume_format(path: str | Path) -> str | None:
     return None
 
 
+_PAIRS = ((".hdr", (".img", ".img.gz")), (".par", (".rec",)), (".head", (".brik", ".brik.gz")))
+
+
+def companion_files(path: str | Path) -> list[Path]:
+    """The other existing files of a header/data pair (``x.hdr`` -> ``x.img``, ``x.PAR`` -> ``x.REC``, ...).
+
+    A volume's content is all of its files: hashes (cache keys, duplicate detection) must cover them too.
+    """
+    p = Path(path)
+    name = p.name
+    low = name.lower()
+    out: list[Path] = []
+    for head, datas in _PAIRS:
+        for a, others in ((head, datas), *((d, (head,)) for d in datas)):
+            if low.endswith(a):
+                stem = name[: -len(a)]
+                for o in others:
+                    for cand in (o, o.upper()):
+                        c = p.with_name(stem + cand)
+                        if c.is_file() and c not in out and c != p:
+                            out.append(c)
+                return out
+    return out
+
+
 def supported_formats() -> str:
     """The readable volume formats, for messages (``.nii/.nii.gz, .hdr/.img, ...``)."""
     return ", ".join("/".join(f.suffixes + f.data_suffixes) for f in FORMATS) + " or a DICOM series folder"
