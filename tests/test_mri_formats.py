@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import locale
 import shutil
 import subprocess
 import sys
@@ -202,7 +203,9 @@ def test_gipl_and_vtk_match_simpleitk(tmp_path: Path) -> None:
     img = sitk.ReadImage(str(tmp_path / "v.nii.gz"))
     for name, io in (("v.gipl", "GiplImageIO"), ("v.vtk", "VTKImageIO")):
         sitk.WriteImage(img, str(tmp_path / name))
+        before = locale.setlocale(locale.LC_ALL)
         v = load_volume(tmp_path / name)
+        assert locale.setlocale(locale.LC_ALL) == before  # ITK's VTK reader resets it to "C" otherwise
         assert v.reader == f"SimpleITK {io}"
         np.testing.assert_allclose(v.array, arr, atol=1e-6)
         np.testing.assert_allclose(v.affine, aff, atol=1e-5)

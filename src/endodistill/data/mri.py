@@ -226,6 +226,23 @@ def quiet_stderr() -> Iterator[None]:
         os.close(saved)
 
 
+@contextlib.contextmanager
+def keep_locale() -> Iterator[None]:
+    """Restore the process locale after a library call that changes it.
+
+    ITK's VTK reader (SimpleITK 2.5) leaves the C locale at ``C``, which turns Python's default text encoding
+    into ASCII for the rest of the process; every SimpleITK read is wrapped in this.
+    """
+    import locale
+
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        if locale.setlocale(locale.LC_ALL) != saved:
+            locale.setlocale(locale.LC_ALL, saved)
+
+
 def _check_size(path: Path, shape: tuple[int, ...], what: str = "volume") -> None:
     """Refuse a header whose voxel buffer (as float32) would exceed :data:`MAX_BYTES`."""
     if any(int(s) <= 0 for s in shape):
@@ -568,7 +585,7 @@ def _load_itk(path: Path, fmt: str) -> Volume:
     what = "MINC2" if fmt == "minc" else fmt
     try:
         # Header first: the size check below runs before ITK allocates the pixel buffer.
-        with quiet_stderr():
+        with quiet_stderr(), keep_locale():
             reader.ReadImageInformation()
     except RuntimeError:
         raise InputError(path, f"not a readable {what} file (bad or missing header)") from None
@@ -589,7 +606,7 @@ def _load_itk(path: Path, fmt: str) -> Volume:
     elif fmt == "nrrd":
         _check_nrrd_data(path, n_vox)
     try:
-        with quiet_stderr():
+        with quiet_stderr(), keep_locale():
             img = reader.Execute()
     except RuntimeError:
         raise InputError(path, "truncated or unreadable pixel data (or missing data file)") from None
