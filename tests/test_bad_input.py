@@ -288,6 +288,7 @@ class Case:
 
 
 MANIFEST_HEADER = "subject_id,modality,path,label\n"
+RESTRICT = "data.restrict_paths=true"
 
 
 @pytest.fixture(scope="module")
@@ -309,13 +310,14 @@ def manifest_cases(base: Path) -> dict[str, Case]:
     """Broken manifests (beside good files, so that each has exactly one problem)."""
     cases: dict[str, Case] = {}
 
-    def put(name: str, data: bytes | str, says: str, line: str = "") -> None:
+    def put(name: str, data: bytes | str, says: str, line: str = "", restrict: bool = False) -> None:
         m = base / f"{name}.csv"
         if isinstance(data, str):
             m.write_text(data, encoding="utf-8")
         else:
             m.write_bytes(data)
-        cases[name] = Case(["validate", m], f"{m}{line}", says, inputs=[m])
+        extra: list[str | Path] = ["--set", RESTRICT] if restrict else []
+        cases[name] = Case(["validate", m, *extra], f"{m}{line}", says, inputs=[m])
 
     put("missing_column", "subject_id,modality,path\ns0,mri,mri/m0.nii.gz\n", "missing column(s) label")
     put("bad_label", MANIFEST_HEADER + GOOD_ROWS + "s2,mri,mri/m0.nii.gz,2\n", "label '2'", ":6")
@@ -340,17 +342,20 @@ def manifest_cases(base: Path) -> dict[str, Case]:
     )
     outside = base.parent / f"{base.name}_outside.nii.gz"
     outside.write_bytes((base / "mri" / "m0.nii.gz").read_bytes())
+    # Outside paths work by default; these cases run with data.restrict_paths (a hosted deployment).
     put(
         "dotdot_path",
         MANIFEST_HEADER + GOOD_ROWS + f"s3,mri,../{outside.name},\n",
-        "points outside the manifest's folder",
+        f"path '../{outside.name}' points outside the manifest's folder",
         ":6",
+        restrict=True,
     )
     put(
         "absolute_path",
         MANIFEST_HEADER + GOOD_ROWS + f"s3,mri,{outside},\n",
-        "absolute path",
+        f"absolute path '{outside}' refused",
         ":6",
+        restrict=True,
     )
     put("missing_file", MANIFEST_HEADER + GOOD_ROWS + "s3,mri,mri/gone.nii.gz,\n", "file not found", ":6")
     put(
@@ -435,6 +440,29 @@ def test_validate_good_manifest_is_ok(base: Path, tmp_path: Path) -> None:
     assert r.rc == 0 and r.out.strip() == f"{m}: OK", r.err
 
 
+def test_validate_outside_and_absolute_paths_by_default(base: Path, tmp_path: Path) -> None:
+    """Paths leaving the manifest's folder, relative or absolute, work unless data.restrict_paths is set."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    scan = elsewhere / "e0.nii.gz"
+    scan.write_bytes(gzip.compress(nifti_bytes(good_volume(seed=7)), mtime=0))
+    rows = GOOD_ROWS.replace("mri/", f"{base}/mri/").replace("tvus/", f"{base}/tvus/")  # all absolute
+    m = elsewhere / "sub" / "manifest.csv"
+    m.parent.mkdir()
+    m.write_text(MANIFEST_HEADER + rows + "e0,mri,../e0.nii.gz,\n")
+    r = cli("validate", m, cwd=tmp_path / "cwd")
+    assert r.rc == 0 and r.out.strip() == f"{m}: OK", r.err
+    r = cli("validate", m, "--set", RESTRICT, cwd=tmp_path / "cwd")
+    assert r.rc == 2 and "Traceback" not in r.err, r.err
+    # The five rows are refused (then no labelled case is left: two cohort problems), each naming row and file.
+    assert len(r.lines) == 8 and r.lines[-1] == f"{m}: 7 problem(s) found", r.err
+    assert r.lines[0].startswith(f"{m}:2: absolute path '{base}/mri/m0.nii.gz' refused"), r.err
+    assert (
+        r.lines[4]
+        == f"{m}:6: path '../e0.nii.gz' points outside the manifest's folder (data.restrict_paths is set)"
+    )
+
+
 # The run command must refuse a broken manifest before it creates the run directory.
 RUN_MANIFEST_CASES = ["missing_column", "bad_label", "dotdot_path", "absolute_path", "not_utf8", "huge"]
 
@@ -444,7 +472,8 @@ def test_run_with_broken_manifest(name: str, manifests: dict[str, Case], base: P
     case = manifests[name]
     manifest = Path(case.argv[1])
     cfg = tmp_path / "config.yaml"
-    cfg.write_text(f"data:\n  manifest: {manifest}\n")
+    restrict = "  restrict_paths: true\n" if RESTRICT in case.argv else ""
+    cfg.write_text(f"data:\n  manifest: {manifest}\n{restrict}")
     out = tmp_path / "run"
     before = snapshot(base, cfg)
     r = cli("run", "--config", cfg, "--out", out, cwd=tmp_path / "cwd")

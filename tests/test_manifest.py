@@ -156,17 +156,28 @@ def test_series_uid_column_is_kept(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("raw", ["../outside.nii.gz", "mri/../../outside.nii.gz", "ABSOLUTE"])
-def test_paths_outside_the_folder_are_refused_unless_allowed(tmp_path: Path, raw: str) -> None:
+def test_paths_outside_the_folder_work_unless_restricted(tmp_path: Path, raw: str) -> None:
     inside = tmp_path / "cohort"
     inside.mkdir()
     outside = write_nifti(tmp_path / "outside.nii.gz")
     raw = str(outside) if raw == "ABSOLUTE" else raw
     path = write_manifest(inside, [["s1", "mri", raw, "0", "A"]])
+    assert read_manifest(path).records[0].path == outside.resolve()  # the default: accepted
     with pytest.raises(InputError) as e:
-        read_manifest(path)
-    assert e.value.path == f"{path}:2"
+        read_manifest(path, restrict_paths=True)
+    assert e.value.path == f"{path}:2"  # the row
+    assert raw in e.value.reason and "data.restrict_paths" in e.value.reason  # the file and the setting
     assert "outside" in e.value.reason or "absolute" in e.value.reason
-    assert read_manifest(path, allow_outside=True).records[0].path == outside.resolve()
+
+
+def test_allow_outside_paths_key_of_old_configs_is_accepted() -> None:
+    from endodistill.config import load_config
+
+    for value in (True, False):  # saved configs hold the old key, always written: both mean the default
+        cfg = load_config(None, {"data": {"allow_outside_paths": value}})
+        assert cfg.data.restrict_paths is False
+        assert "allow_outside_paths" not in cfg.data.model_dump()
+    assert load_config(None, {"data": {"restrict_paths": True}}).data.restrict_paths is True
 
 
 def test_symlink_inside_the_folder_is_allowed(tmp_path: Path) -> None:
@@ -359,8 +370,6 @@ BAD: dict[str, tuple[Callable[[Path, list[list[str]]], None], str, int | None]] 
     ),
     "no_labelled_mri": (_all_mri_unlabelled, "no labelled 'mri' case", None),
     "mri_class_missing": (_drop_labels("s3", "s4"), "class(es) 1 missing from the labelled 'mri' set", None),
-    "path_outside_dotdot": (_outside, "points outside the manifest's folder", 4),
-    "path_absolute": (_absolute, "absolute path", 4),
     "empty_file": (
         _append(["x9", "mri", "mri/x9.nii.gz", "", "A"], lambda d: (d / "mri/x9.nii.gz").write_bytes(b"")),
         "mri/x9.nii.gz: empty file (0 bytes)",
@@ -434,9 +443,19 @@ def test_validate_uses_config(cohort: Path) -> None:
     rows = rows_copy()
     outside(cohort, rows)
     path = write_manifest(cohort, rows)
-    assert validate_manifest(path, decode=False) != []
-    allow = load_config(None, {"data": {"allow_outside_paths": True}})
-    assert validate_manifest(path, cfg=allow, decode=False) == []
+    assert validate_manifest(path, decode=False) == []  # outside paths work by default
+    restrict = load_config(None, {"data": {"restrict_paths": True}})
+    problems = validate_manifest(path, cfg=restrict, decode=False)
+    assert [p.reason for p in problems] == [
+        "path '../outside.nii.gz' points outside the manifest's folder (data.restrict_paths is set)"
+    ]
+    assert problems[0].where == f"{path}:6"
+    rows = rows_copy()
+    _absolute(cohort, rows)
+    path = write_manifest(cohort, rows)
+    assert validate_manifest(path, decode=False) == []
+    problems = validate_manifest(path, cfg=restrict, decode=False)
+    assert len(problems) == 1 and "absolute path" in problems[0].reason and problems[0].where == f"{path}:6"
 
 
 def test_reading_and_validating_never_modify_files(cohort: Path) -> None:
@@ -594,6 +613,6 @@ def test_real_files_validate_clean(real_data: Path, tmp_path: Path) -> None:
         ["d", "tvus", str(clips[1]), "1", "real"],
     ]
     path = write_manifest(tmp_path, rows)
-    assert any("absolute path" in p.reason for p in validate_manifest(path, decode=False))
-    cfg = load_config(None, {"data": {"allow_outside_paths": True}})
-    assert validate_manifest(path, cfg=cfg, decode=True) == []
+    restrict = load_config(None, {"data": {"restrict_paths": True}})
+    assert any("absolute path" in p.reason for p in validate_manifest(path, cfg=restrict, decode=False))
+    assert validate_manifest(path, decode=True) == []  # absolute paths work by default

@@ -177,7 +177,7 @@ def run(
         from endodistill.data.manifest import read_manifest
 
         # A structurally broken manifest fails here too: before torch is imported and RUN_DIR exists.
-        read_manifest(cfg.data.manifest, cfg.data.allow_outside_paths, cfg.task.num_classes)
+        read_manifest(cfg.data.manifest, cfg.data.restrict_paths, cfg.task.num_classes)
     from endodistill.evaluate.protocol import run_experiment
 
     fresh = not out.exists()

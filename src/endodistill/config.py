@@ -57,10 +57,26 @@ class SynthConfig(_Strict):
 class DataConfig(_Strict):
     """Where the cohort comes from and where preprocessed tensors are cached."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_allow_outside_paths(cls, data: Any) -> Any:
+        # Configs saved before data.restrict_paths (model directories, run folders) hold the old key, always
+        # written out; outside paths are now allowed by default, so either value means the default.
+        if isinstance(data, dict) and "allow_outside_paths" in data:
+            data = {k: v for k, v in data.items() if k != "allow_outside_paths"}
+        return data
+
     manifest: Path | None = None
     synth: SynthConfig = SynthConfig()
     cache_dir: Path | None = None
-    allow_outside_paths: bool = False
+    restrict_paths: bool = Field(
+        False,
+        description=(
+            "Refuse manifest paths that are absolute or leave the manifest's folder (for shared or hosted "
+            "deployments where a manifest must not reach other files). Off by default: absolute paths and "
+            "paths such as ../scans/x.nii.gz work."
+        ),
+    )
     dicom_series: dict[str, str] = {}
     preprocess_threads: int | None = Field(
         None,

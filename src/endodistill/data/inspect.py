@@ -11,20 +11,23 @@ from endodistill.errors import InputError
 
 
 def _kind(path: Path) -> str:
-    """``volume`` or ``clip`` for a path, from its suffix or (for folders) its contents."""
-    from endodistill.data.mri import volume_format
+    """``volume`` or ``clip`` for a path: from its suffix, a DICOM file's header, or a folder's contents."""
+    from endodistill.data.mri import dicom_file_kind, supported_formats, volume_format
     from endodistill.data.video import IMAGE_SUFFIXES, clip_format
 
     if path.is_dir():
         has_frames = any(p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in path.iterdir())
         return "clip" if has_frames else "volume"
+    if clip_format(path) == "dicom":
+        # One DICOM file: an enhanced MR/CT volume or an ultrasound cine, by its SOP class and modality.
+        return dicom_file_kind(path)
     if volume_format(path) is not None:
         return "volume"
     if clip_format(path) is not None:
         return "clip"
     raise InputError(
         path,
-        "unknown format (MRI: .nii/.nii.gz/.mha/.mhd/.nrrd or a DICOM folder; clips: .mp4/.avi/.mov, "
+        f"unknown format (MRI: {supported_formats()}, or an enhanced MR/CT .dcm; clips: .mp4/.avi/.mov, "
         ".dcm cine, PNG folder, .npy)",
     )
 
@@ -47,7 +50,7 @@ def inspect_path(path: str | Path) -> dict[str, Any]:
         path: an MRI volume (file or DICOM series folder) or an ultrasound clip.
 
     Returns:
-        A JSON-serialisable dict: ``kind``, ``format``, ``path`` and, for volumes, ``shape``, ``dtype``,
+        A JSON-serialisable dict: ``kind``, ``format``, ``reader`` (e.g. ``nibabel MGHImage``), ``path`` and, for volumes, ``shape``, ``dtype``,
         ``spacing``, ``orientation`` (nibabel axis codes), ``oblique_deg``, ``affine``,
         ``intensity``; for clips ``frames``, ``height``, ``width``, ``fps``, ``duration_s``,
         ``intensity``; plus the reader's technical ``meta``.
@@ -75,6 +78,7 @@ def inspect_path(path: str | Path) -> dict[str, Any]:
         obl = nib.affines.obliquity(vol.affine)
         info.update(
             format=vol.format,
+            reader=vol.reader,
             shape=[int(s) for s in vol.array.shape],
             dtype=str(vol.meta.get("dtype", vol.array.dtype)),
             spacing=[round(s, 4) for s in vol.spacing],
@@ -90,6 +94,7 @@ def inspect_path(path: str | Path) -> dict[str, Any]:
         clip = load_clip(p)
         info.update(
             format=clip.format,
+            reader=clip.reader,
             frames=int(clip.frames.shape[0]),
             height=int(clip.frames.shape[1]),
             width=int(clip.frames.shape[2]),
@@ -105,6 +110,8 @@ def inspect_path(path: str | Path) -> dict[str, Any]:
 def format_inspection(info: dict[str, Any]) -> str:
     """Human-readable, one fact per line, of :func:`inspect_path`'s dict."""
     lines = [f"path:        {info['path']}", f"kind:        {info['kind']} ({info.get('format', '?')})"]
+    if info.get("reader"):
+        lines.append(f"reader:      {info['reader']}")
     if "series" in info:
         lines.append(f"series:      {len(info['series'])} DICOM series in this folder (choose one by uid):")
         for s in info["series"]:

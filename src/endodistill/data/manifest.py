@@ -1,8 +1,9 @@
 """Reading and validating the cohort manifest (``manifest.csv``).
 
 A manifest is a UTF-8 csv with one row per image file and the columns ``subject_id,modality,path,label``
-(more columns are kept in :attr:`Record.extra`, e.g. ``site`` or ``series_uid``). ``path`` is relative to
-the manifest's folder; ``label`` is an integer class ``0..K-1`` or empty for an unlabelled case.
+(more columns are kept in :attr:`Record.extra`, e.g. ``site`` or ``series_uid``). ``path`` is absolute or
+relative to the manifest's folder (``data.restrict_paths`` confines it to that folder); ``label`` is an
+integer class ``0..K-1`` or empty for an unlabelled case.
 
 :func:`read_manifest` stops at the first structural problem (for the training code, which needs a
 usable manifest); :func:`validate_manifest` reports every problem it can find at once (for the
@@ -190,29 +191,28 @@ def _parse_label(raw: str, num_classes: int, row: int) -> int | None:
     return value
 
 
-def _resolve_path(base: Path, raw: str, allow_outside: bool, row: int) -> Path:
+def _resolve_path(base: Path, raw: str, restrict: bool, row: int) -> Path:
     raw = raw.strip()
     if not raw:
         raise _RowError(row, "empty path")
     if any(ord(c) < 32 for c in raw):
         raise _RowError(row, f"path {raw!r} contains control characters")
     p = Path(raw)
-    if not allow_outside:
-        # Checked on the text, not on the resolved path: a manifest must not reach files outside its
-        # folder, while a symbolic link the user placed inside the folder (e.g. to a data disk) is fine.
+    if restrict:
+        # Checked on the text, not on the resolved path: a restricted manifest must not reach files outside
+        # its folder, while a symbolic link the user placed inside the folder (e.g. to a data disk) is fine.
         if p.is_absolute():
-            raise _RowError(row, f"absolute path {raw!r} refused (set data.allow_outside_paths to allow it)")
+            raise _RowError(row, f"absolute path {raw!r} refused (data.restrict_paths is set)")
         norm = os.path.normpath(raw)
         if norm == ".." or norm.startswith(".." + os.sep):
             raise _RowError(
-                row,
-                f"path {raw!r} points outside the manifest's folder (set data.allow_outside_paths to allow it)",
+                row, f"path {raw!r} points outside the manifest's folder (data.restrict_paths is set)"
             )
     return (base / p).resolve()
 
 
 def _parse_row(
-    base: Path, names: list[str], fields: list[str], line: int, allow_outside: bool, num_classes: int
+    base: Path, names: list[str], fields: list[str], line: int, restrict: bool, num_classes: int
 ) -> Record:
     if len(fields) != len(names):
         raise _RowError(line, f"has {len(fields)} fields, the header has {len(names)}")
@@ -230,13 +230,13 @@ def _parse_row(
         label = _parse_label(values["label"], num_classes, line)
     except _RowError as e:
         raise _RowError(line, f"subject {sid!r}: {e.reason}") from None
-    path = _resolve_path(base, values["path"], allow_outside, line)
+    path = _resolve_path(base, values["path"], restrict, line)
     extra = {k: v for k, v in values.items() if k not in REQUIRED_COLUMNS}
     return Record(subject_id=sid, modality=modality, path=path, label=label, extra=extra, row=line)
 
 
 def _parse(
-    path: str | Path, allow_outside: bool, num_classes: int, row_problems: list[_RowError] | None
+    path: str | Path, restrict: bool, num_classes: int, row_problems: list[_RowError] | None
 ) -> Manifest:
     """Parse a manifest; row errors raise unless ``row_problems`` collects them (lenient mode)."""
     path = Path(path)
@@ -252,7 +252,7 @@ def _parse(
     records: list[Record] = []
     for line, fields in rows:
         try:
-            records.append(_parse_row(base, names, fields, line, allow_outside, num_classes))
+            records.append(_parse_row(base, names, fields, line, restrict, num_classes))
         except _RowError as e:
             if row_problems is None:
                 raise InputError(f"{path}:{e.row}", e.reason) from None
@@ -262,13 +262,13 @@ def _parse(
     return Manifest(path=path, records=records)
 
 
-def read_manifest(path: str | Path, allow_outside: bool = False, num_classes: int = 2) -> Manifest:
+def read_manifest(path: str | Path, restrict_paths: bool = False, num_classes: int = 2) -> Manifest:
     """Read a manifest, stopping at the first structural problem.
 
     Args:
         path: the manifest csv.
-        allow_outside: accept absolute paths and paths leaving the manifest's folder
-            (config ``data.allow_outside_paths``).
+        restrict_paths: refuse absolute paths and paths leaving the manifest's folder
+            (config ``data.restrict_paths``; by default both are accepted).
         num_classes: labels must be integers in ``0..num_classes-1`` (or empty).
 
     Returns:
@@ -278,7 +278,7 @@ def read_manifest(path: str | Path, allow_outside: bool = False, num_classes: in
         InputError: missing or unreadable file, non-UTF-8 text, missing columns, too large, or a bad row
             (named as ``MANIFEST:LINE``).
     """
-    return _parse(path, allow_outside, num_classes, None)
+    return _parse(path, restrict_paths, num_classes, None)
 
 
 # ----------------------------------------------------------------------------------------- validation
@@ -375,7 +375,7 @@ def _decode_problems(rec: Record, cfg: Config, student: str, teacher: str) -> li
 def validate_manifest(path: str | Path, cfg: Config | None = None, decode: bool = True) -> list[Problem]:
     """Check a manifest and the files it names, reporting every problem at once.
 
-    Checks rows (columns, labels, paths inside the manifest's folder), files (present, non-empty),
+    Checks rows (columns, labels, paths inside the manifest's folder with ``data.restrict_paths``), files (present, non-empty),
     leakage (duplicate rows, a subject with conflicting labels, one file or identical content under
     several subjects), the cohort (labelled student cases, every class in the teacher's labelled set)
     and, with ``decode``, each file's content (decodes, dimensionality, NaN/inf, constant, spacing,
@@ -384,7 +384,7 @@ def validate_manifest(path: str | Path, cfg: Config | None = None, decode: bool 
     Args:
         path: the manifest csv.
         cfg: gives the modalities (task.student_modality/teacher_modality), the number of classes,
-            ``data.allow_outside_paths`` and ``tvus.frames``; defaults when None.
+            ``data.restrict_paths`` and ``tvus.frames``; defaults when None.
         decode: also decode every file (slower; catches broken files).
 
     Returns:
@@ -398,7 +398,7 @@ def validate_manifest(path: str | Path, cfg: Config | None = None, decode: bool 
     student, teacher = cfg.task.student_modality.lower(), cfg.task.teacher_modality.lower()
     row_errors: list[_RowError] = []
     try:
-        manifest = _parse(path, cfg.data.allow_outside_paths, k, row_errors)
+        manifest = _parse(path, cfg.data.restrict_paths, k, row_errors)
     except InputError as e:
         return [Problem(e.path or str(path), e.reason)]
     problems = [Problem(_where(path, e.row), e.reason) for e in row_errors]

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from endodistill.data.mri import is_dicom_file
 from endodistill.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,7 @@ DEFAULT_FPS = 10.0
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".m4v", ".mkv", ".webm")
 IMAGE_SUFFIXES = (".png",)
 DICOM_SUFFIXES = (".dcm", ".dicom")
+_READERS = {"video": "PyAV", "dicom": "pydicom cine", "png": "PIL", "npy": "numpy"}
 
 _SAFE_DICOM_FIELDS = (
     "Modality",
@@ -50,6 +52,7 @@ class Clip:
         source: the path the clip was read from.
         format: ``video``, ``dicom``, ``png`` or ``npy``.
         meta: technical facts only (codec, photometric interpretation, where the fps came from).
+        reader: the library that read it (``PyAV``, ``pydicom cine``, ``PIL``, ``numpy``).
     """
 
     frames: np.ndarray
@@ -57,6 +60,7 @@ class Clip:
     source: str
     format: str
     meta: dict[str, Any] = field(default_factory=dict)
+    reader: str = ""
 
     @property
     def duration(self) -> float:
@@ -70,15 +74,6 @@ def _one_line(text: object, limit: int = 120, path: Path | None = None) -> str:
     return one_line(text, limit, path)
 
 
-def _is_dicom_file(path: Path) -> bool:
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(132)
-    except OSError:
-        return False
-    return len(head) == 132 and head[128:132] == b"DICM"
-
-
 def clip_format(path: str | Path) -> str | None:
     """The reader that handles ``path`` (``video``, ``dicom``, ``png``, ``npy``) or None."""
     p = Path(path)
@@ -89,7 +84,7 @@ def clip_format(path: str | Path) -> str | None:
         return "video"
     if name.endswith(".npy"):
         return "npy"
-    if name.endswith(DICOM_SUFFIXES) or (p.is_file() and _is_dicom_file(p)):
+    if name.endswith(DICOM_SUFFIXES) or (p.is_file() and is_dicom_file(p)):
         return "dicom"
     return None
 
@@ -129,6 +124,7 @@ def load_clip(path: str | Path, max_frames: int | None = None) -> Clip:
         clip = _load_png_folder(p, max_frames)
     else:
         clip = _load_npy(p, max_frames)
+    clip.reader = clip.reader or _READERS[fmt]
     t = clip.frames.shape[0]
     if t == 0:
         raise InputError(p, "no frames")
@@ -253,10 +249,16 @@ def _load_dicom_cine(path: Path, max_frames: int | None) -> Clip:
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_color_lut, convert_color_space
 
+    from endodistill.data.mri import dicom_description, dicom_kind
+
     try:
         ds = pydicom.dcmread(path, defer_size=4096)
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise InputError(path, f"not a readable DICOM file ({_one_line(e, 80, path)})") from None
+    if dicom_kind(ds) == "volume":
+        raise InputError(
+            path, f"{dicom_description(ds)}, not an ultrasound cine clip (read it as an MRI volume)"
+        )
     if "PixelData" not in ds:
         raise InputError(path, "no pixel data in this DICOM file")
     try:

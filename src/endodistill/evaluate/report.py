@@ -586,7 +586,7 @@ def _cohort_examples(results: Mapping[str, Any], run_dir: Path) -> tuple[str | N
     task = task if isinstance(task, Mapping) else {}
     student = str(task.get("student_modality", "mri")).lower()
     teacher = str(task.get("teacher_modality", "tvus")).lower()
-    manifest = read_manifest(manifest_path, allow_outside=True)
+    manifest = read_manifest(manifest_path)
     panels: list[tuple[str, list[tuple[str, np.ndarray]]]] = []
     skipped = 0
     for modality, loader in ((student, "volume"), (teacher, "clip")):

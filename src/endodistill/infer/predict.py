@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 import endodistill
+from endodistill.data.mri import VOLUME_SUFFIXES
 from endodistill.errors import EndodistillError, InputError
 from endodistill.infer.model_dir import LoadedModel, load_model_dir, model_kind, read_model_dir_config
 from endodistill.infer.teacher_model import OCCLUSION_METHOD
@@ -72,8 +73,8 @@ CSV_COLUMNS = (
     "heatmap_png",
     "error",
 )
-_VOLUME_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr")
-_STRIP_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
+# Case ids drop a volume suffix (longest first: ``.nii.gz`` before ``.gz``-less ones).
+_STRIP_SUFFIXES = (*sorted(VOLUME_SUFFIXES, key=len, reverse=True), ".dcm")
 _MAX_DICOM_PROBE = 64  # files looked at to decide whether a folder holds DICOM
 
 
@@ -83,7 +84,7 @@ class Case:
 
     Attributes:
         case_id: file-system-safe id (file/folder name or manifest subject_id), unique in the run.
-        path: the NIfTI/MHA/NRRD file or DICOM series folder.
+        path: the volume file (any format of ``data.mri.FORMATS``), DICOM series folder or enhanced DICOM file.
         series_uid: SeriesInstanceUID to pick in a folder with several series (manifest column).
     """
 
@@ -150,15 +151,13 @@ def _has_dicom(folder: Path, recursive: bool) -> bool:
 
 
 def _is_volume_file(p: Path) -> bool:
-    return p.is_file() and p.name.lower().endswith(_VOLUME_SUFFIXES)
+    return p.is_file() and p.name.lower().endswith(VOLUME_SUFFIXES)
 
 
 def _manifest_cases(path: Path, cfg: Config, modality: str) -> list[Case]:
     from endodistill.data.manifest import read_manifest
 
-    manifest = read_manifest(
-        path, allow_outside=cfg.data.allow_outside_paths, num_classes=cfg.task.num_classes
-    )
+    manifest = read_manifest(path, restrict_paths=cfg.data.restrict_paths, num_classes=cfg.task.num_classes)
     records = manifest.select(modality=modality)
     if not records:
         raise InputError(path, f"no rows with modality '{modality}' to predict")
@@ -217,9 +216,9 @@ def expand_inputs(
 
     For an MRI model (``kind="student"``): a ``.csv`` is a manifest (its rows of the student modality); a
     folder that directly holds DICOM files is one series; any other folder is a folder of cases (each
-    NIfTI/MHA/NRRD file and each subfolder holding DICOM is a case; other files are ignored); any other
-    file is one case. For a TVUS teacher (``kind="teacher"``): a manifest's teacher-modality rows, a clip
-    file, a folder of PNG frames (one clip), or a folder of those.
+    volume file, e.g. NIfTI/MGZ/MINC/NRRD, and each subfolder holding DICOM is a case; other files are
+    ignored); any other file is one case. For a TVUS teacher (``kind="teacher"``): a manifest's
+    teacher-modality rows, a clip file, a folder of PNG frames (one clip), or a folder of those.
 
     Args:
         inputs: paths given by the user.
@@ -258,7 +257,8 @@ def expand_inputs(
                     log.debug("%s: not an MRI case, ignored", child)
             if not found:
                 raise InputError(
-                    p, "no MRI case in this folder (NIfTI/MHA/NRRD files or DICOM series folders)"
+                    p,
+                    "no MRI case in this folder (volume files such as NIfTI/MGZ/MINC/NRRD, or DICOM series folders)",
                 )
             cases.extend(found)
     seen: dict[str, int] = {}
@@ -566,8 +566,9 @@ def predict_cases(
 
     Args:
         model_dir: a model directory (``RUN_DIR/model`` or ``RUN_DIR/teacher_model``).
-        inputs: for an MRI model NIfTI/MHA/NRRD files, DICOM series folders, folders of cases, or manifest
-            csv files; for a teacher clips, frame folders, folders of clips, or manifests.
+        inputs: for an MRI model volume files (NIfTI, MGZ, MINC, NRRD, ...), DICOM series folders, folders
+            of cases, or manifest csv files; for a teacher clips, frame folders, folders of clips, or
+            manifests.
         out_dir: output folder (created).
         heatmap: write explanations (MRI: attention-rollout NIfTI on the input grid and a PNG; clips: an
             occlusion PNG).

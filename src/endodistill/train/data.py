@@ -215,7 +215,7 @@ def load_cohort(cfg: Config, manifest: str | Path) -> CohortData:
     key = _memo_key(cfg, manifest, root)
     if key in _MEMO:
         return _MEMO[key]
-    m = read_manifest(manifest, allow_outside=cfg.data.allow_outside_paths, num_classes=cfg.task.num_classes)
+    m = read_manifest(manifest, restrict_paths=cfg.data.restrict_paths, num_classes=cfg.task.num_classes)
     student, teacher = cfg.task.student_modality, cfg.task.teacher_modality
     cache = TensorCache(root)
 
