@@ -320,16 +320,22 @@ def _refuse_pickles(path: Path) -> None:
         raise InputError(path, f"not a model directory: {WEIGHTS_FILE} is missing")
 
 
+def _read_json_object(f: Path) -> dict[str, Any]:
+    """A JSON object file of a model directory; one-line InputError naming it otherwise."""
+    try:
+        obj = json.loads(f.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f, f"not valid JSON ({type(e).__name__})") from None
+    if not isinstance(obj, dict):
+        raise InputError(f, "must be a JSON object")
+    return obj
+
+
 def _read_metadata(path: Path) -> dict[str, Any]:
     meta_path = path / METADATA_FILE
     if not meta_path.is_file():
         raise InputError(path, f"not a model directory: {METADATA_FILE} is missing")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(meta_path, f"not valid JSON ({type(e).__name__})") from None
-    if not isinstance(meta, dict):
-        raise InputError(meta_path, "must be a JSON object")
+    meta = _read_json_object(meta_path)
     for key in ("name", "version", "arch", "threshold", "weights_sha256"):
         if key not in meta:
             raise InputError(meta_path, f"missing key '{key}'")
@@ -363,15 +369,7 @@ def model_kind(meta: Mapping[str, Any]) -> str:
 
 def _read_fingerprint(path: Path) -> dict[str, Any] | None:
     f = path / FINGERPRINT_FILE
-    if not f.is_file():
-        return None
-    try:
-        fp = json.loads(f.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f, f"not valid JSON ({type(e).__name__})") from None
-    if not isinstance(fp, dict):
-        raise InputError(f, "must be a JSON object")
-    return fp
+    return _read_json_object(f) if f.is_file() else None
 
 
 def _check_arch(meta: dict[str, Any], cfg: Config, meta_path: Path) -> None:

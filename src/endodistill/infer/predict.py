@@ -277,8 +277,8 @@ def forward_probabilities(model: torch.nn.Module, arr: np.ndarray) -> np.ndarray
     """Class probabilities of one preprocessed volume.
 
     Args:
-        model: the student in eval mode.
-        arr: ``(1, *size)`` float32 (``preprocess_volume`` output).
+        model: the student or teacher in eval mode.
+        arr: ``(1, *size)`` float32 (``preprocess_volume`` output, or a teacher's clip input).
 
     Returns:
         ``(K,)`` float64 softmax of the logits.
@@ -462,7 +462,6 @@ def predict_clip(
         heatmap: compute and write the occlusion map.
         hash_input: compute the SHA-256 of the input's bytes.
     """
-    import torch
 
     from endodistill.data.fingerprint import check_input, clip_stats
     from endodistill.data.video import load_clip
@@ -483,9 +482,7 @@ def predict_clip(
         lm.fingerprint, lm.cfg.task.teacher_modality, clip_stats(clip.frames, clip.fps, arr)
     )
     t = time.perf_counter()
-    with torch.inference_mode():
-        logits = lm.model(torch.from_numpy(x)[None])
-    probs = torch.softmax(logits.to(torch.float64), dim=1)[0].numpy()
+    probs = forward_probabilities(lm.model, x)
     res.timings["forward"] = time.perf_counter() - t
     pos = lm.cfg.task.positive_class
     res.probabilities = [float(p) for p in probs]
