@@ -381,3 +381,31 @@ def test_teacher_table_has_no_raw_floats(tmp_path: Path) -> None:
     assert "<td>fold AUCs</td><td>0.612, 0.700</td>" in teacher and "<td>cv_auc</td><td>—</td>" in teacher
     assert "null" not in teacher
     assert not re.search(r"(?<![\d.])\d\.\d{4,}", re.sub(r'src="data:[^"]+"', "", teacher))
+
+
+def test_fit_progress_lines_off_a_terminal(capsys: pytest.CaptureFixture[str]) -> None:
+    """Piped output (CI logs): one line per fit with i/N, elapsed and ETA; no val AUC when there is none."""
+    from endodistill.evaluate import protocol
+
+    progress = protocol._FitProgress(4)
+    assert not progress.tty and protocol._FitProgress.bar is None  # pytest captures stdout: no bar
+    progress.done("[fold 1/2] a: " + protocol._fit_result({"test_auc": 0.71234}, 2.0, True), 0.0, True)
+    assert progress.eta() is None  # a reused fit tells nothing about the time the others take
+    progress.done(
+        "[fold 1/2] b: " + protocol._fit_result({"test_auc": 0.5, "val_auc": None}, 4.0, False), 4.0
+    )
+    assert progress.eta() == pytest.approx(8.0)  # 2 fits left x 4 s
+    line = protocol._fit_result({"val_auc": 0.91234, "test_auc": float("nan")}, 6.04, False)
+    progress.done("[fold 2/2] a: " + line, 6.0, tag=" (rank 1)")
+    progress.close()
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("[fold 1/2] a: test AUC 0.712 (done before, reused); fit 1/4, elapsed 0:0")
+    assert out[0].endswith(", ETA ?")
+    assert re.fullmatch(
+        r"\[fold 1/2\] b: test AUC 0\.500 \(4\.0 s\); fit 2/4, elapsed 0:00, ETA 0:08", out[1]
+    )
+    assert re.fullmatch(
+        r"\[fold 2/2\] a: val AUC 0\.912, test AUC — \(6\.0 s\); fit 3/4, elapsed 0:00, ETA 0:05 \(rank 1\)",
+        out[2],
+    )
+    assert not any("n/a" in ln for ln in out)

@@ -118,7 +118,7 @@ def _ablation_rows(results: Mapping[str, Any]) -> tuple[list[str], list[list[str
     rows = []
     for name, m in methods.items():
         m = m if isinstance(m, Mapping) else {}
-        paper = PAPER_AUC.get(name)
+        paper = PAPER_AUC.get(str(m.get("_key", name)))
         rows.append([*_metric_cells(str(name), m), fmt_auc(paper)])
     return headers, rows
 
@@ -215,6 +215,7 @@ def format_ablation_table(results: Mapping[str, Any]) -> str:
         the MAE probe and the teacher's cross-validated AUC when ``results.json`` holds them, and last the
         cohort's AUC ceilings when known.
     """
+    results = _renamed(results)
     headers, rows = _ablation_rows(results)
     base = _baseline_rows(results, len(headers))
     widths = [max(len(r[i]) for r in [headers, *rows, *base]) for i in range(len(headers))]
@@ -930,6 +931,8 @@ def _html_sections(results: dict[str, Any], run_dir: Path) -> dict[str, str]:
     methods: dict[str, Any] = results.get("methods") or {}
     protocol = _cfg(results).get("protocol")
     full = str(protocol.get("full_method", "mae_kd_ce") if isinstance(protocol, Mapping) else "mae_kd_ce")
+    names = _display_names(results)
+    full = names.get(full, full)
     body: dict[str, str] = {}
 
     headers, rows = _ablation_rows(results)
@@ -955,7 +958,7 @@ def _html_sections(results: dict[str, Any], run_dir: Path) -> dict[str, str]:
     oof_note = ""
     if oof_path.is_file():
         try:
-            groups = _group(read_oof_csv(oof_path))
+            groups = {names.get(k, k): v for k, v in _group(read_oof_csv(oof_path)).items()}
         except InputError as e:
             oof_note = str(e)
     else:
@@ -1028,6 +1031,8 @@ def _html_sections(results: dict[str, Any], run_dir: Path) -> dict[str, str]:
 
     tparts = []
     for title, panels in training_panels(run_dir).items():
+        if title == CV_TRAINING:
+            panels = {names.get(k, k): v for k, v in panels.items()}
         fig, _ = _training_figure(
             panels, shared_legend=title == CV_TRAINING, order=[*methods, "teacher", "mae", "final"]
         )
@@ -1155,6 +1160,52 @@ def _render_md(results: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
+def _display_names(results: Mapping[str, Any]) -> dict[str, str]:
+    """``results["display_names"]``: an optional ``{method: name shown in the report}`` (edit it and run
+    ``endodistill report RUN`` to rename methods in every table and figure)."""
+    names = results.get("display_names")
+    if not isinstance(names, Mapping):
+        return {}
+    return {str(k): str(v) for k, v in names.items() if isinstance(v, str) and v.strip()}
+
+
+def _renamed(results: dict[str, Any]) -> dict[str, Any]:
+    """``results`` with the methods under their display names (in ``methods``, the comparisons, the
+    reference and full method); each renamed method keeps its key in ``_key`` (the paper's AUC)."""
+    names = _display_names(results)
+    if not names or results.get("_renamed"):
+        return results
+
+    def comps(cs: Any) -> Any:
+        if not isinstance(cs, list):
+            return cs
+        return [
+            {**c, **{k: names.get(str(c[k]), c[k]) for k in ("method_a", "method_b") if k in c}}
+            if isinstance(c, Mapping)
+            else c
+            for c in cs
+        ]
+
+    out = dict(results, _renamed=True)
+    methods = results.get("methods")
+    if isinstance(methods, Mapping):
+        out["methods"] = {
+            names.get(k, k): ({**m, "_key": k} if isinstance(m, Mapping) else m) for k, m in methods.items()
+        }
+    out["comparisons"] = comps(results.get("comparisons"))
+    if isinstance(results.get("baselines"), Mapping):
+        out["baselines"] = {
+            **results["baselines"],
+            "comparisons": comps(results["baselines"].get("comparisons")),
+        }
+        if results["baselines"].get("comparisons") is None:
+            out["baselines"].pop("comparisons")
+    for k in ("reference", "full_method"):
+        if isinstance(results.get(k), str):
+            out[k] = names.get(results[k], results[k])
+    return out
+
+
 def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     """Write ``RUN_DIR/report.html`` (self-contained, opens offline) and ``RUN_DIR/report.md``.
 
@@ -1168,9 +1219,40 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
         InputError: ``results.json`` missing or not a JSON object with a ``methods`` object.
     """
     run_dir = Path(run_dir)
-    results = _read_results(run_dir)
+    results = _renamed(_read_results(run_dir))
     body = _html_sections(results, run_dir)
     html_path, md_path = run_dir / "report.html", run_dir / "report.md"
     atomic_write_text(html_path, _render_html(results, body))
     atomic_write_text(md_path, _render_md(results))
     return html_path, md_path
+
+
+def rebuild_report(run_dir: str | Path) -> tuple[Path, Path]:
+    """Rebuild ``report.html`` and ``report.md`` of a finished run from what it left on disk (``endodistill
+    report``): results.json (edited or not), the out-of-fold and teacher predictions, the training logs,
+    the example images. Nothing is trained or recomputed; each file is replaced atomically, under the run
+    directory's lock (so not while a run or a resume writes into it).
+
+    Args:
+        run_dir: the run directory (``--out`` of ``endodistill run`` / ``demo``).
+
+    Returns:
+        ``(html_path, md_path)``.
+
+    Raises:
+        InputError: ``run_dir`` is not a directory, or holds no readable ``results.json`` with a ``methods``
+            object (the run has not finished).
+        RunLockedError: another process (a run, a resume) holds the run directory.
+    """
+    from endodistill.utils import RunLock
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise InputError(run_dir, "not a run directory (no such folder)")
+    path = run_dir / "results.json"
+    if not path.is_file():
+        raise InputError(run_dir, "not a finished run directory (no results.json)")
+    if not isinstance(_read_results(run_dir).get("methods"), dict):
+        raise InputError(path, "expected an object with a 'methods' object")
+    with RunLock(run_dir):
+        return write_report(run_dir)
