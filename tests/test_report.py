@@ -409,3 +409,11 @@ def test_fit_progress_lines_off_a_terminal(capsys: pytest.CaptureFixture[str]) -
         out[2],
     )
     assert not any("n/a" in ln for ln in out)
+
+
+def test_settings_in_key_value_tables_lose_trailing_zeros() -> None:
+    from endodistill.evaluate.fmt import fmt_value
+
+    assert fmt_value(90.0, trim=True) == "90" and fmt_value(0.30, trim=True) == "0.3"
+    assert fmt_value(0.2916666, trim=True) == "0.292" and fmt_value([3.0, 3.2, 6], trim=True) == "[3, 3.2, 6]"
+    assert fmt_value(0.0, trim=True) == "0" and fmt_value(0.0) == "0.000"

@@ -89,14 +89,20 @@ def fmt_clock(x: Any) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
-def fmt_value(v: Any) -> Any:
-    """A value of a key-value table: floats at 3 decimals, lists of numbers element-wise; else unchanged."""
+def fmt_value(v: Any, trim: bool = False) -> Any:
+    """A value of a key-value table: floats at 3 decimals, lists of numbers element-wise; else unchanged.
+
+    ``trim`` drops trailing zeros (settings rather than measurements: ``90.0 -> 90``, ``0.30 -> 0.3``).
+    """
+
+    def one(x: Any) -> str:
+        if isinstance(x, int) and not isinstance(x, bool):
+            return str(x)
+        txt = fmt_float(x)
+        return txt.rstrip("0").rstrip(".") if trim and "." in txt else txt
+
     if isinstance(v, float):
-        return fmt_float(v)
+        return one(v)
     if isinstance(v, list) and v and all(isinstance(x, int | float) or x is None for x in v):
-        return (
-            "["
-            + ", ".join(str(x) if isinstance(x, int) and not isinstance(x, bool) else fmt_float(x) for x in v)
-            + "]"
-        )
+        return "[" + ", ".join(one(x) for x in v) + "]"
     return v

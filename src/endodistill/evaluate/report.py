@@ -810,7 +810,7 @@ def _kv_table(d: Mapping[str, Any], key: str = "Key", value: str = "Value") -> s
             folded.append((str(k), v))
             continue
         for name, x in leaves:
-            x = fmt_value(x)
+            x = fmt_value(x, trim=True)
             rows.append(
                 [name, x if isinstance(x, str) else DASH if x is None else json.dumps(x, default=str)]
             )
