@@ -528,7 +528,7 @@ def training_panels(run_dir: str | Path) -> dict[str, dict[str, list[tuple[str, 
             fig, panel, label = CV_TRAINING, rel[2], rel[1].replace("fold_", "fold ")
         else:
             fig, panel = OTHER_TRAINING, rel[0] if len(rel) > 1 else "run"
-            label = "/".join(inner[1:]) or panel
+            label = "/".join(inner[1:]).replace("fold_", "fold ") or panel
         figs[fig].setdefault(panel, []).append((label, f))
     for panels in figs.values():
         # Several logs of one fit (resumed versions) keep their sub-path so lines stay distinguishable.
@@ -544,11 +544,12 @@ _STYLES = ["-", "--", "-.", ":"]
 
 def _curve_columns(series: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[str]]:
     """The columns a panel draws: the total train / val loss (left axis; every loss column when neither is
-    logged) and the AUCs and accuracies (right axis, [0, 1]). Loss parts, KD weights and learning rates
+    logged) and the validation AUC (right axis, [0, 1]; else any AUC or accuracy logged). Loss parts, KD weights and learning rates
     are left out: in the logs, not in the figure."""
     cols = {c for s in series for c in s}
     left = [c for c in ("train_loss", "val_loss") if c in cols] or sorted(c for c in cols if "loss" in c)
-    right = sorted(c for c in cols if ("auc" in c or "acc" in c) and "loss" not in c)
+    scores = sorted(c for c in cols if ("auc" in c or "acc" in c) and "loss" not in c)
+    right = [c for c in scores if c.startswith("val")] or scores  # val AUC over training accuracy
     return left, right
 
 
@@ -1039,7 +1040,9 @@ def _html_sections(results: dict[str, Any], run_dir: Path) -> dict[str, str]:
         if fig:
             what = "one panel per method, a line per fold" if title == CV_TRAINING else "a line per fit"
             tparts.append(f"<h3>{html.escape(title)}</h3>" + _img(fig, f"training curves: {title}"))
-            tparts.append(_note(f"{what}; loss on the left axis, AUC / accuracy on the right (0-1) axis"))
+            tparts.append(
+                _note(f"{what}; loss on the left axis and, where logged, the AUC on the right (0-1) axis")
+            )
     body["training"] = "".join(tparts) or _note("no Lightning metrics.csv logs under the run directory")
 
     pngs = _example_pngs(run_dir)
@@ -1068,7 +1071,12 @@ def _html_sections(results: dict[str, Any], run_dir: Path) -> dict[str, str]:
         body["cohort"] = _note("no cohort information in results.json")
 
     cfg_text = _config_text(results, run_dir)
-    body["config"] = f"<pre>{html.escape(cfg_text)}</pre>" if cfg_text else _note("no configuration recorded")
+    body["config"] = (
+        "<details><summary>The resolved configuration of the run (YAML)</summary>"
+        f"<pre>{html.escape(cfg_text)}</pre></details>"
+        if cfg_text
+        else _note("no configuration recorded")
+    )
     versions = _versions(results, run_dir)
     body["versions"] = (
         _kv_table(versions, "Package", "Version") if versions else _note("no versions recorded")
