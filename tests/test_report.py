@@ -111,18 +111,18 @@ def test_report_on_fabricated_run(tmp_path: Path) -> None:
     assert (html_path, md_path) == (run / "report.html", run / "report.md")
     text = html_path.read_text()
     _check_html(text)
-    # ROC, calibration, teacher ROC, folds, 4 training groups (teacher, mae, 2 CV methods), the example.
-    assert len(re.findall(r"<img ", text)) >= 9
+    # ROC, calibration, teacher ROC, folds, 2 training figures (CV fits; teacher + mae), the example.
+    assert len(re.findall(r"<img ", text)) == 7
     assert "Holm-Bonferroni" in text and "p adjusted" in text
-    assert "90.6" in text and "65.0" in text  # the paper's numbers next to ours
+    assert "0.906" in text and "0.650" in text  # the paper's numbers next to ours
     assert "AUC [95% CI, DeLong]" in text or "AUC [95% CI" in text
-    assert "mri</b> 88.0" in text  # ceilings
+    assert "mri</b> 0.880" in text  # ceilings
     assert "torch" in text and "2.14.1" in text and "<code>7</code>" in text
     assert "full_method: mae_kd_ce" in text  # YAML config
-    assert "cross-validation: scratch_ce" in text and "mae" in text
+    assert "Cross-validation fits" in text and "Teacher, MAE and final model" in text
     md = md_path.read_text()
     assert md.count("\n| ") >= 1 + len(METHODS)
-    assert "| Method | AUC [95% CI] |" in md and "| mae_kd_ce |" in md and "90.6" in md
+    assert "| Method | AUC [95% CI] |" in md and "| mae_kd_ce |" in md and "0.906" in md
     assert "Holm" in md
     table = format_ablation_table(json.loads((run / "results.json").read_text()))
     lines = table.splitlines()
@@ -235,13 +235,16 @@ def test_report_shows_baselines_and_diagnostics_apart_from_the_methods(tmp_path:
     assert len(lines[i + 1]) == len(lines[2])
     auc = results["baselines"]["logreg"]["auc"]
     lo, hi = results["baselines"]["logreg"]["auc_ci95"]
-    assert f"{100 * auc:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]" in lines[i + 1]
-    assert "retroflexion 96.1, elevated_fornix 44.1" in table
+    assert f"{auc:.3f} [{lo:.3f}, {hi:.3f}]" in lines[i + 1]
+    assert "retroflexion 0.961, elevated_fornix 0.441" in table
     assert (
-        "MAE linear probe AUC 63.1 [55.1, 71.1] vs the same probe on a randomly initialised encoder 55.1"
+        "MAE linear probe AUC 0.631 [0.551, 0.711] vs the same probe on a randomly initialised encoder 0.551"
         in table
     )
-    assert "Teacher cross-validated AUC 96.1 [93.1, 99.1]; simple clip baseline 92.1 [88.1, 96.1]" in table
+    teacher_line = (
+        "Teacher cross-validated AUC 0.961 [0.931, 0.991]; simple clip baseline 0.921 [0.881, 0.961]"
+    )
+    assert teacher_line in table
     assert "ceilings" in lines[-1]
 
     html_path, md_path = write_report(run)
@@ -250,10 +253,10 @@ def test_report_shows_baselines_and_diagnostics_apart_from_the_methods(tmp_path:
     ablation = text.split('<h2 id="ablation">')[1].split("</section>")[0]
     assert "<h3>Reference baselines</h3>" in ablation and "<td>oracle</td>" in ablation
     assert "which signs the chosen resolution can show at all" in ablation
-    assert "<td>retroflexion</td><td>96.1</td>" in ablation
-    assert "MAE linear probe AUC 63.1 [55.1, 71.1]" in ablation
+    assert "<td>retroflexion</td><td>0.961</td>" in ablation
+    assert "MAE linear probe AUC 0.631 [0.551, 0.711]" in ablation
     teacher = text.split('<h2 id="teacher">')[1].split("</section>")[0]
-    assert "Teacher cross-validated AUC 96.1 [93.1, 99.1]; simple clip baseline 92.1 [88.1, 96.1]" in teacher
+    assert teacher_line in teacher
     folds = text.split('<h2 id="folds">')[1].split("</section>")[0]
     assert "<td>logreg (baseline)</td>" in folds
     comps = text.split('<h2 id="comparisons">')[1].split("</section>")[0]
@@ -262,8 +265,8 @@ def test_report_shows_baselines_and_diagnostics_apart_from_the_methods(tmp_path:
     body = text.split('<h2 id="config">')[0]
     assert not re.search(r"(?<![\d.])\d\.\d{5,}", re.sub(r'src="data:[^"]+"', "", body))
     md = md_path.read_text()
-    assert "## Reference baselines" in md and "| logreg |" in md and "| retroflexion | 96.1 |" in md
-    assert "MAE linear probe AUC 63.1" in md and "Teacher cross-validated AUC 96.1" in md
+    assert "## Reference baselines" in md and "| logreg |" in md and "| retroflexion | 0.961 |" in md
+    assert "MAE linear probe AUC 0.631" in md and "Teacher cross-validated AUC 0.961" in md
     assert not re.search(r"(?<![\d.])\d\.\d{5,}", md)
 
 
@@ -275,3 +278,142 @@ def test_report_without_baselines_has_no_baseline_blocks(tmp_path: Path) -> None
     text = write_report(run)[0].read_text()
     assert "Reference baselines" not in text and "Sign visibility" not in text
     assert "MAE linear probe" not in text and "cross-validated AUC" not in text
+
+
+def test_number_formatting_helpers_give_exact_strings() -> None:
+    from endodistill.evaluate.fmt import (
+        DASH,
+        fmt_auc,
+        fmt_ci,
+        fmt_clock,
+        fmt_p,
+        fmt_pct,
+        fmt_seconds,
+        fmt_value,
+        fmt_z,
+    )
+
+    assert fmt_auc(0.1620412293810899) == "0.162"
+    assert fmt_auc(0.9995) == "1.000" and fmt_auc(-1e-9) == "0.000"
+    assert fmt_auc(None) == fmt_auc(float("nan")) == fmt_auc("x") == fmt_auc(True) == DASH
+    assert fmt_ci(0.81234, [0.70111, 0.90349]) == "0.812 [0.701, 0.903]"
+    assert fmt_ci(0.81234, None) == fmt_ci(0.81234, [None, 0.9]) == "0.812"
+    assert fmt_ci(None, [0.1, 0.2]) == DASH
+    assert fmt_pct(0.85) == "85.0" and fmt_pct(1) == "100.0" and fmt_pct(0.05882352941) == "5.9"
+    assert fmt_p(0.0004) == "<0.001" and fmt_p(0.001) == "0.001" and fmt_p(0.04249) == "0.042"
+    assert fmt_p(1.0) == "1.000" and fmt_p(None) == DASH
+    assert fmt_z(-0.2212) == "-0.22"
+    assert fmt_seconds(4.25) == "4.2 s" and fmt_seconds(12) == "12.0 s" and fmt_seconds(None) == DASH
+    assert fmt_clock(7.4) == "0:07" and fmt_clock(83) == "1:23" and fmt_clock(3725) == "1:02:05"
+    assert fmt_clock(None) == fmt_clock(-1) == DASH
+    assert fmt_value(0.3333333333333333) == "0.333" and fmt_value([0.0, 1.0]) == "[0.000, 1.000]"
+    assert fmt_value([3, 0.25]) == "[3, 0.250]" and fmt_value(24) == 24 and fmt_value("x") == "x"
+
+
+def test_quantile_calibration_bins_have_near_equal_counts_shown_in_the_report(tmp_path: Path) -> None:
+    from endodistill.evaluate.report import quantile_bins, quantile_calibration
+
+    rng = np.random.default_rng(3)
+    p = rng.beta(0.5, 3, size=203)  # skewed: equal-width bins would leave most of them near-empty
+    y = (rng.random(203) < p).astype(int)
+    pts = quantile_calibration(y, p)
+    assert len(pts["count"]) == quantile_bins(203) == 10
+    assert sum(pts["count"]) == 203 and max(pts["count"]) - min(pts["count"]) <= 1
+    assert pts["lo"] == sorted(pts["lo"]) and all(lo <= m <= hi for lo, m, hi in
+                                                  zip(pts["lo"], pts["mean_prob"], pts["hi"]))  # fmt: skip
+    assert pts["observed"][0] == pytest.approx(y[np.argsort(p, kind="stable")[:21]].mean())
+    assert quantile_bins(40) == 3 and quantile_bins(1000) == 10
+
+    run = _fake_run(tmp_path)  # 40 cases per method: 3 bins of 13-14
+    text = write_report(run)[0].read_text()
+    cal = text.split('<h2 id="calibration">')[1].split("</section>")[0]
+    assert "quantile bins" in cal and "<details>" in cal
+    rows = re.findall(r"<tr><td>(\w+)</td><td>(\d+)</td><td>[\d.]+-[\d.]+</td><td>(\d+)</td>", cal)
+    assert {m for m, _, _ in rows} == set(METHODS) and len(rows) == 3 * len(METHODS)
+    assert sorted({int(n) for _, _, n in rows}) == [13, 14]
+
+
+def test_training_curves_one_panel_per_method_with_a_line_per_fold(tmp_path: Path) -> None:
+    from endodistill.evaluate.report import CV_TRAINING, OTHER_TRAINING, _training_figure, training_panels
+
+    run = _fake_run(tmp_path)
+    for f in range(2, 5):  # five folds of the first two methods
+        for m in METHODS[:2]:
+            src = run / "folds/fold_0" / m / "logs/version_0/metrics.csv"
+            dst = run / f"folds/fold_{f}" / m / "logs/version_0/metrics.csv"
+            dst.parent.mkdir(parents=True)
+            dst.write_bytes(src.read_bytes())
+    figs = training_panels(run)
+    assert list(figs) == [CV_TRAINING, OTHER_TRAINING]
+    assert sorted(figs[CV_TRAINING]) == sorted(METHODS[:2])
+    assert [lb for lb, _ in figs[CV_TRAINING]["mae_ce"]] == [f"fold {f}" for f in range(5)]
+    assert sorted(figs[OTHER_TRAINING]) == ["mae", "teacher"]
+    uri, legend = _training_figure(figs[CV_TRAINING], shared_legend=True, order=METHODS)
+    assert uri and uri.startswith("data:image/png;base64,")
+    # One legend for the figure: a colour per fold and a style per curve (5 + 3, not 5 x 3 entries).
+    assert legend == [*(f"fold {f}" for f in range(5)), "train_loss", "val_loss", "val_auc (right axis)"]
+
+
+def test_teacher_table_has_no_raw_floats(tmp_path: Path) -> None:
+    run = _fake_run(tmp_path)
+    results = json.loads((run / "results.json").read_text())
+    results["teacher"].update(
+        brier=0.1620412293810899,
+        prevalence=0.3333333333333333,
+        youden={"threshold": 0.5606082677841187, "sensitivity": 0.5, "specificity": 1.0, "j": 0.5},
+        high_sensitivity={
+            "target": 0.9,
+            "threshold": 0.4084608554840088,
+            "sensitivity": 1.0,
+            "specificity": 0.0,
+        },
+        fold_aucs=[0.61234567, 0.7],
+        cv_auc=None,
+        scheme="hold-out (6 of 24 subjects)",
+    )
+    (run / "results.json").write_text(json.dumps(results))
+    text = write_report(run)[0].read_text()
+    teacher = text.split('<h2 id="teacher">')[1].split("</section>")[0]
+    assert "<td>brier</td><td>0.162</td>" in teacher and "<td>prevalence</td><td>0.333</td>" in teacher
+    assert "<td>auc</td><td>0.900 [0.800, 0.970]</td>" in teacher
+    assert "<td>sens / spec % @ Youden</td><td>50.0 / 100.0</td>" in teacher
+    assert "<td>sens / spec % @ sens ≥ 90%</td><td>100.0 / 0.0</td>" in teacher
+    assert "<td>fold AUCs</td><td>0.612, 0.700</td>" in teacher and "<td>cv_auc</td><td>—</td>" in teacher
+    assert "null" not in teacher
+    assert not re.search(r"(?<![\d.])\d\.\d{4,}", re.sub(r'src="data:[^"]+"', "", teacher))
+
+
+def test_fit_progress_lines_off_a_terminal(capsys: pytest.CaptureFixture[str]) -> None:
+    """Piped output (CI logs): one line per fit with i/N, elapsed and ETA; no val AUC when there is none."""
+    from endodistill.evaluate import protocol
+
+    progress = protocol._FitProgress(4)
+    assert not progress.tty and protocol._FitProgress.bar is None  # pytest captures stdout: no bar
+    progress.done("[fold 1/2] a: " + protocol._fit_result({"test_auc": 0.71234}, 2.0, True), 0.0, True)
+    assert progress.eta() is None  # a reused fit tells nothing about the time the others take
+    progress.done(
+        "[fold 1/2] b: " + protocol._fit_result({"test_auc": 0.5, "val_auc": None}, 4.0, False), 4.0
+    )
+    assert progress.eta() == pytest.approx(8.0)  # 2 fits left x 4 s
+    line = protocol._fit_result({"val_auc": 0.91234, "test_auc": float("nan")}, 6.04, False)
+    progress.done("[fold 2/2] a: " + line, 6.0, tag=" (rank 1)")
+    progress.close()
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("[fold 1/2] a: test AUC 0.712 (done before, reused); fit 1/4, elapsed 0:0")
+    assert out[0].endswith(", ETA ?")
+    assert re.fullmatch(
+        r"\[fold 1/2\] b: test AUC 0\.500 \(4\.0 s\); fit 2/4, elapsed 0:00, ETA 0:08", out[1]
+    )
+    assert re.fullmatch(
+        r"\[fold 2/2\] a: val AUC 0\.912, test AUC — \(6\.0 s\); fit 3/4, elapsed 0:00, ETA 0:05 \(rank 1\)",
+        out[2],
+    )
+    assert not any("n/a" in ln for ln in out)
+
+
+def test_settings_in_key_value_tables_lose_trailing_zeros() -> None:
+    from endodistill.evaluate.fmt import fmt_value
+
+    assert fmt_value(90.0, trim=True) == "90" and fmt_value(0.30, trim=True) == "0.3"
+    assert fmt_value(0.2916666, trim=True) == "0.292" and fmt_value([3.0, 3.2, 6], trim=True) == "[3, 3.2, 6]"
+    assert fmt_value(0.0, trim=True) == "0" and fmt_value(0.0) == "0.000"

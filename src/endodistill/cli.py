@@ -220,6 +220,21 @@ def study(
     run_study(name, cfg, out, resume=resume, vary=vary or [], echo=typer.echo)
 
 
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run directory (the --out of run or demo).")],
+) -> None:
+    """Rebuild report.html and report.md (figures embedded) from a finished run directory, without training.
+
+    Reads results.json as it is now (edit a method's name or a number there and rebuild), the saved
+    predictions and training logs; each file is replaced atomically.
+    """
+    from endodistill.evaluate.report import rebuild_report
+
+    html, md = rebuild_report(run_dir)
+    typer.echo(f"report: {html} and {md}")
+
+
 def _remove_unstarted_run(run_dir: Path) -> None:
     """Remove a run directory this command created when bad input stopped it before any result.
 

@@ -59,7 +59,87 @@ def _echo(msg: str) -> None:
     from endodistill.train.common import is_rank_zero
 
     if is_rank_zero():  # under DDP every rank runs the protocol; one prints
-        print(msg, flush=True)
+        if _FitProgress.bar is not None:  # above the progress bar, which is redrawn below it
+            _FitProgress.bar.write(msg, file=sys.stdout)
+        else:
+            print(msg, flush=True)
+
+
+class _FitProgress:
+    """Progress over the cross-validation fits of this process, with the elapsed time and an estimate of the
+    time left (the mean time of the fits trained so far times the fits left; fits a resumed run reuses
+    count as done, not in the mean).
+
+    On a terminal (stdout a TTY, rank 0): a tqdm bar under the fit lines (each fit's Lightning bar, when
+    shown, sits below it). Elsewhere (CI logs, pipes): no bar, each fit line ends with ``i/N``, the elapsed
+    time and the ETA.
+    """
+
+    bar: Any = None  # the active tqdm bar, if any (one at a time: _echo writes above it)
+
+    def __init__(self, total: int, what: str = "fits") -> None:
+        from endodistill.train.common import is_rank_zero
+
+        self.total, self.i, self.trained, self.trained_s = total, 0, 0, 0.0
+        self.t0 = time.perf_counter()
+        self.tty = bool(total) and is_rank_zero() and sys.stdout.isatty()
+        if self.tty:
+            from tqdm import tqdm
+
+            _FitProgress.bar = tqdm(
+                total=total,
+                desc=what,
+                unit="fit",
+                file=sys.stdout,
+                dynamic_ncols=True,
+                leave=True,
+                position=0,
+                bar_format=self._bar_format(),
+            )
+
+    def eta(self) -> float | None:
+        """Seconds left, or None before the first trained fit (the estimate needs one)."""
+        left = self.total - self.i
+        if left <= 0:
+            return 0.0
+        return self.trained_s / self.trained * left if self.trained else None
+
+    def _times(self) -> str:
+        from endodistill.evaluate.fmt import fmt_clock
+
+        eta = self.eta()
+        return f"elapsed {fmt_clock(time.perf_counter() - self.t0)}, ETA {'?' if eta is None else fmt_clock(eta)}"
+
+    def _bar_format(self) -> str:
+        return "{desc} {n_fmt}/{total_fmt} |{bar}| " + self._times()
+
+    def done(self, line: str, seconds: float, reused: bool = False, tag: str = "") -> None:
+        """Count one fit and print its line (``line`` says what it got; ``tag`` ends the line)."""
+        self.i += 1
+        if not reused:
+            self.trained += 1
+            self.trained_s += seconds
+        if _FitProgress.bar is not None and self.tty:
+            _echo(f"{line}{tag}")
+            _FitProgress.bar.bar_format = self._bar_format()
+            _FitProgress.bar.update(1)
+        else:
+            _echo(f"{line}; fit {self.i}/{self.total}, {self._times()}{tag}")
+
+    def close(self) -> None:
+        if self.tty and _FitProgress.bar is not None:
+            _FitProgress.bar.bar_format = self._bar_format()
+            _FitProgress.bar.close()
+            _FitProgress.bar = None
+
+
+def _fit_result(info: dict[str, Any], seconds: float, reused: bool) -> str:
+    """``val AUC 0.912, test AUC 0.873 (4.2 s)``: the validation AUC only when the fit had a validation part."""
+    from endodistill.evaluate.fmt import fmt_auc, fmt_seconds, num
+
+    parts = [] if num(info.get("val_auc")) is None else [f"val AUC {fmt_auc(info.get('val_auc'))}"]
+    parts.append(f"test AUC {fmt_auc(info.get('test_auc'))}")
+    return ", ".join(parts) + (" (done before, reused)" if reused else f" ({fmt_seconds(seconds)})")
 
 
 # ---------------------------------------------------------------------------------------- run directory
@@ -500,6 +580,7 @@ def _cv_fit(
     run_dir: Path,
     resume: bool,
     encoder: Path | None,
+    progress: _FitProgress,
     tag: str = "",
 ) -> dict[str, Any]:
     """One fold x method fit into ``folds/fold_K/METHOD`` (same unit, seed and inputs in every mode)."""
@@ -507,21 +588,23 @@ def _cv_fit(
     from endodistill.train.finetune import finetune
 
     t1 = time.perf_counter()
+    unit = run_dir / "folds" / f"fold_{fold}" / method
+    reused = resume and _fit_done(unit)
     info = finetune(
         cfg,
         method,
         data,
         teacher,
         splits[fold],
-        run_dir / "folds" / f"fold_{fold}" / method,
+        unit,
         fit_seed(cfg.seed, "distill", fold),
         f"distill fold {fold} {method}",
         resume,
         encoder if cfg.protocol.methods[method].init == "mae" else None,
     )
-    _echo(
-        f"[fold {fold + 1}/{len(splits)}] {method}: val AUC {_fmt(info.get('val_auc'))}, "
-        f"test AUC {_fmt(info.get('test_auc'))} ({time.perf_counter() - t1:.1f} s){tag}"
+    dt = time.perf_counter() - t1
+    progress.done(
+        f"[fold {fold + 1}/{len(splits)}] {method}: {_fit_result(info, dt, reused)}", dt, reused, tag
     )
     return info
 
@@ -539,13 +622,19 @@ def _spread_share(
 ) -> None:
     """Run this rank's share of the fits, then record what it trained and arrive at the ``fits`` barrier."""
     trained, skipped = [], []
-    for i, (f, m) in enumerate(_fit_list(splits, methods)):
-        if not spread.owns(i):
-            continue
-        spread.check_abort()  # another rank failed: stop at this fit boundary
-        unit = run_dir / "folds" / f"fold_{f}" / m
-        (skipped if resume and _fit_done(unit) else trained).append(_unit_name(f, m))
-        _cv_fit(cfg, data, teacher, splits, f, m, run_dir, resume, encoder_of(f), f" (rank {spread.rank})")
+    fits = _fit_list(splits, methods)
+    progress = _FitProgress(sum(1 for i in range(len(fits)) if spread.owns(i)), f"rank {spread.rank} fits")
+    try:
+        for i, (f, m) in enumerate(fits):
+            if not spread.owns(i):
+                continue
+            spread.check_abort()  # another rank failed: stop at this fit boundary
+            unit = run_dir / "folds" / f"fold_{f}" / m
+            (skipped if resume and _fit_done(unit) else trained).append(_unit_name(f, m))
+            tag = f" (rank {spread.rank})"
+            _cv_fit(cfg, data, teacher, splits, f, m, run_dir, resume, encoder_of(f), progress, tag)
+    finally:
+        progress.close()
     spread.set(f"trained/{spread.rank}", json.dumps({"trained": trained, "skipped": skipped}))
     spread.arrive("fits")
 
@@ -636,8 +725,13 @@ def _run_experiment(cfg: Config, run_dir: Path, resume: bool, spread: Spread | N
     k = len(splits)
     spread_info: dict[str, Any] = {"processes": 1}
     if spread is None:
-        for f, m in _fit_list(splits, methods):
-            _cv_fit(cfg, data, teacher, splits, f, m, run_dir, resume, encoder_of(f))
+        fits = _fit_list(splits, methods)
+        progress = _FitProgress(len(fits), "cross-validation fits")
+        try:
+            for f, m in fits:
+                _cv_fit(cfg, data, teacher, splits, f, m, run_dir, resume, encoder_of(f), progress)
+        finally:
+            progress.close()
     else:
         for f in range(k):  # every encoder before the others start: they only read them
             encoder_of(f)
@@ -716,6 +810,7 @@ def _run_experiment(cfg: Config, run_dir: Path, resume: bool, spread: Spread | N
         },
     )
     write_examples(cfg, data, run_dir)
+    from endodistill.evaluate.fmt import fmt_seconds
     from endodistill.evaluate.report import format_ablation_table, write_report
 
     fault_point("report")  # test-only (no-op unless $ENDODISTILL_TEST_KILL_AT is set)
@@ -723,7 +818,7 @@ def _run_experiment(cfg: Config, run_dir: Path, resume: bool, spread: Spread | N
     _echo("")
     _echo(format_ablation_table(results))
     t_total = sum(timings.values())
-    _echo(f"\nteacher AUC {_fmt(teacher_metrics.get('auc'))}; report: {html}; total {t_total:.1f} s")
+    _echo(f"\nteacher AUC {_fmt(teacher_metrics.get('auc'))}; report: {html}; total {fmt_seconds(t_total)}")
     return results
 
 
@@ -736,7 +831,9 @@ def _plain(obj: Any) -> Any:
 
 
 def _fmt(v: Any) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{float(v):.3f}"
+    from endodistill.evaluate.fmt import fmt_auc
+
+    return fmt_auc(v)
 
 
 def _teacher_model(
@@ -1001,10 +1098,9 @@ def _run_stage(
                 f"method '{method}' starts from the MAE encoder: run `endodistill train pretrain` first",
             )
     t1 = time.perf_counter()
+    reused = resume and _fit_done(unit)
     info = finetune(cfg, method, data, teacher, split, unit, seed, where, resume, encoder)
-    _echo(
-        f"[{where}] val AUC {_fmt(info.get('val_auc'))}, test AUC {_fmt(info.get('test_auc'))} ({time.perf_counter() - t1:.1f} s)"
-    )
+    _echo(f"[{where}] {_fit_result(info, time.perf_counter() - t1, reused)}")
     return info
 
 

@@ -13,7 +13,6 @@ import csv
 import html
 import io
 import json
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,18 @@ import numpy as np
 
 from endodistill.errors import InputError
 from endodistill.evaluate.delong import delong_auc_ci
-from endodistill.evaluate.metrics import calibration_points, roc_points
+from endodistill.evaluate.fmt import (
+    DASH,
+    fmt_auc,
+    fmt_ci,
+    fmt_float,
+    fmt_p,
+    fmt_pct,
+    fmt_value,
+    fmt_z,
+    num,
+)
+from endodistill.evaluate.metrics import roc_points
 from endodistill.evaluate.stats import read_oof_csv
 from endodistill.utils import atomic_write_text
 
@@ -44,9 +54,8 @@ SECTIONS: tuple[tuple[str, str], ...] = (
 )
 SECTION_IDS: tuple[str, ...] = tuple(s for s, _ in SECTIONS)
 
-# MRI AUC (x100) reported by the paper (arXiv 2307.02000, 5-fold CV on a private cohort).
-PAPER_AUC: dict[str, float] = {"scratch_ce": 65.0, "mae_kd": 85.2, "mae_kd_ce": 90.6}
-DASH = "—"
+# MRI AUC reported by the paper (arXiv 2307.02000, 5-fold CV on a private cohort; 65.0, 85.2, 90.6 there).
+PAPER_AUC: dict[str, float] = {"scratch_ce": 0.650, "mae_kd": 0.852, "mae_kd_ce": 0.906}
 _MAX_EXAMPLES = 12
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1100px;
@@ -55,51 +64,26 @@ h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-to
 table{border-collapse:collapse;margin:.5em 0;font-size:.9em}
 th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right}
 th:first-child,td:first-child{text-align:left}th{background:#f3f3f3}
-tr.full td{font-weight:600}img{max-width:100%;height:auto}
+tr.full td{font-weight:600}img{max-width:100%;height:auto}td{white-space:nowrap}
+table.kv td:last-child,table.kv th:last-child{text-align:left;white-space:normal}figure{display:inline-block;margin:0 1em 1em 0}
+figcaption{font-size:.8em;color:#555}details{margin:.5em 0}summary{cursor:pointer}
 pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:.85em}
 .note{color:#666;font-style:italic}nav a{margin-right:.8em}
 """
 
 
-# --- small formatting helpers ---------------------------------------------------------------------
+# --- small formatting helpers (the numbers themselves: endodistill.evaluate.fmt) ----------------------
 
 
-def _num(x: Any) -> float | None:
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
-
-
-def _x100(x: Any, digits: int = 1) -> str:
-    v = _num(x)
-    return DASH if v is None else f"{100 * v:.{digits}f}"
-
-
-def _f(x: Any, digits: int = 3) -> str:
-    v = _num(x)
-    return DASH if v is None else f"{v:.{digits}f}"
-
-
-def _p(x: Any) -> str:
-    v = _num(x)
-    if v is None:
-        return DASH
-    return "<0.001" if v < 1e-3 else f"{v:.3f}"
+_num = num
 
 
 def _auc_cell(m: Mapping[str, Any]) -> str:
-    ci = m.get("auc_ci95") or [None, None]
-    auc = _x100(m.get("auc"))
-    if auc == DASH:
-        return DASH
-    lo, hi = [*ci, None, None][:2] if isinstance(ci, list) else (None, None)
-    return f"{auc} [{_x100(lo)}, {_x100(hi)}]" if _num(lo) is not None else auc
+    return fmt_ci(m.get("auc"), m.get("auc_ci95"))
 
 
 def _fold_cell(m: Mapping[str, Any]) -> str:
-    mean, std = _x100(m.get("fold_auc_mean")), _x100(m.get("fold_auc_std"))
+    mean, std = fmt_auc(m.get("fold_auc_mean")), fmt_auc(m.get("fold_auc_std"))
     if mean == DASH:
         return DASH
     return f"{mean} ± {std}" if std != DASH else mean
@@ -108,7 +92,7 @@ def _fold_cell(m: Mapping[str, Any]) -> str:
 def _op_cell(op: Any) -> str:
     if not isinstance(op, Mapping):
         return DASH
-    return f"{_x100(op.get('sensitivity'))} / {_x100(op.get('specificity'))}"
+    return f"{fmt_pct(op.get('sensitivity'))} / {fmt_pct(op.get('specificity'))}"
 
 
 def _high_sens_target(methods: Mapping[str, Any]) -> str:
@@ -125,8 +109,8 @@ def _ablation_rows(results: Mapping[str, Any]) -> tuple[list[str], list[list[str
         "Method",
         "AUC [95% CI]",
         "Fold AUC mean ± SD",
-        "Sens / Spec @ Youden",
-        f"Sens / Spec @ sens ≥ {_high_sens_target(methods)}",
+        "Sens / Spec % @ Youden",
+        f"Sens / Spec % @ sens ≥ {_high_sens_target(methods)}",
         "Brier",
         "ECE",
         "Paper AUC",
@@ -134,8 +118,8 @@ def _ablation_rows(results: Mapping[str, Any]) -> tuple[list[str], list[list[str
     rows = []
     for name, m in methods.items():
         m = m if isinstance(m, Mapping) else {}
-        paper = PAPER_AUC.get(name)
-        rows.append([*_metric_cells(str(name), m), DASH if paper is None else f"{paper:.1f}"])
+        paper = PAPER_AUC.get(str(m.get("_key", name)))
+        rows.append([*_metric_cells(str(name), m), fmt_auc(paper)])
     return headers, rows
 
 
@@ -147,8 +131,8 @@ def _metric_cells(name: str, m: Mapping[str, Any]) -> list[str]:
         _fold_cell(m),
         _op_cell(m.get("youden")),
         _op_cell(m.get("high_sensitivity")),
-        _f(m.get("brier")),
-        _f(m.get("ece")),
+        fmt_auc(m.get("brier")),
+        fmt_auc(m.get("ece")),
     ]
 
 
@@ -161,7 +145,7 @@ BASELINE_NAMES: dict[str, str] = {
 SIGN_VISIBILITY_SENTENCE = (
     "A probe per latent sign on the preprocessed grid: which signs the chosen resolution can show at all "
     "(out-of-fold AUC of an L2 logistic regression predicting the sign from the voxels, on the run's folds; "
-    "about 50 means the sign is invisible at this grid)."
+    "about 0.5 means the sign is invisible at this grid)."
 )
 
 
@@ -187,13 +171,8 @@ def _sign_visibility(results: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _ci_text(auc: Any, ci: Any) -> str:
-    """``AUC [lo, hi]`` x100, or just the AUC when the CI is missing."""
-    txt = _x100(auc)
-    if txt != DASH and isinstance(ci, Sequence) and not isinstance(ci, str) and len(ci) == 2:
-        lo, hi = _num(ci[0]), _num(ci[1])
-        if lo is not None and hi is not None:
-            txt += f" [{_x100(lo)}, {_x100(hi)}]"
-    return txt
+    """``AUC [lo, hi]``, or just the AUC when the CI is missing."""
+    return fmt_ci(auc, ci)
 
 
 def _diagnostic_lines(results: Mapping[str, Any]) -> list[str]:
@@ -226,7 +205,7 @@ def _ceilings(results: Mapping[str, Any]) -> dict[str, float]:
 
 
 def format_ablation_table(results: Mapping[str, Any]) -> str:
-    """The ablation table as aligned plain text for the terminal (AUC, sensitivity, specificity x100).
+    """The ablation table as aligned plain text for the terminal (AUCs at 3 decimals, sensitivity in %).
 
     Args:
         results: the content of ``results.json``.
@@ -236,6 +215,7 @@ def format_ablation_table(results: Mapping[str, Any]) -> str:
         the MAE probe and the teacher's cross-validated AUC when ``results.json`` holds them, and last the
         cohort's AUC ceilings when known.
     """
+    results = _renamed(results)
     headers, rows = _ablation_rows(results)
     base = _baseline_rows(results, len(headers))
     widths = [max(len(r[i]) for r in [headers, *rows, *base]) for i in range(len(headers))]
@@ -254,13 +234,13 @@ def format_ablation_table(results: Mapping[str, Any]) -> str:
     if sv:
         lines.append(
             "Sign visibility (probe AUC per latent sign on the preprocessed grid): "
-            + ", ".join(f"{k} {_x100(v)}" for k, v in sv.items())
+            + ", ".join(f"{k} {fmt_auc(v)}" for k, v in sv.items())
         )
     lines += _diagnostic_lines(results)
     ceil = _ceilings(results)
     if ceil:
         lines.append(
-            "AUC ceilings of the synthetic cohort: " + ", ".join(f"{k} {_x100(v)}" for k, v in ceil.items())
+            "AUC ceilings of the synthetic cohort: " + ", ".join(f"{k} {fmt_auc(v)}" for k, v in ceil.items())
         )
     return "\n".join(lines)
 
@@ -277,13 +257,16 @@ def _md_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(out)
 
 
-def _html_table(headers: Sequence[str], rows: Sequence[Sequence[str]], highlight: str | None = None) -> str:
+def _html_table(
+    headers: Sequence[str], rows: Sequence[Sequence[str]], highlight: str | None = None, cls: str = ""
+) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
     body = []
     for r in rows:
-        cls = ' class="full"' if highlight is not None and r and r[0] == highlight else ""
-        body.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+        full = ' class="full"' if highlight is not None and r and r[0] == highlight else ""
+        body.append(f"<tr{full}>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>")
+    table_cls = f' class="{cls}"' if cls else ""
+    return f"<table{table_cls}><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
 def _cfg(results: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -350,8 +333,7 @@ def _ci_label(name: str, summary: Mapping[str, Any] | None, y: np.ndarray, p: np
         lo, hi = _num(lo), _num(hi)
     if auc is None:
         return f"{name} (AUC undefined)"
-    ci_txt = f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else ""
-    return f"{name}: AUC {auc:.3f}{ci_txt}"
+    return f"{name}: AUC {fmt_ci(auc, [lo, hi])}"
 
 
 def _roc_figure(
@@ -382,25 +364,99 @@ def _roc_figure(
     return _png_uri(fig)
 
 
-def _calibration_figure(groups: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> str | None:
-    fig = _new_figure(6.0, 5.5)
-    ax = fig.add_subplot()
-    colours = _colours(list(groups))
-    for name, (y, p) in groups.items():
-        pts = calibration_points(y, p)
-        ax.plot(pts["mean_prob"], pts["observed"], marker="o", ms=4, lw=1.4, color=colours[name], label=name)
-    if not groups:
+def quantile_bins(n: int) -> int:
+    """How many quantile bins a reliability diagram of ``n`` cases gets: about 20 cases a bin, 3 to 10 bins."""
+    return int(min(10, max(3, n // 20))) if n >= 6 else max(1, n // 2)
+
+
+def quantile_calibration(
+    labels: Sequence[int] | np.ndarray, probs: Sequence[float] | np.ndarray, n_bins: int | None = None
+) -> dict[str, list[Any]]:
+    """Reliability-diagram points over quantile bins: the cases sorted by probability, cut into
+    ``n_bins`` groups of near-equal size (sizes differ by at most one; ties may straddle a cut).
+
+    Args:
+        labels: (N,) 0/1 labels.
+        probs: (N,) predicted probabilities of class 1.
+        n_bins: number of bins (default :func:`quantile_bins` of N).
+
+    Returns:
+        ``{"lo", "hi", "mean_prob", "observed", "count"}``, one entry per bin: the smallest and largest
+        probability in the bin, its mean probability, its fraction of positives and its number of cases.
+    """
+    y = np.asarray(labels, dtype=np.float64).ravel()
+    p = np.asarray(probs, dtype=np.float64).ravel()
+    out: dict[str, list[Any]] = {"lo": [], "hi": [], "mean_prob": [], "observed": [], "count": []}
+    if y.size == 0 or y.size != p.size:
+        return out
+    k = quantile_bins(y.size) if n_bins is None else max(1, min(int(n_bins), y.size))
+    order = np.argsort(p, kind="stable")
+    for idx in np.array_split(order, k):
+        out["lo"].append(float(p[idx].min()))
+        out["hi"].append(float(p[idx].max()))
+        out["mean_prob"].append(float(p[idx].mean()))
+        out["observed"].append(float(y[idx].mean()))
+        out["count"].append(int(idx.size))
+    return out
+
+
+def _calibration_figure(
+    groups: Mapping[str, tuple[np.ndarray, np.ndarray]], methods: Mapping[str, Any]
+) -> str | None:
+    """One reliability panel per method (quantile bins, the bin sizes in the title) over a histogram of
+    its predicted probabilities."""
+    names = [n for n, (y, _) in groups.items() if y.size]
+    if not names:
         return None
-    ax.plot([0, 1], [0, 1], color="#999", ls=":", lw=1, label="perfect calibration")
-    ax.set(
-        xlabel="mean predicted probability (10 equal-width bins)",
-        ylabel="observed fraction positive",
-        xlim=(0, 1),
-        ylim=(0, 1),
-    )
-    ax.set_aspect("equal")
-    ax.legend(loc="upper left", fontsize=8)
+    ncol = min(3, len(names))
+    nrow = -(-len(names) // ncol)
+    fig = _new_figure(3.6 * ncol, 3.9 * nrow)
+    colours = _colours(list(groups))
+    outer = fig.add_gridspec(nrow, ncol, hspace=0.42, wspace=0.28)
+    for i, name in enumerate(names):
+        y, p = groups[name]
+        r, c = divmod(i, ncol)
+        inner = outer[r, c].subgridspec(2, 1, height_ratios=[3, 1], hspace=0.08)
+        ax = fig.add_subplot(inner[0])
+        hist = fig.add_subplot(inner[1], sharex=ax)
+        pts = quantile_calibration(y, p)
+        ax.plot([0, 1], [0, 1], color="#999", ls=":", lw=1)
+        ax.plot(pts["mean_prob"], pts["observed"], marker="o", ms=4, lw=1.4, color=colours[name])
+        counts = pts["count"]
+        size = str(counts[0]) if min(counts) == max(counts) else f"{min(counts)}-{max(counts)}"
+        ece = (methods.get(name) or {}).get("ece") if isinstance(methods.get(name), Mapping) else None
+        ax.set_title(f"{name}\n{len(counts)} bins of {size} cases; ECE {fmt_auc(ece)}", fontsize=8)
+        ax.set(xlim=(0, 1), ylim=(-0.02, 1.02))
+        ax.tick_params(labelbottom=False, labelsize=7)
+        if c == 0:
+            ax.set_ylabel("observed fraction positive", fontsize=8)
+        hist.hist(p, bins=20, range=(0, 1), color=colours[name], alpha=0.6)
+        hist.tick_params(labelsize=7)
+        hist.set_xlabel("predicted probability", fontsize=8)
+        if c == 0:
+            hist.set_ylabel("cases", fontsize=8)
     return _png_uri(fig)
+
+
+def _calibration_table(
+    groups: Mapping[str, tuple[np.ndarray, np.ndarray]],
+) -> tuple[list[str], list[list[str]]]:
+    headers = ["Method", "Bin", "Probability range", "Cases", "Mean predicted", "Observed positive"]
+    rows = []
+    for name, (y, p) in groups.items():
+        pts = quantile_calibration(y, p)
+        for b in range(len(pts["count"])):
+            rows.append(
+                [
+                    name,
+                    str(b + 1),
+                    f"{fmt_auc(pts['lo'][b])}-{fmt_auc(pts['hi'][b])}",
+                    str(pts["count"][b]),
+                    fmt_auc(pts["mean_prob"][b]),
+                    fmt_auc(pts["observed"][b]),
+                ]
+            )
+    return headers, rows
 
 
 def _folds_figure(methods: Mapping[str, Any]) -> str | None:
@@ -426,13 +482,13 @@ def _folds_figure(methods: Mapping[str, Any]) -> str | None:
 
 
 def _read_metrics_csv(path: Path) -> dict[str, tuple[list[float], list[float]]]:
-    """Series ``column -> (x, y)`` from a Lightning CSVLogger file (x = step, else epoch, else row)."""
+    """Series ``column -> (x, y)`` from a Lightning CSVLogger file (x = epoch, else step, else row)."""
     with open(path, newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     if not rows:
         return {}
     cols = list(rows[0].keys())
-    xcol = "step" if "step" in cols else ("epoch" if "epoch" in cols else None)
+    xcol = "epoch" if "epoch" in cols else ("step" if "step" in cols else None)
     series: dict[str, tuple[list[float], list[float]]] = {}
     for i, r in enumerate(rows):
         x = _num(r.get(xcol)) if xcol else float(i)
@@ -449,63 +505,151 @@ def _read_metrics_csv(path: Path) -> dict[str, tuple[list[float], list[float]]]:
     return series
 
 
-def _training_groups(run_dir: Path) -> dict[str, list[tuple[str, Path]]]:
-    """metrics.csv files grouped by stage: teacher, mae, one group per CV method, anything else."""
-    groups: dict[str, list[tuple[str, Path]]] = {}
+CV_TRAINING = "Cross-validation fits"
+OTHER_TRAINING = "Teacher, MAE and final model"
+
+
+def training_panels(run_dir: str | Path) -> dict[str, dict[str, list[tuple[str, Path]]]]:
+    """The ``metrics.csv`` logs of a run directory as figures of panels of lines.
+
+    Returns:
+        ``{CV_TRAINING: {method: [(fold label, path), ...]}, OTHER_TRAINING: {stage: [(fit label, path)]}}``:
+        one panel per cross-validation method with a line per fold, one panel per other stage (teacher,
+        mae, final, ...) with a line per fit in it; figures without logs are left out.
+    """
+    run_dir = Path(run_dir)
+    figs: dict[str, dict[str, list[tuple[str, Path]]]] = {CV_TRAINING: {}, OTHER_TRAINING: {}}
     for f in sorted(run_dir.rglob("metrics.csv")):
         rel = f.relative_to(run_dir).parts
+        inner = rel[:-1]
+        if "logs" in inner:  # <unit>/logs/version_N/metrics.csv
+            inner = inner[: inner.index("logs")]
         if len(rel) >= 4 and rel[0] == "folds":
-            key, label = f"cross-validation: {rel[2]}", rel[1]
+            fig, panel, label = CV_TRAINING, rel[2], rel[1].replace("fold_", "fold ")
         else:
-            key, label = rel[0] if len(rel) > 1 else "run", "/".join(rel[1:-1]) or rel[0]
-        groups.setdefault(key, []).append((label, f))
-    # Several logs of one fold (resumed versions) keep their sub-path so lines stay distinguishable.
-    for key, items in groups.items():
-        labels = [lb for lb, _ in items]
-        if len(set(labels)) < len(labels):
-            groups[key] = [(str(f.parent.relative_to(run_dir)), f) for _, f in items]
-    return groups
+            fig, panel = OTHER_TRAINING, rel[0] if len(rel) > 1 else "run"
+            label = "/".join(inner[1:]).replace("fold_", "fold ") or panel
+        figs[fig].setdefault(panel, []).append((label, f))
+    for panels in figs.values():
+        # Several logs of one fit (resumed versions) keep their sub-path so lines stay distinguishable.
+        for key, items in panels.items():
+            labels = [lb for lb, _ in items]
+            if len(set(labels)) < len(labels):
+                panels[key] = [(str(f.parent.relative_to(run_dir)), f) for _, f in items]
+    return {k: v for k, v in figs.items() if v}
 
 
-def _training_figure(title: str, items: Sequence[tuple[str, Path]]) -> str | None:
-    loaded = []
-    for label, f in items:
-        try:
-            loaded.append((label, _read_metrics_csv(f)))
-        except (OSError, csv.Error, UnicodeDecodeError):
-            continue
-    loss_cols = sorted({c for _, s in loaded for c in s if "loss" in c})
-    # Learning rates live on another scale: left out; everything else (AUC, KD weight, ...) shares [0, 1].
-    other_cols = sorted({c for _, s in loaded for c in s if "loss" not in c and not c.startswith("lr")})
-    if not loss_cols and not other_cols:
-        return None
-    panels = [(cols, name) for cols, name in ((loss_cols, "loss"), (other_cols, "metric")) if cols]
-    fig = _new_figure(5.2 * len(panels), 3.6)
-    axes = [fig.add_subplot(1, len(panels), i + 1) for i in range(len(panels))]
+_STYLES = ["-", "--", "-.", ":"]
+
+
+def _curve_columns(series: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[str]]:
+    """The columns a panel draws: the total train / val loss (left axis; every loss column when neither is
+    logged) and the validation AUC (right axis, [0, 1]; else any AUC or accuracy logged). Loss parts, KD weights and learning rates
+    are left out: in the logs, not in the figure."""
+    cols = {c for s in series for c in s}
+    left = [c for c in ("train_loss", "val_loss") if c in cols] or sorted(c for c in cols if "loss" in c)
+    scores = sorted(c for c in cols if ("auc" in c or "acc" in c) and "loss" not in c)
+    right = [c for c in scores if c.startswith("val")] or scores  # val AUC over training accuracy
+    return left, right
+
+
+def _training_figure(
+    panels: Mapping[str, Sequence[tuple[str, Path]]], shared_legend: bool, order: Sequence[str] = ()
+) -> tuple[str | None, list[str]]:
+    """One panel per entry of ``panels``, a colour per fit and a line style per column.
+
+    Panels named in ``order`` (the methods of results.json) come first, in that order.
+
+    Returns:
+        The PNG data URI (None when nothing can be drawn) and the legend's labels (one per fit, one per
+        column: never fits x columns).
+    """
+    rank = {n: i for i, n in enumerate(order)}
+    panels = dict(sorted(panels.items(), key=lambda kv: (rank.get(kv[0], len(rank)), kv[0])))
+    loaded: dict[str, list[tuple[str, dict[str, tuple[list[float], list[float]]]]]] = {}
+    for title, items in panels.items():
+        for label, f in items:
+            try:
+                series = _read_metrics_csv(f)
+            except (OSError, csv.Error, UnicodeDecodeError):
+                continue
+            if series:
+                loaded.setdefault(title, []).append((label, series))
+    if not loaded:
+        return None, []
     from matplotlib import colormaps
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
 
     cmap = colormaps["tab10"]
-    styles = ["-", "--", ":", "-."]
-    for ax, (cols, ylabel) in zip(axes, panels, strict=True):
-        for li, (label, series) in enumerate(loaded):
-            for ci, c in enumerate(cols):
+    ncol = min(3, len(loaded))
+    nrow = -(-len(loaded) // ncol)
+    fig = _new_figure(4.3 * ncol, 3.3 * nrow + (0 if shared_legend else 0.8 * nrow))
+    all_fits = list(dict.fromkeys(lb for fits in loaded.values() for lb, _ in fits))
+    all_cols: dict[str, bool] = {}  # column -> on the right axis
+    legend_labels: list[str] = []
+    for i, (title, fits) in enumerate(loaded.items()):
+        ax = fig.add_subplot(nrow, ncol, i + 1)
+        left, right = _curve_columns([s for _, s in fits])
+        twin = ax.twinx() if right else None
+        fit_names = [lb for lb, _ in fits] if not shared_legend else all_fits
+        for lb, series in fits:
+            colour = cmap(fit_names.index(lb) % 10)
+            for ci, c in enumerate(left + right):
                 if c not in series:
                     continue
                 xs, ys = series[c]
-                name = f"{label} {c}" if len(loaded) > 1 else c
-                ax.plot(
-                    xs,
-                    ys,
-                    color=cmap(li % 10),
-                    ls=styles[ci % len(styles)],
-                    lw=1.2,
-                    marker="." if len(xs) < 30 else None,
-                    label=name,
-                )
-        ax.set(xlabel="step", ylabel=ylabel)
-        ax.legend(fontsize=6, ncol=2 if len(loaded) > 2 else 1)
-    fig.suptitle(title, fontsize=10)
-    return _png_uri(fig)
+                target = ax if c in left else twin
+                assert target is not None
+                target.plot(
+                    xs, ys, color=colour, ls=_STYLES[ci % len(_STYLES)], lw=1.2,
+                    marker="." if len(xs) < 30 else None, ms=3,
+                )  # fmt: skip
+        for c in left:
+            all_cols.setdefault(c, False)
+        for c in right:
+            all_cols.setdefault(c, True)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel("loss", fontsize=8)
+        ax.tick_params(labelsize=7)
+        if twin is not None:
+            twin.set_ylim(-0.02, 1.02)
+            twin.set_ylabel(" / ".join(right), fontsize=8)
+            twin.tick_params(labelsize=7)
+        if not shared_legend:
+            handles = _legend_handles(Line2D, cmap, [lb for lb, _ in fits] if len(fits) > 1 else [],
+                                      left + right, set(right))  # fmt: skip
+            ax.legend(
+                handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2,
+                frameon=False,
+            )  # fmt: skip
+            legend_labels += [str(h.get_label()) for h in handles]
+    if shared_legend:
+        cols = list(all_cols)
+        handles = _legend_handles(Line2D, cmap, all_fits, cols, {c for c, r in all_cols.items() if r})
+        fig.subplots_adjust(wspace=0.45, hspace=0.45)
+        fig.legend(
+            handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.03), ncol=min(len(handles), 8),
+            fontsize=8, frameon=False,
+        )  # fmt: skip
+        legend_labels = [str(h.get_label()) for h in handles]
+    else:
+        fig.subplots_adjust(wspace=0.45, hspace=0.9)
+    return _png_uri(fig), legend_labels
+
+
+def _legend_handles(
+    line2d: Any, cmap: Any, fits: Sequence[str], cols: Sequence[str], right: set[str]
+) -> list:
+    handles = [line2d([], [], color=cmap(i % 10), lw=2, label=lb) for i, lb in enumerate(fits)]
+    handles += [
+        line2d([], [], color="#444", ls=_STYLES[i % len(_STYLES)], lw=1.2,
+               label=f"{c} (right axis)" if c in right else c)
+        for i, c in enumerate(cols)
+    ]  # fmt: skip
+    return handles
 
 
 # --- example images -------------------------------------------------------------------------------
@@ -651,12 +795,33 @@ def _read_teacher_predictions(path: Path) -> tuple[np.ndarray, np.ndarray] | Non
     return np.array([int(float(r["label"])) for r in rows]), np.array([float(r["prob"]) for r in rows])
 
 
+def _leaves(v: Any, prefix: str) -> list[tuple[str, Any]]:
+    if isinstance(v, Mapping):
+        return [leaf for k, x in v.items() for leaf in _leaves(x, f"{prefix}.{k}")]
+    return [(prefix, v)]
+
+
 def _kv_table(d: Mapping[str, Any], key: str = "Key", value: str = "Value") -> str:
-    rows = []
+    """Key-value rows (values left-aligned): numbers formatted, a small nested object flattened into
+    ``key.sub`` rows; a large one (the generator's settings) folded away as JSON under its key."""
+    rows, folded = [], []
     for k, v in d.items():
-        txt = v if isinstance(v, str) else json.dumps(v, default=str)
-        rows.append([str(k), txt])
-    return _html_table([key, value], rows)
+        leaves = _leaves(v, str(k)) if isinstance(v, Mapping) else [(str(k), v)]
+        if len(leaves) > 8 or any(isinstance(x, list) and len(x) > 8 for _, x in leaves):
+            folded.append((str(k), v))
+            continue
+        for name, x in leaves:
+            x = fmt_value(x, trim=True)
+            rows.append(
+                [name, x if isinstance(x, str) else DASH if x is None else json.dumps(x, default=str)]
+            )
+    out = _html_table([key, value], rows, cls="kv")
+    for name, v in folded:
+        out += (
+            f"<details><summary>{html.escape(name)}</summary>"
+            f"<pre>{html.escape(json.dumps(v, indent=1, default=str))}</pre></details>"
+        )
+    return out
 
 
 def _config_text(results: Mapping[str, Any], run_dir: Path) -> str | None:
@@ -688,12 +853,12 @@ def _comparisons_rows(comps: Sequence[Mapping[str, Any]]) -> tuple[list[str], li
         [
             str(c.get("method_a", "?")),
             str(c.get("method_b", "?")),
-            _f(c.get("auc_a")),
-            _f(c.get("auc_b")),
-            _f(c.get("diff")),
-            _f(c.get("z"), 2),
-            _p(c.get("p")),
-            _p(c.get("p_adjusted")),
+            fmt_auc(c.get("auc_a")),
+            fmt_auc(c.get("auc_b")),
+            fmt_float(c.get("diff")),
+            fmt_z(c.get("z")),
+            fmt_p(c.get("p")),
+            fmt_p(c.get("p_adjusted")),
         ]
         for c in comps
         if isinstance(c, Mapping)
@@ -711,13 +876,30 @@ def _correction_sentence(comps: Sequence[Mapping[str, Any]]) -> str:
     )
 
 
-def _value_text(v: Any) -> Any:
-    """Floats (and lists of them) at 3 decimals for the key-value tables; anything else unchanged."""
-    if isinstance(v, float):
-        return _f(v)
-    if isinstance(v, list) and v and all(isinstance(x, int | float) or x is None for x in v):
-        return "[" + ", ".join(_f(x) if isinstance(x, float) or x is None else str(x) for x in v) + "]"
-    return v
+def _teacher_rows(teacher: Mapping[str, Any]) -> dict[str, str]:
+    """The teacher's metrics as display strings: AUCs with their CI, operating points, scalars; the rest
+    (per-fold lists, the clip baseline: shown in their own sentence) left out."""
+    rows: dict[str, str] = {}
+    for k, v in teacher.items():
+        if k in ("auc_ci95", "cv_auc_ci95", "fold_aucs") or isinstance(v, list):
+            continue
+        if k in ("auc", "cv_auc"):
+            rows[k] = fmt_ci(v, teacher.get(f"{k}_ci95"))
+        elif k in ("youden", "high_sensitivity") and isinstance(v, Mapping):
+            target = num(v.get("target"))
+            label = (
+                "Youden"
+                if k == "youden"
+                else f"sens ≥ {fmt_float(None if target is None else 100 * target, 0)}%"
+            )
+            rows[f"sens / spec % @ {label}"] = _op_cell(v)
+            rows[f"threshold @ {label}"] = fmt_auc(v.get("threshold"))
+        elif not isinstance(v, Mapping):
+            rows[k] = DASH if v is None else str(fmt_value(v))
+    folds = teacher.get("fold_aucs")
+    if isinstance(folds, list) and len(folds) > 1:
+        rows["fold AUCs"] = ", ".join(fmt_auc(a) for a in folds)
+    return rows
 
 
 def _baselines_html(results: Mapping[str, Any], headers: Sequence[str]) -> list[str]:
@@ -738,11 +920,11 @@ def _baselines_html(results: Mapping[str, Any], headers: Sequence[str]) -> list[
         parts += [
             "<h3>Sign visibility</h3>",
             f"<p>{html.escape(SIGN_VISIBILITY_SENTENCE)}</p>",
-            _html_table(["Latent sign", "Probe AUC"], [[k, _x100(v)] for k, v in sv.items()]),
+            _html_table(["Latent sign", "Probe AUC"], [[k, fmt_auc(v)] for k, v in sv.items()]),
         ]
     mae = [ln for ln in _diagnostic_lines(results) if ln.startswith("MAE")]
     if mae:
-        parts += ["<h3>MAE linear probe</h3>", f"<p>{html.escape(mae[0])} (x100, 95% CI).</p>"]
+        parts += ["<h3>MAE linear probe</h3>", f"<p>{html.escape(mae[0])} (95% CI).</p>"]
     return parts
 
 
@@ -750,13 +932,15 @@ def _html_sections(results: dict[str, Any], run_dir: Path) -> dict[str, str]:
     methods: dict[str, Any] = results.get("methods") or {}
     protocol = _cfg(results).get("protocol")
     full = str(protocol.get("full_method", "mae_kd_ce") if isinstance(protocol, Mapping) else "mae_kd_ce")
+    names = _display_names(results)
+    full = names.get(full, full)
     body: dict[str, str] = {}
 
     headers, rows = _ablation_rows(results)
     parts = [
         _html_table(headers, rows, highlight=full) if rows else _note("no methods in results.json"),
         _note(
-            "AUC, fold AUCs, sensitivity and specificity in % (x100); pooled out-of-fold predictions with "
+            "AUCs as fractions (0.500 = chance); sensitivity and specificity in %; pooled out-of-fold predictions with "
             "DeLong 95% CIs. Paper: Wang et al., arXiv 2307.02000 (private cohort, no CIs published)."
         ),
     ]
@@ -765,7 +949,7 @@ def _html_sections(results: dict[str, Any], run_dir: Path) -> dict[str, str]:
     if ceil:
         parts.append(
             "<p>AUC ceilings of the synthetic cohort (Bayes-optimal on the generator's latents): "
-            + ", ".join(f"<b>{html.escape(k)}</b> {_x100(v)}" for k, v in ceil.items())
+            + ", ".join(f"<b>{html.escape(k)}</b> {fmt_auc(v)}" for k, v in ceil.items())
             + "</p>"
         )
     body["ablation"] = "".join(parts)
@@ -775,17 +959,28 @@ def _html_sections(results: dict[str, Any], run_dir: Path) -> dict[str, str]:
     oof_note = ""
     if oof_path.is_file():
         try:
-            groups = _group(read_oof_csv(oof_path))
+            groups = {names.get(k, k): v for k, v in _group(read_oof_csv(oof_path)).items()}
         except InputError as e:
             oof_note = str(e)
     else:
         oof_note = "oof_predictions.csv not found"
     roc = _roc_figure(groups, methods, "Out-of-fold ROC, all methods") if groups else None
     body["roc"] = _img(roc, "ROC curves") if roc else _note(oof_note or "no method has both classes")
-    cal = _calibration_figure(groups) if groups else None
+    cal = _calibration_figure(groups, methods) if groups else None
     if cal:
-        ece = ", ".join(f"{n} {_f((methods.get(n) or {}).get('ece'))}" for n in groups)
-        body["calibration"] = _img(cal, "calibration curves") + _note(f"expected calibration error: {ece}")
+        h, r = _calibration_table(groups)
+        body["calibration"] = (
+            _img(cal, "reliability diagrams")
+            + _note(
+                "Reliability over quantile bins (the pooled out-of-fold cases sorted by predicted probability, "
+                "cut into groups of near-equal size), the dotted line is perfect calibration; below each "
+                "panel the histogram of the predicted probabilities. The ECE of the tables uses 10 "
+                "equal-width bins."
+            )
+            + "<details><summary>Cases, mean predicted probability and observed fraction per bin</summary>"
+            + _html_table(h, r)
+            + "</details>"
+        )
     else:
         body["calibration"] = _note(oof_note or "no predictions")
 
@@ -799,14 +994,9 @@ def _html_sections(results: dict[str, Any], run_dir: Path) -> dict[str, str]:
         tparts.append(_note("teacher/predictions.csv not found"))
     teacher_cv = [ln for ln in _diagnostic_lines(results) if ln.startswith("Teacher")]
     if teacher_cv:
-        tparts.append(f"<p>{html.escape(teacher_cv[0])} (x100, 95% CI).</p>")
+        tparts.append(f"<p>{html.escape(teacher_cv[0])} (95% CI).</p>")
     if teacher:
-        scalars = {
-            k: _value_text(v)
-            for k, v in teacher.items()
-            if not isinstance(v, Mapping | list) or k in ("auc_ci95", "cv_auc_ci95")
-        }
-        tparts.append(_kv_table(scalars, "Teacher metric"))
+        tparts.append(_kv_table(_teacher_rows(teacher), "Teacher metric"))
     body["teacher"] = "".join(tparts)
 
     fold_fig = _folds_figure(methods)
@@ -817,7 +1007,7 @@ def _html_sections(results: dict[str, Any], run_dir: Path) -> dict[str, str]:
     baselines = {n: m for n, m in _baselines(results).items() if n in BASELINE_NAMES}
     for n, m in [*methods.items(), *((f"{n} (baseline)", m) for n, m in baselines.items())]:
         if isinstance(m, Mapping) and m.get("fold_aucs"):
-            vals = [_x100(a) for a in m["fold_aucs"]][:n_folds]
+            vals = [fmt_auc(a) for a in m["fold_aucs"]][:n_folds]
             fold_rows.append([n, *vals, *[""] * (n_folds - len(vals)), _fold_cell(m)])
     body["folds"] = (_img(fold_fig, "per-fold AUCs") if fold_fig else "") + (
         _html_table(["Method", *[f"fold {i}" for i in range(n_folds)], "mean ± SD"], fold_rows, full)
@@ -841,10 +1031,18 @@ def _html_sections(results: dict[str, Any], run_dir: Path) -> dict[str, str]:
         )
 
     tparts = []
-    for title, items in _training_groups(run_dir).items():
-        fig = _training_figure(title, items)
+    for title, panels in training_panels(run_dir).items():
+        if title == CV_TRAINING:
+            panels = {names.get(k, k): v for k, v in panels.items()}
+        fig, _ = _training_figure(
+            panels, shared_legend=title == CV_TRAINING, order=[*methods, "teacher", "mae", "final"]
+        )
         if fig:
-            tparts.append(f"<h3>{html.escape(title)}</h3>" + _img(fig, f"training curves {title}"))
+            what = "one panel per method, a line per fold" if title == CV_TRAINING else "a line per fit"
+            tparts.append(f"<h3>{html.escape(title)}</h3>" + _img(fig, f"training curves: {title}"))
+            tparts.append(
+                _note(f"{what}; loss on the left axis and, where logged, the AUC on the right (0-1) axis")
+            )
     body["training"] = "".join(tparts) or _note("no Lightning metrics.csv logs under the run directory")
 
     pngs = _example_pngs(run_dir)
@@ -865,13 +1063,20 @@ def _html_sections(results: dict[str, Any], run_dir: Path) -> dict[str, str]:
         flat = {k: v for k, v in cohort.items() if k != "ceilings"}
         cparts = [_kv_table(flat, "Cohort")]
         if ceil:
-            cparts.append(_kv_table({f"{k} AUC ceiling": _f(v) for k, v in ceil.items()}, "Ceiling", "AUC"))
+            cparts.append(
+                _kv_table({f"{k} AUC ceiling": fmt_auc(v) for k, v in ceil.items()}, "Ceiling", "AUC")
+            )
         body["cohort"] = "".join(cparts)
     else:
         body["cohort"] = _note("no cohort information in results.json")
 
     cfg_text = _config_text(results, run_dir)
-    body["config"] = f"<pre>{html.escape(cfg_text)}</pre>" if cfg_text else _note("no configuration recorded")
+    body["config"] = (
+        "<details><summary>The resolved configuration of the run (YAML)</summary>"
+        f"<pre>{html.escape(cfg_text)}</pre></details>"
+        if cfg_text
+        else _note("no configuration recorded")
+    )
     versions = _versions(results, run_dir)
     body["versions"] = (
         _kv_table(versions, "Package", "Version") if versions else _note("no versions recorded")
@@ -883,9 +1088,9 @@ def _html_sections(results: dict[str, Any], run_dir: Path) -> dict[str, str]:
 
     timings = results.get("timings") if isinstance(results.get("timings"), Mapping) else {}
     if timings:
-        trows = [[str(k), _f(v, 1)] for k, v in timings.items()]
+        trows = [[str(k), fmt_float(v, 1)] for k, v in timings.items()]
         total = sum(v for v in (_num(x) for x in timings.values()) if v is not None)
-        trows.append(["total", f"{total:.1f}"])
+        trows.append(["total", fmt_float(total, 1)])
         body["timings"] = _html_table(["Stage", "Seconds"], trows)
     else:
         body["timings"] = _note("no timings recorded")
@@ -912,7 +1117,7 @@ def _render_md(results: dict[str, Any]) -> str:
     out = [
         f"# {_cfg(results).get('name', 'endodistill')}: ablation",
         "",
-        "AUC (x100) of pooled out-of-fold predictions with DeLong 95% CI; fold AUC mean ± SD; "
+        "AUC of pooled out-of-fold predictions with DeLong 95% CI; fold AUC mean ± SD; "
         "sensitivity / specificity in %.",
         "",
         _md_table(headers, rows) if rows else "_no methods_",
@@ -932,15 +1137,16 @@ def _render_md(results: dict[str, Any]) -> str:
     sv = _sign_visibility(results)
     if sv:
         out += ["", "### Sign visibility", "", SIGN_VISIBILITY_SENTENCE, ""]
-        out.append(_md_table(["Latent sign", "Probe AUC"], [[k, _x100(v)] for k, v in sv.items()]))
+        out.append(_md_table(["Latent sign", "Probe AUC"], [[k, fmt_auc(v)] for k, v in sv.items()]))
     diag = _diagnostic_lines(results)
     if diag:
-        out += ["", *(f"- {ln} (x100, 95% CI)" for ln in diag)]
+        out += ["", *(f"- {ln} (95% CI)" for ln in diag)]
     ceil = _ceilings(results)
     if ceil:
         out += [
             "",
-            "AUC ceilings of the synthetic cohort: " + ", ".join(f"{k} {_x100(v)}" for k, v in ceil.items()),
+            "AUC ceilings of the synthetic cohort: "
+            + ", ".join(f"{k} {fmt_auc(v)}" for k, v in ceil.items()),
         ]
     comps = [c for c in results.get("comparisons") or [] if isinstance(c, Mapping)]
     if comps:
@@ -962,6 +1168,52 @@ def _render_md(results: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
+def _display_names(results: Mapping[str, Any]) -> dict[str, str]:
+    """``results["display_names"]``: an optional ``{method: name shown in the report}`` (edit it and run
+    ``endodistill report RUN`` to rename methods in every table and figure)."""
+    names = results.get("display_names")
+    if not isinstance(names, Mapping):
+        return {}
+    return {str(k): str(v) for k, v in names.items() if isinstance(v, str) and v.strip()}
+
+
+def _renamed(results: dict[str, Any]) -> dict[str, Any]:
+    """``results`` with the methods under their display names (in ``methods``, the comparisons, the
+    reference and full method); each renamed method keeps its key in ``_key`` (the paper's AUC)."""
+    names = _display_names(results)
+    if not names or results.get("_renamed"):
+        return results
+
+    def comps(cs: Any) -> Any:
+        if not isinstance(cs, list):
+            return cs
+        return [
+            {**c, **{k: names.get(str(c[k]), c[k]) for k in ("method_a", "method_b") if k in c}}
+            if isinstance(c, Mapping)
+            else c
+            for c in cs
+        ]
+
+    out = dict(results, _renamed=True)
+    methods = results.get("methods")
+    if isinstance(methods, Mapping):
+        out["methods"] = {
+            names.get(k, k): ({**m, "_key": k} if isinstance(m, Mapping) else m) for k, m in methods.items()
+        }
+    out["comparisons"] = comps(results.get("comparisons"))
+    if isinstance(results.get("baselines"), Mapping):
+        out["baselines"] = {
+            **results["baselines"],
+            "comparisons": comps(results["baselines"].get("comparisons")),
+        }
+        if results["baselines"].get("comparisons") is None:
+            out["baselines"].pop("comparisons")
+    for k in ("reference", "full_method"):
+        if isinstance(results.get(k), str):
+            out[k] = names.get(results[k], results[k])
+    return out
+
+
 def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     """Write ``RUN_DIR/report.html`` (self-contained, opens offline) and ``RUN_DIR/report.md``.
 
@@ -975,9 +1227,40 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
         InputError: ``results.json`` missing or not a JSON object with a ``methods`` object.
     """
     run_dir = Path(run_dir)
-    results = _read_results(run_dir)
+    results = _renamed(_read_results(run_dir))
     body = _html_sections(results, run_dir)
     html_path, md_path = run_dir / "report.html", run_dir / "report.md"
     atomic_write_text(html_path, _render_html(results, body))
     atomic_write_text(md_path, _render_md(results))
     return html_path, md_path
+
+
+def rebuild_report(run_dir: str | Path) -> tuple[Path, Path]:
+    """Rebuild ``report.html`` and ``report.md`` of a finished run from what it left on disk (``endodistill
+    report``): results.json (edited or not), the out-of-fold and teacher predictions, the training logs,
+    the example images. Nothing is trained or recomputed; each file is replaced atomically, under the run
+    directory's lock (so not while a run or a resume writes into it).
+
+    Args:
+        run_dir: the run directory (``--out`` of ``endodistill run`` / ``demo``).
+
+    Returns:
+        ``(html_path, md_path)``.
+
+    Raises:
+        InputError: ``run_dir`` is not a directory, or holds no readable ``results.json`` with a ``methods``
+            object (the run has not finished).
+        RunLockedError: another process (a run, a resume) holds the run directory.
+    """
+    from endodistill.utils import RunLock
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise InputError(run_dir, "not a run directory (no such folder)")
+    path = run_dir / "results.json"
+    if not path.is_file():
+        raise InputError(run_dir, "not a finished run directory (no results.json)")
+    if not isinstance(_read_results(run_dir).get("methods"), dict):
+        raise InputError(path, "expected an object with a 'methods' object")
+    with RunLock(run_dir):
+        return write_report(run_dir)

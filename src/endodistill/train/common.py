@@ -450,12 +450,25 @@ class _InterruptCallback(Callback):
 
 
 class _LeaveFalseBar(TQDMProgressBar):
-    """A progress bar that disappears when the fit ends (the caller prints one summary line)."""
+    """A progress bar that disappears when the fit ends (the caller prints one summary line).
+
+    Its line is the first free one (tqdm's automatic position) rather than Lightning's fixed line 0: below
+    the protocol's overall bar over the cross-validation fits when that one is shown.
+    """
 
     def init_train_tqdm(self) -> Any:
-        bar = super().init_train_tqdm()
-        bar.leave = False
-        return bar
+        from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+
+        return Tqdm(
+            desc=self.train_description,
+            position=None,
+            disable=self.is_disabled,
+            leave=False,
+            dynamic_ncols=True,
+            file=sys.stdout,
+            smoothing=0,
+            bar_format=self.BAR_FORMAT,
+        )
 
 
 def make_trainer(
