@@ -19,7 +19,7 @@ from endodistill.data.fingerprint import (
     synthetic_note,
     volume_stats,
 )
-from endodistill.data.preprocess import sample_frames
+from endodistill.data.preprocess import preprocess_clip, sample_frames
 from endodistill.errors import InputError
 from endodistill.infer.export import export_model
 from endodistill.infer.model_dir import load_model_dir
@@ -27,7 +27,7 @@ from endodistill.infer.predict import predict_cases
 from endodistill.infer.teacher_model import clip_input, occlusion_map, teacher_member_dirs
 from endodistill.models.teacher import build_teacher
 from endodistill.train.common import load_weights
-from endodistill.train.teacher import predict_probs
+from endodistill.train.teacher import predict_probs, teacher_in_channels
 
 
 def _rows(out: Path) -> dict[str, dict[str, str]]:
@@ -150,16 +150,44 @@ def test_teacher_model_is_the_mean_of_the_fold_teachers(tiny_reference_run: Path
         got = torch.softmax(lm.model(torch.from_numpy(x)[None]), dim=1)
     members = []
     for unit in units:
-        net = build_teacher(cfg.teacher, cfg.task.num_classes)
+        net = build_teacher(cfg.teacher, cfg.task.num_classes, teacher_in_channels(cfg))
         net.load_state_dict(load_weights(unit / "model.safetensors"))
         members.append(predict_probs(net, torch.from_numpy(x)[None], cfg))
     torch.testing.assert_close(got.float(), torch.stack(members).mean(0).float(), atol=1e-5, rtol=1e-4)
     # The eval input is the same spread of frames that the CV teachers were scored on.
-    assert x.shape == (1, cfg.tvus.frames, *cfg.tvus.size)
-    arr = clip_input(clip.frames, clip.fps, cfg)[0]
-    np.testing.assert_array_equal(
-        x[0], sample_frames(arr, cfg.tvus.frames, train=False, rng=np.random.default_rng(0))
+    assert x.shape == (1, cfg.tvus.frames, *cfg.tvus.size) and cfg.teacher.motion != "flow"
+    grey = sample_frames(
+        preprocess_clip(clip, cfg.tvus), cfg.tvus.frames, train=False, rng=np.random.default_rng(0)
     )
+    np.testing.assert_array_equal(x[0], grey)
+
+
+def test_flow_teacher_model_reads_displacements_and_exports(tmp_path: Path, tiny_cohort: Path) -> None:
+    """The demo's teacher reads optical flow: the deployable one computes it from the clip, ONNX too."""
+    from endodistill.config import load_config
+    from endodistill.data.preprocess import clip_displacement
+    from endodistill.data.video import load_clip
+    from endodistill.infer.model_dir import save_model_dir
+    from endodistill.infer.teacher_model import build_teacher_ensemble
+
+    cfg = load_config("tiny", ["teacher.motion=flow", "teacher.flow_size=[8,8]", "teacher.motion_norm=true"])
+    clip = load_clip(sorted((tiny_cohort / "tvus").glob("*.mp4"))[0])
+    grey, x = clip_input(clip.frames, clip.fps, cfg)
+    assert grey.shape == (cfg.tvus.frames, *cfg.tvus.size) and x.shape == (2, cfg.tvus.frames, 8, 8)
+    disp = clip_displacement(clip, cfg.tvus, (8, 8))
+    rng = np.random.default_rng(0)
+    np.testing.assert_array_equal(
+        x, sample_frames(disp, cfg.tvus.frames, train=False, rng=rng).transpose(1, 0, 2, 3)
+    )
+    torch.manual_seed(0)
+    net = build_teacher_ensemble(cfg, 2)
+    d = save_model_dir(tmp_path / "tm", net.state_dict(), cfg, 0.5, {}, kind="teacher", members=2)
+    lm = load_model_dir(d)
+    assert lm.metadata["arch"]["in_channels"] == 2 and lm.metadata["arch"]["flow_size"] == [8, 8]
+    heat = occlusion_map(lm.model, x, 1)
+    assert heat.shape == (8, 8) and np.isfinite(heat).all()
+    msg = export_model(d, "onnx", tmp_path / "f.onnx")  # validated on random fields and a phantom clip
+    assert "max |onnxruntime - torch|" in msg
 
 
 def test_teacher_predicts_clips_with_occlusion_maps_and_exports(

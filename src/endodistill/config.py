@@ -137,11 +137,20 @@ class TeacherConfig(_Strict):
     augment: bool = True
     # Subtract each pixel's temporal mean from the clip: static anatomy out, motion (the sliding sign) in.
     motion_input: bool = True
-    motion: Literal["mean", "diff"] = Field(
+    motion: Literal["mean", "diff", "flow"] = Field(
         "mean",
         description=(
             "How motion_input removes the static anatomy: 'mean' subtracts each pixel's temporal mean "
-            "(T frames in), 'diff' feeds the T - 1 frame-to-frame differences."
+            "(T frames in), 'diff' feeds the T - 1 frame-to-frame differences, 'flow' feeds dense optical "
+            "flow (Farneback at the clip's native resolution, cached with the clip preprocessing): the "
+            "2-channel (x, y) motion between consecutive sampled frames (T - 1 steps)."
+        ),
+    )
+    flow_size: tuple[int, int] | None = Field(
+        None,
+        description=(
+            "Grid (H, W) the optical flow of motion 'flow' is pooled to; tvus.size when unset. Flow is smooth, "
+            "so a coarser grid than the grey frames loses little and makes every teacher step cheaper."
         ),
     )
     # Scale each clip's motion input to unit RMS (a per-clip gain: pressure and echo gain vary between clips).
@@ -165,6 +174,14 @@ class TeacherConfig(_Strict):
             "every batch. Results differ from contiguous at rounding level; reruns stay bit-identical."
         ),
     )
+
+    @model_validator(mode="after")
+    def _check_flow(self) -> TeacherConfig:
+        if self.motion == "flow" and not self.motion_input:
+            raise ValueError("teacher.motion 'flow' is a motion input: it needs motion_input true")
+        if self.flow_size is not None and min(self.flow_size) < 4:
+            raise ValueError(f"teacher.flow_size must be at least 4 x 4, got {list(self.flow_size)}")
+        return self
 
 
 class StudentConfig(_Strict):

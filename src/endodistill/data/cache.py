@@ -1,6 +1,6 @@
 """On-disk cache of preprocessed tensors: decode and resample once, memory-map afterwards.
 
-Layout: ``ROOT/{mri,clip}/<k[:2]>/<k>.npy`` plus ``<k>.json`` (geometry and provenance), where the key
+Layout: ``ROOT/{mri,clip,flow}/<k[:2]>/<k>.npy`` plus ``<k>.json`` (geometry and provenance), where the key
 ``k`` is the SHA-256 of the source content hash (file bytes, or a DICOM folder's files), the preprocessing
 config section, the DICOM series, :data:`CACHE_VERSION` (the entry layout) and :func:`code_hash` (the
 source of the readers and preprocessing, and the versions of the libraries that decode and resample). A
@@ -91,8 +91,8 @@ def content_hash(path: str | Path) -> str:
     return h
 
 
-def _config_dict(cfg: MRIPreprocessConfig | ClipPreprocessConfig) -> dict[str, Any]:
-    return cfg.model_dump(mode="json")
+def _config_dict(cfg: MRIPreprocessConfig | ClipPreprocessConfig | dict[str, Any]) -> dict[str, Any]:
+    return dict(cfg) if isinstance(cfg, dict) else cfg.model_dump(mode="json")
 
 
 class TensorCache:
@@ -242,9 +242,44 @@ class TensorCache:
         info = {"source": str(path), "content_sha256": content_hash(path), "fps": clip.fps, "stats": stats}
         return self._write("clip", key, arr, info), stats
 
+    def clip_displacement(
+        self, path: str | Path, cfg: ClipPreprocessConfig, size: tuple[int, int] | None = None
+    ) -> np.ndarray:
+        """The clip's dense displacement fields ``(T', 2, *size)`` (read-only memory map).
+
+        Keyed like :meth:`clip` but as its own kind (``flow``) with the grid and the flow settings in the
+        key, so the grey clip's entry is shared and a changed flow setting never reads a stale field.
+
+        Args:
+            path: the clip file.
+            cfg: the ``tvus`` section.
+            size: the flow grid (``cfg.size`` when None), see
+                :func:`endodistill.data.preprocess.clip_displacement`.
+
+        Raises:
+            InputError: the source cannot be read (nothing is cached then).
+        """
+        from endodistill.data.preprocess import FLOW_PARAMS, clip_displacement
+        from endodistill.data.video import load_clip
+        from endodistill.errors import InputError
+
+        if not Path(path).exists():
+            raise InputError(path, "no such file or folder")
+        grid = [int(v) for v in (size or cfg.size)]
+        key = self.key("flow", path, {**_config_dict(cfg), "flow": dict(FLOW_PARAMS), "flow_size": grid})
+        hit = self._read("flow", key)
+        if hit is not None:
+            self.hits += 1
+            return hit[0]
+        self.misses += 1
+        clip = load_clip(path, max_frames=cfg.max_source_frames)
+        arr = clip_displacement(clip, cfg, (grid[0], grid[1]))
+        info = {"source": str(path), "content_sha256": content_hash(path), "fps": clip.fps}
+        return self._write("flow", key, arr, info)
+
     def clear(self) -> None:
         """Remove every cached entry (the folder itself is kept)."""
-        for kind in ("mri", "clip"):
+        for kind in ("mri", "clip", "flow"):
             for f in sorted((self.root / kind).rglob("*")) if (self.root / kind).is_dir() else []:
                 if f.is_file():
                     os.unlink(f)

@@ -156,7 +156,7 @@ def _preprocessed(lm: LoadedModel, sample: Path) -> np.ndarray:
         from endodistill.infer.teacher_model import clip_input
 
         clip = load_clip(sample, max_frames=lm.cfg.tvus.max_source_frames)
-        return clip_input(clip.frames, clip.fps, lm.cfg)[1][None]
+        return clip_input(clip.frames, clip.fps, lm.cfg)[1][None]  # (1, C, T, H, W)
     from endodistill.data.mri import load_volume
     from endodistill.data.preprocess import preprocess_volume
 
@@ -167,7 +167,11 @@ def _preprocessed(lm: LoadedModel, sample: Path) -> np.ndarray:
 def _input_shape(lm: LoadedModel) -> tuple[int, ...]:
     """One input without the batch axis: ``(1, D, H, W)`` volumes or ``(1, T, H, W)`` clips."""
     if lm.kind == "teacher":
-        return (1, lm.cfg.tvus.frames, *lm.cfg.tvus.size)
+        from endodistill.train.teacher import teacher_in_channels
+
+        t = lm.cfg.teacher
+        grid = t.flow_size if t.motion == "flow" and t.flow_size is not None else lm.cfg.tvus.size
+        return (teacher_in_channels(lm.cfg), lm.cfg.tvus.frames, *grid)
     return (1, *lm.cfg.mri.size)
 
 

@@ -476,10 +476,10 @@ def predict_clip(
     clip = load_clip(case.path, max_frames=lm.cfg.tvus.max_source_frames)
     res.timings["load"] = time.perf_counter() - t
     t = time.perf_counter()
-    arr, x = clip_input(clip.frames, clip.fps, lm.cfg)
+    grey, x = clip_input(clip.frames, clip.fps, lm.cfg)
     res.timings["preprocess"] = time.perf_counter() - t
     res.warnings = check_input(
-        lm.fingerprint, lm.cfg.task.teacher_modality, clip_stats(clip.frames, clip.fps, arr)
+        lm.fingerprint, lm.cfg.task.teacher_modality, clip_stats(clip.frames, clip.fps, grey)
     )
     t = time.perf_counter()
     probs = forward_probabilities(lm.model, x)
@@ -505,7 +505,7 @@ def predict_clip(
                 f"{_decision_label(lm, positive)} (threshold {lm.threshold:.3f})"
             )
             png = out_dir / "heatmaps" / f"{case.case_id}_occlusion.png"
-            atomic_write_bytes(png, clip_png_bytes(x[0], heat, title))
+            atomic_write_bytes(png, clip_png_bytes(grey, heat, title))
             res.info["heatmap_png"] = png.relative_to(out_dir).as_posix()
             res.timings["write"] = time.perf_counter() - t
     return res

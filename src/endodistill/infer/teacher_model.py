@@ -6,8 +6,11 @@ five fold models): no sixth fit is needed, each member was validated on the clip
 threshold comes from the same out-of-fold predictions that give the reported CV AUC. When a run trained
 a teacher on all clips (``targets: in_sample``) that single network is deployed instead.
 
-The ensemble's input is the preprocessed clip ``(B, 1, T, H, W)`` in [0, 1]; the motion transform of
-training (``teacher.motion``) is part of ``forward``, so the ONNX export needs no extra step.
+The ensemble's input is what the teacher was trained on, ``(B, C, T, H, W)``: the preprocessed grey clip
+in [0, 1] (C = 1), or with ``teacher.motion: flow`` its optical-flow displacement fields (C = 2, computed
+by :func:`endodistill.data.preprocess.clip_displacement`, OpenCV, outside the network). The motion
+transform of training (frame differences, per-clip normalisation) is part of ``forward``, so the ONNX
+export holds it.
 
 Saliency: occlusion (Zeiler & Fergus 2014) rather than gradients. Each square of the frame is frozen at
 its temporal mean in every frame (the anatomy stays, its motion goes), and the drop in the positive-class
@@ -62,10 +65,11 @@ def _ensemble_class() -> type:
 def build_teacher_ensemble(cfg: Config, members: int) -> torch.nn.Module:
     """A freshly built ensemble of ``members`` teachers of ``cfg.teacher``'s architecture (eval mode)."""
     from endodistill.models.teacher import build_teacher
+    from endodistill.train.teacher import teacher_in_channels
 
     # No Kinetics file is read: the member weights replace every parameter.
     tcfg = cfg.teacher.model_copy(update={"weights": None})
-    nets = [build_teacher(tcfg, cfg.task.num_classes) for _ in range(members)]
+    nets = [build_teacher(tcfg, cfg.task.num_classes, teacher_in_channels(cfg)) for _ in range(members)]
     return _ensemble_class()(nets, cfg).eval()
 
 
@@ -129,26 +133,38 @@ def save_teacher_model(
 
 
 def clip_input(frames: np.ndarray, fps: float, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
-    """The teacher's input of one clip: ``(preprocessed clip (T', H, W), model input (1, T, H, W))``."""
-    from endodistill.data.preprocess import preprocess_clip, sample_frames
+    """The teacher's input of one clip, as in training: ``(grey frames (T, H, W), model input (C, T, h, w))``.
+
+    The grey frames are the preprocessed clip at the sampled times (what the saliency image shows); the
+    model input is the same frames (C = 1) or, with ``teacher.motion: flow``, their displacement fields
+    (C = 2) on the flow grid.
+    """
+    from endodistill.data.preprocess import clip_displacement, preprocess_clip, sample_frames
     from endodistill.data.video import Clip
 
-    arr = preprocess_clip(Clip(frames=frames, fps=fps, source="", format=""), cfg.tvus)
-    x = sample_frames(arr, cfg.tvus.frames, train=False, rng=np.random.default_rng(0))
-    return arr, np.ascontiguousarray(x, dtype=np.float32)[None]
+    clip = Clip(frames=frames, fps=fps, source="", format="")
+    rng = np.random.default_rng(0)  # unused: evaluation sampling is deterministic
+    grey = sample_frames(preprocess_clip(clip, cfg.tvus), cfg.tvus.frames, train=False, rng=rng)
+    if cfg.teacher.motion == "flow":
+        disp = clip_displacement(clip, cfg.tvus, cfg.teacher.flow_size)
+        x = sample_frames(disp, cfg.tvus.frames, train=False, rng=rng).transpose(1, 0, 2, 3)
+    else:
+        x = grey[None]
+    return grey, np.ascontiguousarray(x, dtype=np.float32)
 
 
 def occlusion_map(model: torch.nn.Module, x: np.ndarray, positive: int, grid: int = 8) -> np.ndarray:
-    """Occlusion saliency of one clip input ``(1, T, H, W)``: ``(H, W)`` drop in P(positive), >= 0.
+    """Occlusion saliency of one clip input ``(C, T, H, W)``: ``(H, W)`` drop in P(positive), >= 0.
 
-    Squares of ``H/grid x W/grid`` pixels, stride half a square, each frozen at its temporal mean.
+    Squares of ``H/grid x W/grid`` pixels, stride half a square, each frozen at its temporal mean in
+    every channel (grey level or displacement: either way the square stops moving).
     """
     import torch
 
     _, _t, h, w = x.shape
     ph, pw = max(1, h // grid), max(1, w // grid)
     sh, sw = max(1, ph // 2), max(1, pw // 2)
-    base = torch.from_numpy(x)[None]  # (1, 1, T, H, W)
+    base = torch.from_numpy(x)[None]  # (1, C, T, H, W)
     mean = base.mean(dim=2, keepdim=True)
     boxes = [(r, c) for r in range(0, h - ph + 1, sh) for c in range(0, w - pw + 1, sw)]
     heat = np.zeros((h, w), dtype=np.float64)
@@ -168,7 +184,7 @@ def occlusion_map(model: torch.nn.Module, x: np.ndarray, positive: int, grid: in
 
 
 def clip_png_bytes(clip: np.ndarray, heat: np.ndarray, title: str, n_frames: int = 3) -> bytes:
-    """PNG of a few frames of the preprocessed clip with the occlusion map overlaid."""
+    """PNG of a few frames of the preprocessed clip with the occlusion map (any grid) overlaid."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -180,8 +196,9 @@ def clip_png_bytes(clip: np.ndarray, heat: np.ndarray, title: str, n_frames: int
     fig.subplots_adjust(left=0.02, right=0.98, top=0.82, bottom=0.08, wspace=0.05)
     for j, i in enumerate(idx):
         ax = fig.add_subplot(1, len(idx), j + 1)
-        ax.imshow(clip[i], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
-        ax.imshow(np.ma.masked_less_equal(hm, 0.1), cmap="jet", vmin=0.0, vmax=1.0, alpha=0.4)
+        extent = (0.0, float(clip.shape[2]), float(clip.shape[1]), 0.0)  # the map may be on a coarser grid
+        ax.imshow(clip[i], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest", extent=extent)
+        ax.imshow(np.ma.masked_less_equal(hm, 0.1), cmap="jet", vmin=0.0, vmax=1.0, alpha=0.4, extent=extent)
         ax.set_title(f"frame {i + 1}/{t}", fontsize=8)
         ax.set_axis_off()
     fig.suptitle(title, fontsize=9)

@@ -61,13 +61,17 @@ class ClipSet:
         labels: ``(N,)`` int64 labels (-1 when unlabelled).
         subjects: subject id of each clip.
         paths: source file of each clip.
+        flows: per clip its ``(T', 2, H, W)`` displacement from the first frame
+            (:func:`endodistill.data.preprocess.clip_displacement`), when the teacher reads optical flow.
     """
 
     clips: list[np.ndarray]
     labels: np.ndarray
     subjects: list[str]
     paths: list[str]
+    flows: list[np.ndarray] | None = None
     _eval: dict[int, Tensor] = field(default_factory=dict, repr=False)
+    _eval_flow: dict[int, Tensor] = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
         return len(self.clips)
@@ -81,6 +85,23 @@ class ClipSet:
             arr = np.stack([sample_frames(c, frames, train=False, rng=rng) for c in self.clips])
             self._eval[frames] = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[:, None]
         return self._eval[frames]
+
+    def eval_flow_tensor(self, frames: int) -> Tensor:
+        """The displacement fields at the frames of :meth:`eval_tensor`: ``(N, 2, frames, H, W)``.
+
+        Raises:
+            ValueError: the clips were loaded without displacement fields.
+        """
+        if self.flows is None:
+            raise ValueError("these clips have no displacement fields (teacher.motion is not 'flow')")
+        if frames not in self._eval_flow:
+            from endodistill.data.preprocess import sample_frames
+
+            rng = np.random.default_rng(0)  # unused when train=False
+            arr = np.stack([sample_frames(f, frames, train=False, rng=rng) for f in self.flows])
+            # (N, T, 2, H, W) -> (N, 2, T, H, W): the flow components are the channels.
+            self._eval_flow[frames] = torch.from_numpy(np.ascontiguousarray(arr.transpose(0, 2, 1, 3, 4)))
+        return self._eval_flow[frames]
 
 
 @dataclass
@@ -160,6 +181,7 @@ def _memo_key(cfg: Config, manifest: Path, root: Path) -> str:
         "size": st.st_size,
         "mri": cfg.mri.model_dump(mode="json"),
         "tvus": cfg.tvus.model_dump(mode="json"),
+        "flow": [cfg.teacher.motion == "flow", cfg.teacher.flow_size],
         "task": cfg.task.model_dump(mode="json"),
         "data": {k: str(v) for k, v in cfg.data.model_dump(mode="json").items()},
         "cache": str(root),
@@ -177,12 +199,16 @@ def _warm_cache(cache: Any, cfg: Config, volumes: list[tuple[Any, str | None]], 
     from endodistill.utils import thread_map
 
     jobs = [(r, uid) for r, uid in volumes] + [(r, False) for r in clips]
+    if cfg.teacher.motion == "flow":
+        jobs += [(r, True) for r in clips]
 
     def one(job: tuple[Any, str | bool | None]) -> None:
         r, uid = job
         try:
             if uid is False:
                 cache.clip(r.path, cfg.tvus)
+            elif uid is True:
+                cache.clip_displacement(r.path, cfg.tvus, cfg.teacher.flow_size)
             else:
                 cache.mri(r.path, cfg.mri, series_uid=uid)
         except Exception:  # reported by the ordered pass
@@ -268,8 +294,18 @@ def load_cohort(cfg: Config, manifest: str | Path) -> CohortData:
         c_labels.append(-1 if r.label is None else int(r.label))
         c_subjects.append(r.subject_id)
         c_paths.append(str(r.path))
+    flows = None
+    if cfg.teacher.motion == "flow":
+        flows = [
+            np.asarray(cache.clip_displacement(r.path, cfg.tvus, cfg.teacher.flow_size), dtype=np.float32)
+            for r in m.select(teacher)
+        ]
     tvus = ClipSet(
-        clips=clips, labels=np.asarray(c_labels, dtype=np.int64), subjects=c_subjects, paths=c_paths
+        clips=clips,
+        labels=np.asarray(c_labels, dtype=np.int64),
+        subjects=c_subjects,
+        paths=c_paths,
+        flows=flows,
     )
 
     cohort_json = manifest.parent / "cohort.json"

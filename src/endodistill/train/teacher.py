@@ -85,7 +85,7 @@ class TeacherOutputs:
 
 
 def _normalise(x: Tensor, cfg: Config) -> Tensor:
-    """The teacher's input transform of clips ``(B, 1, T, H, W)``.
+    """The teacher's input transform of clips ``(B, C, T, H, W)`` (C = 2 displacement channels for 'flow').
 
     With ``teacher.motion_input`` each pixel's temporal mean is subtracted: the static anatomy (which differs
     between patients and probes far more than between classes) is removed and the motion that carries the
@@ -93,7 +93,9 @@ def _normalise(x: Tensor, cfg: Config) -> Tensor:
     with this input. Kinetics weights instead expect their own frame statistics.
     """
     if cfg.teacher.motion_input:
-        if cfg.teacher.motion == "diff":
+        if cfg.teacher.motion in ("diff", "flow"):
+            # For 'flow' x holds displacements from the first frame: their differences are the motion
+            # between consecutive sampled frames, whatever the sampling stride.
             x = x[:, :, 1:] - x[:, :, :-1]
         else:
             x = x - x.mean(dim=2, keepdim=True)
@@ -121,9 +123,14 @@ def clip_batch_fn(
     from endodistill.data.preprocess import sample_frames
 
     n = cfg.tvus.frames
+    flow = cfg.teacher.motion == "flow"
+    if flow and clips.flows is None:
+        raise ValueError("teacher.motion 'flow' needs clips loaded with their displacement fields")
 
     def make(idx: np.ndarray, rng: np.random.Generator, epoch: int) -> dict[str, Tensor]:
         ci = idx_map[idx]
+        if flow:
+            return make_flow(ci, rng)
         x = np.stack([sample_frames(clips.clips[i], n, train=True, rng=rng) for i in ci]).astype(np.float32)
         if augment:
             b, _, h, w = x.shape
@@ -149,7 +156,42 @@ def clip_batch_fn(
         x_t = torch.from_numpy(np.ascontiguousarray(x))[:, None]
         return {"x": _normalise(x_t, cfg), "y": torch.from_numpy(clips.labels[ci])}
 
+    def make_flow(ci: np.ndarray, rng: np.random.Generator) -> dict[str, Tensor]:
+        # (B, T, 2, H, W) displacement fields; no intensity jitter (flow does not depend on gain).
+        assert clips.flows is not None
+        x = np.stack([sample_frames(clips.flows[i], n, train=True, rng=rng) for i in ci]).astype(np.float32)
+        if augment:
+            b, _, _, h, w = x.shape
+            pad = max(1, min(h, w) // 16)
+            xp = np.pad(x, ((0, 0), (0, 0), (0, 0), (pad, pad), (pad, pad)), mode="edge")
+            d = rng.integers(0, 2 * pad + 1, size=(b, 2))
+            x = np.stack([xp[k, ..., d[k, 0] : d[k, 0] + h, d[k, 1] : d[k, 1] + w] for k in range(b)])
+            if cfg.teacher.time_reverse:
+                rev = rng.random(b) < 0.5
+                x[rev] = x[rev][:, ::-1]
+            if cfg.teacher.hflip:
+                # Mirrored left-right, the x component of the motion changes sign.
+                flip = rng.random(b) < 0.5
+                x[flip] = x[flip][..., ::-1] * np.array([-1.0, 1.0], dtype=np.float32)[:, None, None]
+        x_t = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 2, 1, 3, 4)))
+        return {"x": _normalise(x_t, cfg), "y": torch.from_numpy(clips.labels[ci])}
+
     return make
+
+
+def teacher_inputs(tv: ClipSet, cfg: Config) -> Tensor:
+    """The evaluation inputs of every clip before :func:`_normalise`: ``(N, C, frames, H, W)``.
+
+    Grey frames (C = 1), or their displacement fields (C = 2) when ``teacher.motion`` is ``flow``.
+    """
+    if cfg.teacher.motion == "flow":
+        return tv.eval_flow_tensor(cfg.tvus.frames)
+    return tv.eval_tensor(cfg.tvus.frames)
+
+
+def teacher_in_channels(cfg: Config) -> int:
+    """Input channels of the teacher network: 2 (x, y) for optical flow, else 1 (grey)."""
+    return 2 if cfg.teacher.motion == "flow" else 1
 
 
 class TeacherModule(StageModule):
@@ -278,7 +320,7 @@ def fit_teacher(
 
     k = cfg.task.num_classes
     seed_all(seed)  # the initial weights depend on the fit's seed only, not on what ran before
-    net = build_teacher(cfg.teacher, k)
+    net = build_teacher(cfg.teacher, k, teacher_in_channels(cfg))
     done = read_done(unit_dir) if resume else None
     if done is not None and (unit_dir / "model.safetensors").is_file():
         net.load_state_dict(load_weights(unit_dir / "model.safetensors"))
@@ -297,7 +339,7 @@ def fit_teacher(
     )
     monitor = None
     if monitor_idx is not None and len(monitor_idx):
-        monitor = (tv.eval_tensor(cfg.tvus.frames)[monitor_idx], tv.labels[monitor_idx])
+        monitor = (teacher_inputs(tv, cfg)[monitor_idx], tv.labels[monitor_idx])
     timing = TimingCallback()
     hp = {
         "stage": "teacher",
@@ -416,7 +458,7 @@ def train_teacher(
             f"the teacher needs >= 2 labelled '{cfg.task.teacher_modality}' clips per class, got {counts.tolist()}",
         )
     subj = [tv.subjects[i] for i in lab]
-    x_eval = tv.eval_tensor(cfg.tvus.frames)
+    x_eval = teacher_inputs(tv, cfg)
     fit_data = _shuffled_labels(data, cfg.seed) if cfg.teacher.shuffle_labels else data
     n = len(tv)
     fits: dict[str, Any] = {}
@@ -549,7 +591,13 @@ def train_teacher(
 
         # The same clips, frames and folds as the teacher; each fold's choices see its training part only.
         base = cross_validated_logreg(
-            clip_motion_features(x_eval, GRID), tv.labels, tv.subjects, heldout_fold, k, pos, cfg.seed
+            clip_motion_features(tv.eval_tensor(cfg.tvus.frames), GRID),
+            tv.labels,
+            tv.subjects,
+            heldout_fold,
+            k,
+            pos,
+            cfg.seed,
         )
         base_probs = base.pop("probs")
         metrics["clip_baseline"] = {**base, "features": features_name(GRID)}

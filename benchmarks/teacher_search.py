@@ -1,0 +1,80 @@
+"""The teacher recipe search of issue 12: the demo teacher's 5-fold CV on a cohort's clips, outside the protocol.
+
+Run: ``.venv/bin/python -m benchmarks.teacher_search '{"teacher.motion": "flow"}' COHORT_DIR[,COHORT_DIR...]``
+where the JSON holds ``--set``-style overrides of the demo preset and each cohort is a synthetic cohort
+directory (``endodistill synth --preset demo --seed 10 --out ...``): choose on seeds you do not report.
+It reads only the TVUS rows (through the package's cache, so flow fields are computed and timed as in a run),
+calls the package's own :func:`endodistill.train.teacher.train_teacher` (the demo's folds, fits, clip
+baseline) and prints per cohort the teacher's pooled out-of-fold AUC, the clip baseline's, the time to
+preprocess the clips (cold cache) and the teacher stage's wall time, then the mean AUC.
+"""
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from endodistill.config import load_config
+from endodistill.data.cache import TensorCache
+from endodistill.data.manifest import read_manifest
+from endodistill.train.common import configure_torch
+from endodistill.train.data import ClipSet, CohortData, VolumeSet
+from endodistill.train.teacher import train_teacher
+
+
+def load_clips(cfg, cohort, cache_dir):
+    """The cohort's TVUS clips (and displacement fields for motion 'flow') through a cache at ``cache_dir``."""
+    manifest = Path(cohort, "manifest.csv").resolve()
+    m = read_manifest(manifest, num_classes=cfg.task.num_classes)
+    cache = TensorCache(cache_dir)
+    recs = m.select(cfg.task.teacher_modality)
+    clips = [np.asarray(cache.clip(r.path, cfg.tvus), dtype=np.float32) for r in recs]
+    flows = None
+    if cfg.teacher.motion == "flow":
+        flows = [
+            np.asarray(cache.clip_displacement(r.path, cfg.tvus, cfg.teacher.flow_size), dtype=np.float32)
+            for r in recs
+        ]
+    tv = ClipSet(
+        clips=clips,
+        labels=np.array([-1 if r.label is None else int(r.label) for r in recs], dtype=np.int64),
+        subjects=[r.subject_id for r in recs],
+        paths=[str(r.path) for r in recs],
+        flows=flows,
+    )
+    empty = VolumeSet(x=torch.zeros(0, 1, 1, 1, 1), labels=np.zeros(0, np.int64), subjects=[], paths=[])
+    return CohortData(manifest=manifest, labelled=empty, unlabelled=empty, tvus=tv, cohort={}, files=[])
+
+
+def main(overrides: dict, cohorts: list[str]) -> None:
+    cfg = load_config("demo", [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
+    configure_torch(cfg)
+    rows = []
+    for cohort in cohorts:
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            data = load_clips(cfg, cohort, Path(tmp) / "cache")
+            t_pre = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            m = train_teacher(cfg, data, Path(tmp) / "run", echo=lambda s: None)
+            t_fit = time.perf_counter() - t0
+        base = m.get("clip_baseline", {}).get("auc")
+        rows.append((m["cv_auc"], base))
+        print(
+            f"{Path(cohort).name}: teacher cv_auc {m['cv_auc']:.3f} ci {m['cv_auc_ci95']} "
+            f"clip_baseline {base:.3f} preprocess {t_pre:.1f} s teacher {t_fit:.1f} s",
+            flush=True,
+        )
+    a = np.array(rows, dtype=float)
+    print(
+        f"{json.dumps(overrides)} mean teacher {a[:, 0].mean():.3f} baseline {a[:, 1].mean():.3f}", flush=True
+    )
+
+
+if __name__ == "__main__":
+    main(json.loads(sys.argv[1]), sys.argv[2].split(","))
