@@ -45,6 +45,7 @@ from pydantic import BaseModel, Field
 
 from endodistill.config import Config, MethodConfig
 from endodistill.errors import ConfigError, InputError
+from endodistill.evaluate.fmt import fmt_auc, fmt_ci, fmt_p
 from endodistill.utils import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -579,10 +580,6 @@ def verdict(plan: StudyPlan, comps: list[dict[str, Any]], mde: float | None) -> 
     return f"Different from the reference {plan.reference} after Holm's correction: {parts}{sens}."
 
 
-def _f3(v: Any) -> str:
-    return "n/a" if v is None else f"{float(v):.3f}"
-
-
 def format_study_table(r: StudyResult) -> str:
     """The terminal table: one row per setting, its paired test against the reference."""
     comps = {c["method_a"]: c for c in r.comparisons}
@@ -590,13 +587,13 @@ def format_study_table(r: StudyResult) -> str:
     lines = [f"study {r.study}: {r.question}", head, "-" * len(head)]
     for s in r.settings:
         c = comps.get(s.name)
-        ci = f"{_f3(s.auc)} [{_f3(s.auc_ci95[0])}, {_f3(s.auc_ci95[1])}]"
+        ci = fmt_ci(s.auc, s.auc_ci95)
         mc = (c or {}).get("mcnemar") or {}
         diff = "ref" if c is None else f"{c['diff']:+.3f}"
-        p_adj = "" if c is None else _f3(c["p_adjusted"])
-        p_mc = "" if not mc else _f3(mc.get("p_adjusted"))
+        p_adj = "" if c is None else fmt_p(c["p_adjusted"])
+        p_mc = "" if not mc else fmt_p(mc.get("p_adjusted"))
         lines.append(
-            f"{s.name:<18} {s.value[:30]:<30} {ci:<22} {_f3(s.fold_auc_std):>7} {diff:>8} {p_adj:>7} {p_mc:>9}"
+            f"{s.name:<18} {s.value[:30]:<30} {ci:<22} {fmt_auc(s.fold_auc_std):>7} {diff:>8} {p_adj:>7} {p_mc:>9}"
         )
     lines.append(r.verdict)
     lines.append(f"wall time {r.wall_seconds:.1f} s")
@@ -651,18 +648,18 @@ def _table_rows(r: StudyResult) -> tuple[list[str], list[list[str]]]:
             [
                 s.name,
                 s.value,
-                _f3(s.auc),
-                f"[{_f3(s.auc_ci95[0])}, {_f3(s.auc_ci95[1])}]",
-                f"{_f3(s.fold_auc_mean)} ± {_f3(s.fold_auc_std)}",
+                fmt_auc(s.auc),
+                f"[{fmt_auc(s.auc_ci95[0])}, {fmt_auc(s.auc_ci95[1])}]",
+                f"{fmt_auc(s.fold_auc_mean)} ± {fmt_auc(s.fold_auc_std)}",
                 "reference" if c is None else f"{c['diff']:+.3f}",
-                "" if c is None else f"{_f3(c['p'])} ({_f3(c['p_adjusted'])})",
-                "" if not mc else f"{_f3(mc.get('p'))} ({_f3(mc.get('p_adjusted'))})",
+                "" if c is None else f"{fmt_p(c['p'])} ({fmt_p(c['p_adjusted'])})",
+                "" if not mc else f"{fmt_p(mc.get('p'))} ({fmt_p(mc.get('p_adjusted'))})",
             ]
         )
     if any(s.mae_probe_auc is not None for s in r.settings) and r.study in ("mask_ratio", "pool"):
         head.append("MAE probe (random)")
         for row, s in zip(body, r.settings):
-            row.append(f"{_f3(s.mae_probe_auc)} ({_f3(s.mae_random_probe_auc)})")
+            row.append(f"{fmt_auc(s.mae_probe_auc)} ({fmt_auc(s.mae_random_probe_auc)})")
     return head, body
 
 
