@@ -399,16 +399,36 @@ def test_fit_progress_lines_off_a_terminal(capsys: pytest.CaptureFixture[str]) -
     progress.done("[fold 2/2] a: " + line, 6.0, tag=" (rank 1)")
     progress.close()
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("[fold 1/2] a: test AUC 0.712 (done before, reused); fit 1/4, elapsed 0:0")
+    assert out[0].startswith("[fold 1/2] a: test AUC 0.712 (done before, reused); unit 1/4, elapsed 0:0")
     assert out[0].endswith(", ETA ?")
     assert re.fullmatch(
-        r"\[fold 1/2\] b: test AUC 0\.500 \(4\.0 s\); fit 2/4, elapsed 0:00, ETA 0:08", out[1]
+        r"\[fold 1/2\] b: test AUC 0\.500 \(4\.0 s\); unit 2/4, elapsed 0:00, ETA 0:08", out[1]
     )
     assert re.fullmatch(
-        r"\[fold 2/2\] a: val AUC 0\.912, test AUC — \(6\.0 s\); fit 3/4, elapsed 0:00, ETA 0:05 \(rank 1\)",
+        r"\[fold 2/2\] a: val AUC 0\.912, test AUC — \(6\.0 s\); unit 3/4, elapsed 0:00, ETA 0:05 \(rank 1\)",
         out[2],
     )
     assert not any("n/a" in ln for ln in out)
+
+
+def test_run_progress_estimates_the_whole_run_by_kind_and_steps(capsys: pytest.CaptureFixture[str]) -> None:
+    """The run's ETA: remaining optimiser steps x seconds per step, per kind once that kind has run."""
+    from endodistill.evaluate import protocol
+
+    progress = protocol._FitProgress([("teacher", 100), ("fit", 10), ("fit", 10), ("final", 20)], "run")
+    assert progress.eta() is None
+    progress.stage("teacher", 50.0)  # 0.5 s per step; kinds not seen yet use the overall rate
+    assert progress.eta() == pytest.approx(0.5 * 40)
+    progress.done("[fold 1/2] a: test AUC 0.700 (2.0 s)", 2.0)  # fits: 0.2 s per step
+    assert progress.eta() == pytest.approx(10 * 0.2 + 20 * (52.0 / 110.0))
+    progress.done("[fold 2/2] a: test AUC 0.700 (2.0 s)", 2.0)
+    progress.stage("final", 9.0)
+    assert progress.eta() == 0.0
+    progress.close()
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("[run] teacher done (50.0 s); unit 1/4, elapsed") and out[-1].endswith(
+        "ETA 0:00"
+    )
 
 
 def test_settings_in_key_value_tables_lose_trailing_zeros() -> None:

@@ -66,30 +66,40 @@ def _echo(msg: str) -> None:
 
 
 class _FitProgress:
-    """Progress over the cross-validation fits of this process, with the elapsed time and an estimate of the
-    time left (the mean time of the fits trained so far times the fits left; fits a resumed run reuses
-    count as done, not in the mean).
+    """Progress over the units of this process's run, with the elapsed time and an estimate of the time left.
 
-    On a terminal (stdout a TTY, rank 0): a tqdm bar under the fit lines (each fit's Lightning bar, when
-    shown, sits below it). Elsewhere (CI logs, pipes): no bar, each fit line ends with ``i/N``, the elapsed
-    time and the ETA.
+    A unit is a stage (teacher, MAE, final model, baselines) or one cross-validation fit, each weighted by
+    its optimiser steps (epochs x batches). The estimate is the remaining steps times the seconds per step
+    measured so far: per kind of unit once one of that kind has been trained, else over all trained units
+    (a teacher step costs more than a student step, so the first estimate is rough and then improves).
+    Units a resumed run reuses count as done, not in the rates.
+
+    On a terminal (stdout a TTY, rank 0): a tqdm bar under the progress lines (each fit's Lightning bar,
+    when shown, sits below it). Elsewhere (CI logs, pipes): no bar, each unit's line ends with ``i/N``,
+    the elapsed time and the ETA.
     """
 
     bar: Any = None  # the active tqdm bar, if any (one at a time: _echo writes above it)
 
-    def __init__(self, total: int, what: str = "fits") -> None:
+    def __init__(self, units: int | list[tuple[str, float]], what: str = "fits", bar: bool = True) -> None:
         from endodistill.train.common import is_rank_zero
 
-        self.total, self.i, self.trained, self.trained_s = total, 0, 0, 0.0
+        plan = [("fit", 1.0)] * units if isinstance(units, int) else list(units)
+        self.left: dict[str, list[float]] = {}
+        for kind, w in plan:
+            self.left.setdefault(kind, []).append(max(float(w), 1.0))
+        self.total, self.i = len(plan), 0
+        self.rate_s: dict[str, float] = {}
+        self.rate_w: dict[str, float] = {}
         self.t0 = time.perf_counter()
-        self.tty = bool(total) and is_rank_zero() and sys.stdout.isatty()
+        self.tty = bar and bool(self.total) and is_rank_zero() and sys.stdout.isatty()
         if self.tty:
             from tqdm import tqdm
 
             _FitProgress.bar = tqdm(
-                total=total,
+                total=self.total,
                 desc=what,
-                unit="fit",
+                unit="unit",
                 file=sys.stdout,
                 dynamic_ncols=True,
                 leave=True,
@@ -98,11 +108,16 @@ class _FitProgress:
             )
 
     def eta(self) -> float | None:
-        """Seconds left, or None before the first trained fit (the estimate needs one)."""
-        left = self.total - self.i
-        if left <= 0:
+        """Seconds left, or None before the first trained unit (the estimate needs one)."""
+        if not any(self.left.values()):
             return 0.0
-        return self.trained_s / self.trained * left if self.trained else None
+        if not self.rate_w:
+            return None
+        overall = sum(self.rate_s.values()) / sum(self.rate_w.values())
+        return sum(
+            sum(ws) * (self.rate_s[k] / self.rate_w[k] if k in self.rate_w else overall)
+            for k, ws in self.left.items()
+        )
 
     def _times(self) -> str:
         from endodistill.evaluate.fmt import fmt_clock
@@ -113,24 +128,65 @@ class _FitProgress:
     def _bar_format(self) -> str:
         return "{desc} {n_fmt}/{total_fmt} |{bar}| " + self._times()
 
-    def done(self, line: str, seconds: float, reused: bool = False, tag: str = "") -> None:
-        """Count one fit and print its line (``line`` says what it got; ``tag`` ends the line)."""
+    def _count(self, kind: str, seconds: float, reused: bool) -> None:
         self.i += 1
+        ws = self.left.get(kind) or []
+        w = ws.pop(0) if ws else 1.0
         if not reused:
-            self.trained += 1
-            self.trained_s += seconds
+            self.rate_s[kind] = self.rate_s.get(kind, 0.0) + seconds
+            self.rate_w[kind] = self.rate_w.get(kind, 0.0) + w
+
+    def done(self, line: str, seconds: float, reused: bool = False, tag: str = "", kind: str = "fit") -> None:
+        """Count one unit and print its line (``line`` says what it got; ``tag`` ends the line)."""
+        self._count(kind, seconds, reused)
         if _FitProgress.bar is not None and self.tty:
             _echo(f"{line}{tag}")
             _FitProgress.bar.bar_format = self._bar_format()
             _FitProgress.bar.update(1)
         else:
-            _echo(f"{line}; fit {self.i}/{self.total}, {self._times()}{tag}")
+            _echo(f"{line}; unit {self.i}/{self.total}, {self._times()}{tag}")
+
+    def stage(self, kind: str, seconds: float, reused: bool = False) -> None:
+        """Count a stage unit whose own lines were printed by the stage (teacher, MAE, final, baselines)."""
+        self.done(
+            f"[run] {kind} {'reused' if reused else 'done'} ({seconds:.1f} s)", seconds, reused, kind=kind
+        )
 
     def close(self) -> None:
         if self.tty and _FitProgress.bar is not None:
             _FitProgress.bar.bar_format = self._bar_format()
             _FitProgress.bar.close()
             _FitProgress.bar = None
+
+
+def _steps(n: float, batch: int, epochs: int) -> float:
+    return float(epochs) * max(1.0, np.ceil(n / max(batch, 1)))
+
+
+def _run_units(cfg: Config, data: Any, k: int, methods: list[str]) -> list[tuple[str, float]]:
+    """The run's units in order, each with its optimiser steps (the progress bar's plan)."""
+    n_lab = len(data.labelled)
+    n_train = n_lab * (k - 1) / k
+    clips = int((data.tvus.labels >= 0).sum())
+    t = cfg.teacher
+    tk = t.folds if t.folds > 1 else 2
+    units = [("teacher", tk * _steps(clips * (tk - 1) / tk, t.batch_size, t.epochs))]
+    if t.targets == "in_sample":
+        units[0] = ("teacher", units[0][1] + _steps(clips, t.batch_size, t.epochs))
+    if _needs_mae(cfg, methods):
+        pool = len(data.unlabelled) * cfg.mae.pool_fraction
+        epochs = max(1, round(cfg.mae.epochs / cfg.mae.pool_fraction))
+        units.append(
+            ("mae", _steps(pool, cfg.mae.batch_size, epochs) * (k if cfg.mae.use_labelled_train else 1))
+        )
+    f = cfg.finetune
+    units += [("fit", _steps(n_train, f.batch_size, f.epochs))] * (k * len(methods))
+    if cfg.protocol.final_model:
+        units.append(("final", _steps(n_lab, f.batch_size, f.epochs)))
+    if cfg.baselines.enabled:
+        c = cfg.baselines.cnn3d
+        units.append(("baselines", k * _steps(n_train, c.batch_size, c.epochs)))
+    return units
 
 
 def _fit_result(info: dict[str, Any], seconds: float, reused: bool) -> str:
@@ -679,10 +735,8 @@ def _spread_fits(cfg: Config, run_dir: Path, resume: bool, spread: Spread) -> di
 
 
 def _run_experiment(cfg: Config, run_dir: Path, resume: bool, spread: Spread | None = None) -> dict[str, Any]:
-    from endodistill.evaluate.stats import nan_to_none
-    from endodistill.train.common import configure_torch, fault_point
+    from endodistill.train.common import configure_torch
     from endodistill.train.data import load_cohort
-    from endodistill.train.teacher import load_teacher_outputs, train_teacher
 
     t_start = time.perf_counter()
     _check_mae_config(cfg)
@@ -700,14 +754,51 @@ def _run_experiment(cfg: Config, run_dir: Path, resume: bool, spread: Spread | N
         f"{len(data.tvus)} {cfg.task.teacher_modality} clips, {len(splits)} folds ({t_data:.1f} s)"
     )
 
+    methods = list(cfg.protocol.methods)
+    # One progress over the whole run (rank 0 of a spread run counts its own fits in the spread bar).
+    run_progress = _FitProgress(
+        [u for u in _run_units(cfg, data, len(splits), methods) if spread is None or u[0] != "fit"],
+        "run",
+        bar=spread is None,  # a spread run's rank 0 shows the bar of its own fits instead
+    )
+    try:
+        return _run_units_in_order(
+            cfg, data, run_dir, resume, spread, splits, methods, run_progress, t_start, t_data
+        )
+    finally:
+        run_progress.close()
+
+
+def _run_units_in_order(
+    cfg: Config,
+    data: Any,
+    run_dir: Path,
+    resume: bool,
+    spread: Spread | None,
+    splits: list[dict[str, list[str]]],
+    methods: list[str],
+    progress: _FitProgress,
+    t_start: float,
+    t_data: float,
+) -> dict[str, Any]:
+    """The run after its data: teacher, MAE, the fits, the final model, baselines, results and report."""
+    from endodistill.evaluate.stats import nan_to_none
+    from endodistill.train.common import fault_point
+    from endodistill.train.teacher import load_teacher_outputs, train_teacher
+
+    t1 = time.perf_counter()
+    reused = resume and (run_dir / "teacher" / "done.json").is_file()
     teacher_metrics = train_teacher(cfg, data, run_dir, resume, _echo)
     teacher = load_teacher_outputs(run_dir)
     teacher_model = _teacher_model(cfg, run_dir, teacher_metrics, data.fingerprint, resume)
+    progress.stage("teacher", time.perf_counter() - t1, reused)
 
-    methods = list(cfg.protocol.methods)
     shared_encoder: Path | None = None
     if _needs_mae(cfg, methods) and not cfg.mae.use_labelled_train:
+        t1 = time.perf_counter()
+        reused = resume and (run_dir / "mae" / "done.json").is_file()
         shared_encoder = _mae_encoder(cfg, data, run_dir, None, [], resume, _echo)
+        progress.stage("mae", time.perf_counter() - t1, reused)
     t_probe = time.perf_counter()
     mae_info = _mae_diagnostic(cfg, data, run_dir, splits, shared_encoder, resume)
     t_probe = time.perf_counter() - t_probe
@@ -725,13 +816,8 @@ def _run_experiment(cfg: Config, run_dir: Path, resume: bool, spread: Spread | N
     k = len(splits)
     spread_info: dict[str, Any] = {"processes": 1}
     if spread is None:
-        fits = _fit_list(splits, methods)
-        progress = _FitProgress(len(fits), "cross-validation fits")
-        try:
-            for f, m in fits:
-                _cv_fit(cfg, data, teacher, splits, f, m, run_dir, resume, encoder_of(f), progress)
-        finally:
-            progress.close()
+        for f, m in _fit_list(splits, methods):
+            _cv_fit(cfg, data, teacher, splits, f, m, run_dir, resume, encoder_of(f), progress)
     else:
         for f in range(k):  # every encoder before the others start: they only read them
             encoder_of(f)
@@ -757,9 +843,12 @@ def _run_experiment(cfg: Config, run_dir: Path, resume: bool, spread: Spread | N
 
     final: dict[str, Any] | None = None
     if cfg.protocol.final_model:
+        t1 = time.perf_counter()
+        reused = resume and (run_dir / "model" / "metadata.json").is_file()
         final = _final_model(
             cfg, data, teacher, run_dir, method_metrics, teacher_metrics, shared_encoder, resume
         )
+        progress.stage("final", time.perf_counter() - t1, reused)
 
     timings, fits = _timings(run_dir, splits, methods, t_data)
     if mae_info is not None:
@@ -787,7 +876,10 @@ def _run_experiment(cfg: Config, run_dir: Path, resume: bool, spread: Spread | N
     if cfg.baselines.enabled:
         from endodistill.train.baselines import run_baselines
 
+        t1 = time.perf_counter()
+        reused = resume and (run_dir / "baselines" / "done.json").is_file()
         baselines, baseline_seconds = run_baselines(cfg, data, splits, run_dir, resume, rows, _echo)
+        progress.stage("baselines", time.perf_counter() - t1, reused)
         if baselines:
             results["baselines"] = baselines
             results["timings"].update(baseline_seconds)  # in "timings": the only key reruns may change
