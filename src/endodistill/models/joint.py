@@ -59,6 +59,7 @@ class ClipTokenizer(nn.Module):
         super().__init__()
         grid = (frames // tubelet[0], size[0] // tubelet[1], size[1] // tubelet[2])
         self.grid = grid
+        self.n_tokens = int(np.prod(grid))
         self.proj = nn.Conv3d(1, hidden_size, kernel_size=tubelet, stride=tubelet)
         self.norm = nn.LayerNorm(hidden_size)
         self.position_embeddings = nn.Parameter(torch.zeros(1, int(np.prod(grid)), hidden_size))
@@ -67,7 +68,8 @@ class ClipTokenizer(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         """``(B, 1, frames, H, W)`` motion-transformed clips -> ``(B, N, hidden)`` tokens."""
-        tokens = self.proj(z).flatten(2).transpose(1, 2)
+        t = self.proj(z)
+        tokens = t.reshape(t.shape[0], t.shape[1], self.n_tokens).transpose(1, 2)
         return self.dropout(self.norm(tokens) + self.position_embeddings)
 
 
