@@ -4,7 +4,8 @@ The distillation stage of one fold (label-matched pairing, KD + CE, augmentation
 predictions) runs once in this process and once through ``run_stage`` with ``trainer.devices=2,
 trainer.strategy=ddp`` in a subprocess: Lightning's launcher starts the second rank by re-running the
 worker script, exactly as it does for the ``endodistill`` command. The global batch is the same (5 cases,
-split 3 + 2 over the ranks, so the uneven-share loss weighting is exercised too).
+split 3 + 2 over the ranks, so the uneven-share loss weighting is exercised too). The joint method (MRI and
+TVUS clips in every batch, sharded alike) is checked the same way.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from endodistill.config import dump_config, load_config
+from endodistill.config import default_methods, dump_config, load_config
 
 METHOD = "scratch_kd_ce"  # KD through the label-matched pairing, no MAE encoder needed
 
@@ -65,6 +66,12 @@ def _cfg(cohort: Path, cache: Path, **trainer: object):
             # batch's normalisation: the unweighted loss makes the DDP gradient exactly the global mean.
             "finetune": {"epochs": 3, "batch_size": 5, "class_balance": "none"},
             "trainer": {"threads": 1, **trainer},
+            "protocol": {
+                "methods": {
+                    **{k: v.model_dump(mode="json") for k, v in default_methods().items()},
+                    "joint": {"kind": "joint", "init": "scratch"},
+                }
+            },
         },
     )
 
@@ -80,7 +87,8 @@ def _losses(path: Path) -> list[float]:
 
 
 @pytest.mark.timeout(240)
-def test_ddp_two_cpu_processes_match_one_process(tiny_cohort: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", [METHOD, "joint"])
+def test_ddp_two_cpu_processes_match_one_process(tiny_cohort: Path, tmp_path: Path, method: str) -> None:
     from safetensors.torch import load_file
 
     from endodistill.evaluate.protocol import run_stage
@@ -93,7 +101,7 @@ def test_ddp_two_cpu_processes_match_one_process(tiny_cohort: Path, tmp_path: Pa
     shutil.copytree(base, single, ignore=shutil.ignore_patterns(".lock"))
     shutil.copytree(base, ddp, ignore=shutil.ignore_patterns(".lock"))
 
-    one = run_stage(cfg, single, "distill", method=METHOD, fold=0)
+    one = run_stage(cfg, single, "distill", method=method, fold=0)
 
     cfg_file, worker, logs = tmp_path / "ddp.yaml", tmp_path / "worker.py", tmp_path / "logs"
     logs.mkdir()
@@ -102,7 +110,7 @@ def test_ddp_two_cpu_processes_match_one_process(tiny_cohort: Path, tmp_path: Pa
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK")}
     env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run(
-        [sys.executable, str(worker), str(cfg_file), str(ddp), str(logs), METHOD],
+        [sys.executable, str(worker), str(cfg_file), str(ddp), str(logs), method],
         env=env,
         capture_output=True,
         text=True,
@@ -110,8 +118,8 @@ def test_ddp_two_cpu_processes_match_one_process(tiny_cohort: Path, tmp_path: Pa
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
-    unit_1 = single / "folds" / "fold_0" / METHOD
-    unit_2 = ddp / "folds" / "fold_0" / METHOD
+    unit_1 = single / "folds" / "fold_0" / method
+    unit_2 = ddp / "folds" / "fold_0" / method
     two = json.loads((unit_2 / "done.json").read_text())
     assert two["train_subjects"] == one["train_subjects"] and two["best_epoch"] == one["best_epoch"]
 

@@ -275,7 +275,10 @@ def predict(
     model: Annotated[
         Path,
         typer.Option(
-            "--model", "-m", help="Model directory: RUN_DIR/model (MRI) or RUN_DIR/teacher_model (TVUS)."
+            "--model",
+            "-m",
+            help="Model directory: RUN_DIR/model (MRI; a joint model takes MRI and TVUS) or "
+            "RUN_DIR/teacher_model (TVUS).",
         ),
     ],
     input_: Annotated[
@@ -284,7 +287,8 @@ def predict(
             "--input",
             "-i",
             help="MRI: NIfTI, DICOM folder, MHA/NRRD, folder or manifest. TVUS: mp4/avi/mov, DICOM cine, "
-            "folder of PNG frames, folder of clips or manifest.",
+            "folder of PNG frames, folder of clips or manifest. A joint model: any of these (the modality "
+            "column says which path was used).",
         ),
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],

@@ -242,8 +242,13 @@ class ScheduleConfig(_Strict):
 
 
 class MethodConfig(_Strict):
-    """One compared method: initialisation, KD loss and its weight schedule."""
+    """One compared method: initialisation, KD loss and its weight schedule (``kind: distill``), or the
+    joint model trained on unpaired MRI and TVUS (``kind: joint``, :mod:`endodistill.train.joint`)."""
 
+    # distill: the paper's student (teacher outputs as KD targets); joint: one network with a tokenizer per
+    # modality, a shared transformer and a shared head, trained on the fold's MRI and TVUS clips together
+    # (the schedule, KD and pairing fields below do not apply to it; init does).
+    kind: Literal["distill", "joint"] = "distill"
     init: Literal["scratch", "mae"] = "mae"
     schedule: ScheduleConfig = ScheduleConfig()
     kd_loss: Literal["mse_logits", "mse_probs", "kl", "prototype"] = "mse_logits"
@@ -256,6 +261,15 @@ class MethodConfig(_Strict):
     kd_target: Literal["teacher", "class_mean", "smoothed_labels", "permuted"] = "teacher"
     # Fraction of KD partners drawn from the other class (label-matching noise; the pairing study).
     pairing_noise: float = Field(0.0, ge=0, le=1)
+    # kind joint: weight of the cross-modal alignment term (class prototypes of the shared features of the
+    # batch's MRI cases and clips pulled together, 1 - cosine per class); 0: no alignment term.
+    align_weight: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> MethodConfig:
+        if self.kind == "distill" and self.align_weight > 0:
+            raise ValueError("align_weight applies to kind 'joint' only")
+        return self
 
 
 def default_methods() -> dict[str, MethodConfig]:
@@ -283,6 +297,37 @@ class FinetuneConfig(_Strict):
     augment: bool = True
 
 
+class JointConfig(_Strict):
+    """The joint model (methods of ``kind: joint``): our design, the follow-up paper's details are not public.
+
+    The network (:class:`endodistill.models.joint.JointViT`) is the student's ViT (``cfg.student``: patch
+    embedding of the MRI, transformer blocks, final norm) plus a tubelet embedding of the clip, both feeding
+    the same blocks and the same head. The clip enters as the teacher sees it (``cfg.tvus`` frames and size,
+    the teacher's motion transform and augmentation); the MRI as the student sees it.
+    """
+
+    clip_patch: tuple[int, int] = Field(
+        (4, 4), description="Spatial size (pixels) of a clip tubelet; must divide tvus.size."
+    )
+    tubelet_frames: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Frames of a tubelet; None: all frames of the (motion-transformed) clip, one token per spatial "
+            "patch. Must divide the clip's frame count (tvus.frames, minus one with teacher.motion 'diff')."
+        ),
+    )
+    clip_weight: float = Field(1.0, ge=0, description="Weight of the TVUS cross-entropy (the MRI's is 1).")
+    epochs: int | None = Field(None, ge=1, description="Epochs of a joint fit; None: finetune.epochs.")
+    pool: Literal["cls", "mean"] = Field(
+        "cls",
+        description=(
+            "What the shared head reads: the cls token or the mean of the tokens. No 'flat' head: the two "
+            "modalities' token positions do not correspond."
+        ),
+    )
+
+
 class ProtocolConfig(_Strict):
     """The cross-validated experiment."""
 
@@ -291,12 +336,22 @@ class ProtocolConfig(_Strict):
     full_method: str = "mae_kd_ce"
     high_sensitivity: float = Field(0.9, gt=0, lt=1)
     final_model: bool = True
+    # The method trained on all labelled data into RUN_DIR/model (None: full_method). A method of kind
+    # 'joint' gives a model directory of kind 'joint', which predicts MRI volumes and TVUS clips.
+    final_method: str | None = None
 
     @model_validator(mode="after")
     def _check(self) -> ProtocolConfig:
         if self.full_method not in self.methods:
             raise ValueError(f"full_method {self.full_method!r} is not one of methods")
+        if self.final_method is not None and self.final_method not in self.methods:
+            raise ValueError(f"final_method {self.final_method!r} is not one of methods")
         return self
+
+    @property
+    def deployed_method(self) -> str:
+        """The method of the run's deployable model (``final_method``, else ``full_method``)."""
+        return self.final_method or self.full_method
 
 
 class LogRegBaselineConfig(_Strict):
@@ -409,6 +464,7 @@ class Config(_Strict):
     student: StudentConfig = StudentConfig()
     mae: MAEConfig = MAEConfig()
     finetune: FinetuneConfig = FinetuneConfig()
+    joint: JointConfig = JointConfig()
     protocol: ProtocolConfig = ProtocolConfig()
     baselines: BaselinesConfig = BaselinesConfig()
     trainer: TrainerConfig = TrainerConfig()
@@ -418,7 +474,36 @@ class Config(_Strict):
         for ax, (s, p) in enumerate(zip(self.mri.size, self.student.patch_size)):
             if s % p:
                 raise ValueError(f"mri.size[{ax}]={s} is not a multiple of student.patch_size[{ax}]={p}")
+        if any(m.kind == "joint" for m in self.protocol.methods.values()):
+            frames = joint_clip_frames(self)
+            tub = self.joint.tubelet_frames or frames
+            if frames % tub:
+                raise ValueError(
+                    f"joint.tubelet_frames={tub} does not divide the clip's {frames} input frames"
+                )
+            for ax, (s, p) in enumerate(zip(clip_input_shape(self)[2:], self.joint.clip_patch)):
+                if s % p:
+                    raise ValueError(
+                        f"the clip input's size {s} (axis {ax}; tvus.size, or teacher.flow_size with flow) "
+                        f"is not a multiple of joint.clip_patch[{ax}]={p}"
+                    )
         return self
+
+
+def joint_clip_frames(cfg: Config) -> int:
+    """Frames of a clip after the teacher's motion transform (what the joint model's tubelets cut)."""
+    t = cfg.teacher
+    return cfg.tvus.frames - 1 if t.motion_input and t.motion in ("diff", "flow") else cfg.tvus.frames
+
+
+def clip_input_shape(cfg: Config) -> tuple[int, int, int, int]:
+    """``(C, T, H, W)`` of a clip as the teacher (and the joint model) reads it: grey frames (C = 1) at
+    ``tvus.size``, or with ``teacher.motion: flow`` displacement fields (C = 2) on the flow grid."""
+    t = cfg.teacher
+    if t.motion == "flow":
+        h, w = t.flow_size if t.flow_size is not None else cfg.tvus.size
+        return (2, cfg.tvus.frames, int(h), int(w))
+    return (1, cfg.tvus.frames, int(cfg.tvus.size[0]), int(cfg.tvus.size[1]))
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:

@@ -642,10 +642,36 @@ def _cv_fit(
     """One fold x method fit into ``folds/fold_K/METHOD`` (same unit, seed and inputs in every mode)."""
     from endodistill.train.common import fit_seed
     from endodistill.train.finetune import finetune
+    from endodistill.train.joint import clip_folds, is_joint, joint_fit
 
     t1 = time.perf_counter()
     unit = run_dir / "folds" / f"fold_{fold}" / method
     reused = resume and _fit_done(unit)
+    if is_joint(cfg, method):
+        from endodistill.evaluate.fmt import fmt_auc
+
+        # The same MRI split and fold seed as every method; fold k also holds out the k-th clip fold.
+        info = joint_fit(
+            cfg,
+            method,
+            data,
+            splits[fold],
+            clip_folds(cfg, data)[fold],
+            unit,
+            fit_seed(cfg.seed, "distill", fold),
+            f"joint fold {fold} {method}",
+            resume,
+            encoder if cfg.protocol.methods[method].init == "mae" else None,
+        )
+        dt = time.perf_counter() - t1
+        clip_auc = f"{cfg.task.teacher_modality} test AUC {fmt_auc(info.get('tvus_test_auc'))}; "
+        progress.done(
+            f"[fold {fold + 1}/{len(splits)}] {method}: {clip_auc}{_fit_result(info, dt, reused)}",
+            dt,
+            reused,
+            tag,
+        )
+        return info
     info = finetune(
         cfg,
         method,
@@ -840,13 +866,25 @@ def _run_units_in_order(
     _write_oof(run_dir / "oof_predictions.csv", rows)
     method_metrics = _method_metrics(cfg, rows, methods)
     comparisons = _comparisons(cfg, rows, methods)
+    from endodistill.train.joint import tvus_summary
+
+    # Joint methods: their TVUS out-of-fold predictions on the clip folds, next to the teacher's.
+    tvus, tvus_rows = tvus_summary(cfg, methods, k, run_dir, teacher_metrics)
+    if tvus is not None:
+        fields = ["subject_id", "fold", "method", "label", "prob", "path"]
+        atomic_write_csv(run_dir / "oof_tvus_predictions.csv", tvus_rows, fields)
+        for m, tm in tvus["methods"].items():
+            _echo(
+                f"[{m}] {cfg.task.teacher_modality} out-of-fold AUC {_fmt(tm.get('auc'))} over "
+                f"{tm.get('n')} clips (teacher {_fmt(tvus.get('teacher_auc'))})"
+            )
 
     final: dict[str, Any] | None = None
     if cfg.protocol.final_model:
         t1 = time.perf_counter()
         reused = resume and (run_dir / "model" / "metadata.json").is_file()
         final = _final_model(
-            cfg, data, teacher, run_dir, method_metrics, teacher_metrics, shared_encoder, resume
+            cfg, data, teacher, run_dir, method_metrics, teacher_metrics, shared_encoder, resume, tvus
         )
         progress.stage("final", time.perf_counter() - t1, reused)
 
@@ -872,6 +910,8 @@ def _run_units_in_order(
         # stage timings above are sums of the fits' own times, not wall-clock time.
         "fit_processes": spread_info["processes"],
     }
+    if tvus is not None:
+        results["tvus"] = tvus
     # --- reference baselines (endodistill.train.baselines): same folds and statistics, apart from the methods
     if cfg.baselines.enabled:
         from endodistill.train.baselines import run_baselines
@@ -959,36 +999,41 @@ def _final_model(
     teacher_metrics: dict[str, Any],
     shared_encoder: Path | None,
     resume: bool,
+    tvus: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train the full method on all labelled MRI (inner validation split for selection) and save RUN_DIR/model."""
+    """Train the deployed method (``protocol.final_method``, else the full method) on all labelled MRI
+    (inner validation split for selection; a joint method also on all labelled clips) and save RUN_DIR/model."""
     from endodistill.data.splits import inner_val_split
     from endodistill.infer.model_dir import save_model_dir
     from endodistill.train.common import fit_seed, load_weights
     from endodistill.train.finetune import finetune
+    from endodistill.train.joint import is_joint, joint_fit
 
-    m = cfg.protocol.full_method
+    m = cfg.protocol.deployed_method
+    joint = is_joint(cfg, m)
     lab = data.labelled
     train, val = inner_val_split(lab.subjects, lab.labels.tolist(), cfg.finetune.val_fraction, cfg.seed)
     encoder = shared_encoder
     if cfg.protocol.methods[m].init == "mae" and encoder is None:
         encoder = _mae_encoder(cfg, data, run_dir, None, train, resume, _echo)
     t1 = time.perf_counter()
-    info = finetune(
-        cfg,
-        m,
-        data,
-        teacher,
-        {"train": train, "val": val, "test": []},
-        run_dir / "final",
-        fit_seed(cfg.seed, "final"),
-        f"final model {m}",
-        resume,
-        encoder if cfg.protocol.methods[m].init == "mae" else None,
-    )
+    split = {"train": train, "val": val, "test": []}
+    encoder = encoder if cfg.protocol.methods[m].init == "mae" else None
+    seed = fit_seed(cfg.seed, "final")
+    if joint:
+        info = joint_fit(
+            cfg, m, data, split, [], run_dir / "final", seed, f"final model {m}", resume, encoder
+        )
+    else:
+        info = finetune(
+            cfg, m, data, teacher, split, run_dir / "final", seed, f"final model {m}", resume, encoder
+        )
     summary = method_metrics.get(m, {})
-    youden = (summary.get("youden") or {}).get("threshold")
-    threshold = float(youden) if youden is not None and np.isfinite(youden) else 0.5
-    threshold = min(1.0, max(0.0, threshold))
+    threshold = _youden_or_half(summary)
+    extra: dict[str, Any] = {}
+    if joint:
+        tsum = ((tvus or {}).get("methods") or {}).get(m, {})
+        extra["tvus_threshold"] = _youden_or_half(tsum)
     model_dir = run_dir / "model"
     if not (resume and model_dir.is_dir() and (model_dir / "metadata.json").is_file()):
         metrics = {
@@ -1007,9 +1052,17 @@ def _final_model(
                 )
             },
             "teacher_auc": teacher_metrics.get("auc"),
-            "threshold_source": "Youden on out-of-fold predictions" if youden is not None else "default 0.5",
+            "threshold_source": "Youden on out-of-fold predictions"
+            if (summary.get("youden") or {}).get("threshold") is not None
+            else "default 0.5",
             "final_val_auc": info.get("val_auc"),
         }
+        if joint:
+            tsum = ((tvus or {}).get("methods") or {}).get(m, {})
+            metrics["tvus_cross_validation"] = {
+                k: tsum.get(k) for k in ("auc", "auc_ci95", "fold_aucs", "youden", "n")
+            }
+            metrics["tvus_threshold_source"] = "Youden on the clips' out-of-fold predictions"
         save_model_dir(
             model_dir,
             load_weights(run_dir / "final" / "model.safetensors"),
@@ -1017,6 +1070,8 @@ def _final_model(
             threshold,
             metrics,
             fingerprint=data.fingerprint,
+            kind="joint" if joint else "student",
+            **extra,
         )
     _echo(
         f"[final] {m} on {len(train)} + {len(val)} subjects, threshold {threshold:.3f} ({time.perf_counter() - t1:.1f} s)"
@@ -1028,6 +1083,12 @@ def _final_model(
         "best_epoch": info.get("best_epoch"),
         "path": "model",
     }
+
+
+def _youden_or_half(summary: dict[str, Any]) -> float:
+    youden = (summary.get("youden") or {}).get("threshold")
+    threshold = float(youden) if youden is not None and np.isfinite(youden) else 0.5
+    return min(1.0, max(0.0, threshold))
 
 
 def _timings(
@@ -1190,8 +1251,14 @@ def _run_stage(
                 f"method '{method}' starts from the MAE encoder: run `endodistill train pretrain` first",
             )
     t1 = time.perf_counter()
+    from endodistill.train.joint import clip_folds, is_joint, joint_fit
+
     reused = resume and _fit_done(unit)
-    info = finetune(cfg, method, data, teacher, split, unit, seed, where, resume, encoder)
+    if is_joint(cfg, method):
+        clip_test = [] if fold is None else clip_folds(cfg, data)[fold]
+        info = joint_fit(cfg, method, data, split, clip_test, unit, seed, where, resume, encoder)
+    else:
+        info = finetune(cfg, method, data, teacher, split, unit, seed, where, resume, encoder)
     _echo(f"[{where}] {_fit_result(info, time.perf_counter() - t1, reused)}")
     return info
 

@@ -176,7 +176,7 @@ def _ci_text(auc: Any, ci: Any) -> str:
 
 
 def _diagnostic_lines(results: Mapping[str, Any]) -> list[str]:
-    """One line each for the MAE probe and the teacher's CV AUC, when ``results.json`` holds them."""
+    """One line each for the MAE probe, the teacher's CV AUC and the joint models' TVUS AUC, when present."""
     lines = []
     mae = results.get("mae")
     if isinstance(mae, Mapping) and _num(mae.get("probe_auc")) is not None:
@@ -193,6 +193,17 @@ def _diagnostic_lines(results: Mapping[str, Any]) -> list[str]:
         if isinstance(clip, Mapping) and _num(clip.get("auc")) is not None:
             line += "; simple clip baseline " + _ci_text(clip.get("auc"), clip.get("auc_ci95"))
         lines.append(line)
+    tvus = results.get("tvus")
+    if isinstance(tvus, Mapping):
+        tests = {c.get("method_a"): c for c in tvus.get("comparisons") or [] if isinstance(c, Mapping)}
+        for m, tm in (tvus.get("methods") or {}).items():
+            line = f"Joint model {m} on TVUS clips (out-of-fold, {tm.get('n')} clips) AUC " + _ci_text(
+                tm.get("auc"), tm.get("auc_ci95")
+            )
+            c = tests.get(m)
+            if isinstance(c, Mapping) and _num(c.get("p")) is not None:
+                line += f"; vs the teacher on the same {c.get('n')} clips: DeLong p = {float(c['p']):.3g}"
+            lines.append(line)
     return lines
 
 

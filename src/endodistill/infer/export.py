@@ -2,7 +2,12 @@
 
 ONNX (``fmt="onnx"``): the student, input ``image`` ``(B, 1, *cfg.mri.size)`` float32 (the output of
 ``preprocess_volume``), two outputs: ``logits`` ``(B, K)`` and ``probabilities`` ``(B, K)`` (softmax of the
-logits), with a dynamic batch axis. Exported with PyTorch's TorchScript-based exporter (``dynamo=False``,
+logits), with a dynamic batch axis. A joint model (``kind: joint``) has two inputs, ``image`` and ``clip``
+``(C, 1, T, H, W)`` (``preprocess_clip`` + ``sample_frames``, in [0, 1]), each with its own batch axis,
+and four outputs: ``logits`` / ``probabilities`` of the images and ``clip_logits`` / ``clip_probabilities``
+of the clips. Each batch must hold at least one case (MONAI's attention reshapes cannot take an empty
+batch in onnxruntime): a caller with one modality passes one zero-filled case of the other and ignores its
+outputs. Exported with PyTorch's TorchScript-based exporter (``dynamo=False``,
 opset 17): the dynamo exporter needs ``onnxscript``, which endodistill does not depend on. The file is
 kept only if onnxruntime reproduces PyTorch within 1e-4 on random batches of 1 and 3 and on a preprocessed
 volume (a real one when ``sample`` is given, otherwise a synthetic phantom through the real pipeline).
@@ -42,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 import endodistill
+from endodistill.config import clip_input_shape
 from endodistill.errors import InputError
 from endodistill.infer.model_dir import LoadedModel, _swap_into_place, load_model_dir
 from endodistill.utils import atomic_path
@@ -100,10 +106,9 @@ def export_model(model_dir: str | Path, fmt: str, out: str | Path, sample: str |
         raise InputError(fmt, f"unknown export format (choose {' or '.join(FORMATS)})")
     lm = load_model_dir(model_dir)
     out = Path(out)
-    if lm.kind == "teacher" and fmt != "onnx":
-        raise InputError(
-            model_dir, "a TVUS teacher exports to onnx only (a MONAI bundle holds the MRI model)"
-        )
+    if lm.kind in ("teacher", "joint") and fmt != "onnx":
+        what = "a TVUS teacher" if lm.kind == "teacher" else "a joint model"
+        raise InputError(model_dir, f"{what} exports to onnx only (a MONAI bundle holds the MRI model)")
     with tempfile.TemporaryDirectory(prefix="endodistill-export-") as tmp:
         if sample is not None:
             volume = Path(sample)
@@ -111,6 +116,9 @@ def export_model(model_dir: str | Path, fmt: str, out: str | Path, sample: str |
             volume = _phantom_clip(Path(tmp) / "phantom.npy")
         else:
             volume = _phantom_nifti(Path(tmp) / "phantom.nii.gz", lm)
+        if fmt == "onnx" and lm.kind == "joint":
+            diff = export_joint_onnx(lm, out, Path(tmp), Path(sample) if sample is not None else None)
+            return f"wrote {out} (ONNX opset {OPSET}, inputs image and clip; max |onnxruntime - torch| = {diff:.2e})"
         if fmt == "onnx":
             diff = export_onnx(lm, out, volume)
             return f"wrote {out} (ONNX opset {OPSET}; max |onnxruntime - torch| = {diff:.2e})"
@@ -167,11 +175,7 @@ def _preprocessed(lm: LoadedModel, sample: Path) -> np.ndarray:
 def _input_shape(lm: LoadedModel) -> tuple[int, ...]:
     """One input without the batch axis: ``(1, D, H, W)`` volumes or ``(1, T, H, W)`` clips."""
     if lm.kind == "teacher":
-        from endodistill.train.teacher import teacher_in_channels
-
-        t = lm.cfg.teacher
-        grid = t.flow_size if t.motion == "flow" and t.flow_size is not None else lm.cfg.tvus.size
-        return (teacher_in_channels(lm.cfg), lm.cfg.tvus.frames, *grid)
+        return clip_input_shape(lm.cfg)
     return (1, *lm.cfg.mri.size)
 
 
@@ -263,6 +267,138 @@ def export_onnx(lm: LoadedModel, out: Path, volume: Path) -> float:
                 if r.shape != g.shape:
                     raise ExportValidationError(out, f"{what} shape {g.shape} != torch {r.shape} on {name}")
                 d = float(np.max(np.abs(r - g)))
+                worst = max(worst, d)
+                if not d <= TOLERANCE:
+                    raise ExportValidationError(
+                        out, f"onnxruntime {what} differ from PyTorch by {d:.2e} on {name} (> {TOLERANCE})"
+                    )
+    return worst
+
+
+def _joint_samples(lm: LoadedModel, tmp: Path, sample: Path | None) -> tuple[np.ndarray, np.ndarray]:
+    """One preprocessed volume ``(1, 1, ...)`` and one clip ``(1, 1, T, H, W)`` for a joint model's checks.
+
+    ``sample`` replaces the phantom of its own modality (a clip file or frame folder, else a volume).
+    """
+    from endodistill.data.mri import load_volume
+    from endodistill.data.preprocess import preprocess_volume
+    from endodistill.data.video import load_clip
+    from endodistill.infer.predict import _joint_modality
+    from endodistill.infer.teacher_model import clip_input
+
+    vol_path, clip_path = _phantom_nifti(tmp / "phantom.nii.gz", lm), _phantom_clip(tmp / "phantom.npy")
+    if sample is not None:
+        if _joint_modality(sample, lm.cfg) == lm.cfg.task.teacher_modality:
+            clip_path = sample
+        else:
+            vol_path = sample
+    arr, _ = preprocess_volume(load_volume(vol_path), lm.cfg.mri)
+    clip = load_clip(clip_path, max_frames=lm.cfg.tvus.max_source_frames)
+    return arr[None].astype(np.float32), clip_input(clip.frames, clip.fps, lm.cfg)[1][None]
+
+
+def export_joint_onnx(lm: LoadedModel, out: Path, tmp: Path, sample: Path | None = None) -> float:
+    """Write a joint model as one ONNX graph with inputs ``image`` and ``clip`` after checking onnxruntime.
+
+    Validated on (image, clip) batches of (1, 1), (3, 2), (1, 4) and a preprocessed volume with a
+    preprocessed clip (phantoms, or ``sample`` for its modality): every output within 1e-4 of PyTorch.
+
+    Returns:
+        The largest absolute difference over all validation inputs and outputs.
+    """
+    import onnx
+    import onnxruntime as ort
+    import torch
+    from torch import nn
+
+    from endodistill.infer.model_dir import arch_summary
+
+    class _Both(nn.Module):
+        def __init__(self, net: nn.Module) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, image: torch.Tensor, clip: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            a = self.net(image)
+            b = self.net.forward_clip(clip)
+            return a, torch.softmax(a, dim=1), b, torch.softmax(b, dim=1)
+
+    wrapper = _Both(lm.model).eval()
+    vshape = (1, *lm.cfg.mri.size)
+    cshape = clip_input_shape(lm.cfg)
+    gen = torch.Generator().manual_seed(0)
+    vol, clip = _joint_samples(lm, tmp, sample)
+    inputs = {
+        f"random batches {a}+{b}": (
+            torch.randn(a, *vshape, generator=gen),
+            torch.rand(b, *cshape, generator=gen),
+        )
+        for a, b in ((1, 1), (3, 2), (1, 4))
+    }
+    inputs["preprocessed volume and clip"] = (torch.from_numpy(vol), torch.from_numpy(clip))
+    names = ["logits", "probabilities", "clip_logits", "clip_probabilities"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp_file:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                wrapper,
+                (torch.zeros(2, *vshape), torch.zeros(2, *cshape)),
+                str(tmp_file),
+                dynamo=False,
+                opset_version=OPSET,
+                input_names=["image", "clip"],
+                output_names=names,
+                dynamic_axes={
+                    "image": {0: "batch"},
+                    "logits": {0: "batch"},
+                    "probabilities": {0: "batch"},
+                    "clip": {0: "clip_batch"},
+                    "clip_logits": {0: "clip_batch"},
+                    "clip_probabilities": {0: "clip_batch"},
+                },
+                do_constant_folding=True,
+            )
+        proto = onnx.load(str(tmp_file))
+        onnx.checker.check_model(proto)
+        meta = {
+            "name": lm.name,
+            "endodistill_version": lm.version,
+            "weights_sha256": lm.weights_sha256,
+            "threshold": repr(lm.threshold),
+            "tvus_threshold": repr(lm.tvus_threshold),
+            "class_names": json.dumps(list(lm.cfg.task.class_names)),
+            "positive_class": str(lm.cfg.task.positive_class),
+            "kind": lm.kind,
+            "arch": json.dumps(arch_summary(lm.cfg, "joint"), sort_keys=True),
+            "input": f"image (B, {', '.join(map(str, vshape))}) float32 from endodistill preprocess_volume; "
+            f"clip (C, {', '.join(map(str, cshape))}) float32 from preprocess_clip + sample_frames "
+            "(frames in [0, 1]); each batch >= 1",
+            "outputs": "logits, probabilities (B, K) of the images; clip_logits, clip_probabilities (C, K)",
+        }
+        for k, v in meta.items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = k, v
+        proto.producer_name, proto.producer_version = "endodistill", endodistill.__version__
+        onnx.save(proto, str(tmp_file))
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        opts.inter_op_num_threads = 1
+        sess = ort.InferenceSession(str(tmp_file), opts, providers=["CPUExecutionProvider"])
+        worst = 0.0
+        for name, (xv, xc) in inputs.items():
+            with torch.inference_mode():
+                ref = [t.numpy() for t in wrapper(xv, xc)]
+            try:
+                got = sess.run(None, {"image": xv.numpy(), "clip": xc.numpy()})
+            except Exception as e:  # onnxruntime raises its own exception types
+                raise ExportValidationError(
+                    out, f"onnxruntime failed on {name}: {type(e).__name__}"
+                ) from None
+            for r, g, what in zip(ref, got, names):
+                if r.shape != g.shape:
+                    raise ExportValidationError(out, f"{what} shape {g.shape} != torch {r.shape} on {name}")
+                d = float(np.max(np.abs(r - g))) if r.size else 0.0
                 worst = max(worst, d)
                 if not d <= TOLERANCE:
                     raise ExportValidationError(

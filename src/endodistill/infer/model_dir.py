@@ -4,7 +4,8 @@ Layout of ``MODEL_DIR`` (written by :func:`save_model_dir`, read by :func:`load_
 
     model.safetensors   weights (safetensors: a JSON header and raw tensors, nothing executable)
     config.yaml         the resolved run config (``endodistill.config.dump_config``)
-    metadata.json       kind (``student``: the MRI model, ``teacher``: the TVUS model), name, version,
+    metadata.json       kind (``student``: the MRI model, ``teacher``: the TVUS model, ``joint``: one model
+                        of both, :mod:`endodistill.models.joint`, with ``tvus_threshold``), name, version,
                         creation time, architecture summary, preprocessing, threshold, metrics and the
                         SHA-256 of model.safetensors
     fingerprint.json    what the training data looked like (``endodistill.data.fingerprint``); optional
@@ -42,7 +43,7 @@ METADATA_FILE = "metadata.json"
 FORMAT = "endodistill-model-dir"
 FORMAT_VERSION = 1
 FINGERPRINT_FILE = "fingerprint.json"
-KINDS = ("student", "teacher")
+KINDS = ("student", "teacher", "joint")
 _MAX_MEMBERS = 32  # networks in a teacher ensemble: a CV has 5-10 folds; refuses absurd metadata first
 
 # Files whose loading would run the pickle machinery: refused by name, never opened.
@@ -63,7 +64,7 @@ class LoadedModel:
         metadata: the content of metadata.json.
         weights_sha256: SHA-256 of model.safetensors (checked against metadata.json).
         path: the model directory.
-        kind: ``student`` (MRI volumes) or ``teacher`` (TVUS clips).
+        kind: ``student`` (MRI volumes), ``teacher`` (TVUS clips) or ``joint`` (both).
         fingerprint: the training data's fingerprint, None for directories written without one.
     """
 
@@ -85,6 +86,11 @@ class LoadedModel:
     def version(self) -> str:
         """endodistill version that wrote the model directory."""
         return str(self.metadata.get("version", ""))
+
+    @property
+    def tvus_threshold(self) -> float:
+        """A joint model's decision threshold for clips (its ``threshold`` is the MRI one)."""
+        return float(self.metadata.get("tvus_threshold", self.threshold))
 
     def identity(self) -> dict[str, str]:
         """Name, version and weights hash: what every prediction records about the model."""
@@ -122,6 +128,37 @@ def arch_summary(cfg: Config, kind: str = "student", members: int = 1) -> dict[s
             "positive_class": cfg.task.positive_class,
         }
     s = cfg.student
+    if kind == "joint":
+        from endodistill.config import clip_input_shape, joint_clip_frames
+
+        j = cfg.joint
+        return {
+            "network": "endodistill.models.joint.JointViT",
+            "in_channels": 1,
+            "input_size": [int(v) for v in cfg.mri.size],
+            "patch_size": [int(v) for v in s.patch_size],
+            "clip_frames": cfg.tvus.frames,
+            "clip_input": [int(v) for v in clip_input_shape(cfg)],
+            "clip_tubelet": [
+                int(j.tubelet_frames or joint_clip_frames(cfg)),
+                *[int(v) for v in j.clip_patch],
+            ],
+            "motion_input": cfg.teacher.motion_input,
+            "motion": cfg.teacher.motion,
+            "motion_norm": cfg.teacher.motion_norm,
+            "hidden_size": s.hidden_size,
+            "mlp_dim": s.mlp_dim,
+            "num_layers": s.num_layers,
+            "num_heads": s.num_heads,
+            "qkv_bias": s.qkv_bias,
+            "dropout": s.dropout,
+            "stem": s.stem,
+            "stem_width": s.stem_width,
+            "pool": j.pool,
+            "num_classes": cfg.task.num_classes,
+            "class_names": list(cfg.task.class_names),
+            "positive_class": cfg.task.positive_class,
+        }
     plain = s.stem == "linear" and s.pool == "cls"
     return {
         "network": "monai.networks.nets.ViT" if plain else "endodistill.models.student.StudentViT",
@@ -148,6 +185,10 @@ def _build(cfg: Config, kind: str = "student", members: int = 1) -> nn.Module:
         from endodistill.infer.teacher_model import build_teacher_ensemble
 
         return build_teacher_ensemble(cfg, members)
+    if kind == "joint":
+        from endodistill.models.joint import build_joint
+
+        return build_joint(cfg)
     from endodistill.models.student import build_student
 
     return build_student(cfg)
@@ -190,6 +231,7 @@ def save_model_dir(
     kind: str = "student",
     members: int = 1,
     fingerprint: Mapping[str, Any] | None = None,
+    tvus_threshold: float | None = None,
 ) -> Path:
     """Write a deployable model directory atomically (a staging folder renamed into place).
 
@@ -203,9 +245,11 @@ def save_model_dir(
         threshold: decision threshold on the positive-class probability, in [0, 1].
         metrics: evaluation figures to record (JSON-serialisable).
         name: model name recorded in metadata.json and in every prediction.
-        kind: ``student`` (the MRI student) or ``teacher`` (a TVUS teacher ensemble).
+        kind: ``student`` (the MRI student), ``teacher`` (a TVUS teacher ensemble) or ``joint`` (the joint
+            model of MRI and TVUS; ``threshold`` is its MRI threshold).
         members: networks in a teacher ensemble (state keys ``members.<i>.``).
         fingerprint: the training data's fingerprint, written as fingerprint.json.
+        tvus_threshold: a joint model's threshold for clips (default: ``threshold``).
 
     Returns:
         The model directory.
@@ -239,16 +283,29 @@ def save_model_dir(
         "version": endodistill.__version__,
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "task": "pouch of Douglas obliteration from "
-        + ("pelvic MRI" if kind == "student" else "transvaginal ultrasound clips")
+        + {
+            "student": "pelvic MRI",
+            "teacher": "transvaginal ultrasound clips",
+            "joint": "pelvic MRI or transvaginal ultrasound clips (one model)",
+        }[kind]
         + " (arXiv 2307.02000)",
         "arch": arch_summary(cfg, kind, members),
-        "preprocessing": (cfg.mri if kind == "student" else cfg.tvus).model_dump(mode="json"),
+        "preprocessing": (
+            {"mri": cfg.mri.model_dump(mode="json"), "tvus": cfg.tvus.model_dump(mode="json")}
+            if kind == "joint"
+            else (cfg.mri if kind == "student" else cfg.tvus).model_dump(mode="json")
+        ),
         "threshold": threshold,
         "metrics": json.loads(json.dumps(dict(metrics), default=_json_default)),
         "weights_file": WEIGHTS_FILE,
         "weights_sha256": digest,
         "torch_version": torch.__version__,
     }
+    if kind == "joint":
+        t2 = threshold if tvus_threshold is None else float(tvus_threshold)
+        if not 0.0 <= t2 <= 1.0:
+            raise ValueError(f"tvus_threshold must be in [0, 1], got {t2}")
+        metadata["tvus_threshold"] = t2
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".staging", dir=out_dir.parent))
     os.chmod(staging, 0o755)  # mkdtemp makes it 0700; a model directory is meant to be shared
@@ -347,6 +404,9 @@ def _read_metadata(path: Path) -> dict[str, Any]:
     thr = meta["threshold"]
     if not isinstance(thr, int | float) or isinstance(thr, bool) or not 0.0 <= float(thr) <= 1.0:
         raise InputError(meta_path, f"'threshold' must be a number in [0, 1], got {thr!r}")
+    t2 = meta.get("tvus_threshold", 0.5)
+    if not isinstance(t2, int | float) or isinstance(t2, bool) or not 0.0 <= float(t2) <= 1.0:
+        raise InputError(meta_path, f"'tvus_threshold' must be a number in [0, 1], got {t2!r}")
     if not isinstance(meta["arch"], dict):
         raise InputError(meta_path, "'arch' must be an object")
     if model_kind(meta) not in KINDS:

@@ -11,6 +11,10 @@ an explanation.
 - A TVUS teacher (``RUN_DIR/teacher_model``) takes video files (mp4/avi/mov/...), DICOM cines, folders of
   PNG frames, folders of such clips, or a manifest's TVUS rows; its explanation is an occlusion map drawn
   over a few frames (:mod:`endodistill.infer.teacher_model`).
+- A joint model (``kind: joint``, :mod:`endodistill.models.joint`) takes both: each case goes through the
+  MRI path or the clip path by what it is (volume files and MRI DICOM series: MRI; video, ``.npy``, PNG
+  frame folders and ultrasound DICOM (Modality US): clip; a manifest's rows by their modality), with that
+  path's threshold and explanation; the ``modality`` column of predictions.csv says which path was used.
 
 Outputs (each file written atomically)::
 
@@ -41,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 import endodistill
+from endodistill.config import clip_input_shape
 from endodistill.data.mri import VOLUME_SUFFIXES
 from endodistill.errors import EndodistillError, InputError
 from endodistill.infer.model_dir import LoadedModel, load_model_dir, model_kind, read_model_dir_config
@@ -91,6 +96,7 @@ class Case:
     case_id: str
     path: Path
     series_uid: str | None = None
+    modality: str = ""  # a joint model's path for the case (the task's student or teacher modality)
 
 
 @dataclass
@@ -209,6 +215,84 @@ def _expand_clips(inputs: Sequence[str | Path], cfg: Config, skip: Path | None) 
     return cases
 
 
+def _dicom_is_ultrasound(f: Path) -> bool:
+    """Whether a DICOM file's Modality is US (read without pixel data; the tag is not recorded anywhere)."""
+    try:
+        import pydicom
+
+        ds = pydicom.dcmread(str(f), stop_before_pixels=True, specific_tags=["Modality"])
+    except Exception:
+        return False
+    return str(getattr(ds, "Modality", "")).upper() == "US"
+
+
+def _first_dicom(folder: Path) -> Path | None:
+    for f in sorted(folder.iterdir()):
+        if f.is_file() and not f.name.startswith(".") and _looks_dicom(f):
+            return f
+    return None
+
+
+def _joint_modality(p: Path, cfg: Config) -> str | None:
+    """Which path of a joint model takes ``p`` as one case (None: ``p`` is a folder of cases or nothing)."""
+    mri, tvus = cfg.task.student_modality, cfg.task.teacher_modality
+    if p.is_file():
+        if p.name.lower().endswith(VOLUME_SUFFIXES):
+            return mri
+        if _looks_dicom(p):
+            return tvus if _dicom_is_ultrasound(p) else mri
+        return tvus if _is_clip_file(p) else None
+    if _is_frame_folder(p):
+        return tvus
+    first = _first_dicom(p) if p.is_dir() else None
+    if first is not None and not _dicom_is_ultrasound(first):
+        return mri  # a DICOM series folder (a folder of ultrasound DICOM files is a folder of clips)
+    return None
+
+
+def _expand_joint(inputs: Sequence[str | Path], cfg: Config, skip: Path | None) -> list[Case]:
+    """A joint model's cases: volumes, MRI series, clips, folders of any of them, manifests of both."""
+    cases: list[Case] = []
+    for raw in inputs:
+        p = Path(raw)
+        if not p.exists():
+            raise InputError(p, "no such file or folder")
+        if p.is_file() and p.suffix.lower() == ".csv":
+            for modality in (cfg.task.student_modality, cfg.task.teacher_modality):
+                try:
+                    found = _manifest_cases(p, cfg, modality)
+                except InputError:
+                    continue  # no rows of this modality
+                cases.extend(Case(c.case_id, c.path, c.series_uid, modality) for c in found)
+            if not any(c.path for c in cases):
+                raise InputError(p, "no rows of either modality to predict")
+            continue
+        modality = _joint_modality(p, cfg)
+        if modality is not None:
+            stem = _stem(p) if modality == cfg.task.student_modality and p.is_file() else _clip_stem(p)
+            cases.append(Case(_safe_id(stem), p, modality=modality))
+            continue
+        if not p.is_dir():
+            raise InputError(p, "neither an MRI volume nor a TVUS clip")
+        found = []
+        for child in sorted(p.iterdir()):
+            if child.name.startswith(".") or (skip is not None and child.resolve() == skip):
+                continue
+            if child.is_dir() and not _is_frame_folder(child):
+                m = cfg.task.student_modality if _has_dicom(child, recursive=True) else None
+            else:
+                m = _joint_modality(child, cfg)
+            if m is None:
+                log.debug("%s: not a case, ignored", child)
+                continue
+            stem = _stem(child) if m == cfg.task.student_modality and child.is_file() else _clip_stem(child)
+            found.append(Case(_safe_id(stem), child, modality=m))
+        if not found:
+            raise InputError(p, "no MRI volume, MRI series or TVUS clip in this folder")
+        cases.extend(found)
+    return cases
+
+
 def expand_inputs(
     inputs: Sequence[str | Path], cfg: Config, out_dir: Path | None = None, kind: str = "student"
 ) -> list[Case]:
@@ -218,7 +302,8 @@ def expand_inputs(
     folder that directly holds DICOM files is one series; any other folder is a folder of cases (each
     volume file, e.g. NIfTI/MGZ/MINC/NRRD, and each subfolder holding DICOM is a case; other files are
     ignored); any other file is one case. For a TVUS teacher (``kind="teacher"``): a manifest's
-    teacher-modality rows, a clip file, a folder of PNG frames (one clip), or a folder of those.
+    teacher-modality rows, a clip file, a folder of PNG frames (one clip), or a folder of those. For a
+    joint model (``kind="joint"``) any of these, each case tagged with its modality (``Case.modality``).
 
     Args:
         inputs: paths given by the user.
@@ -233,8 +318,11 @@ def expand_inputs(
         InputError: an input that does not exist, a folder with no case, or a bad manifest.
     """
     skip = out_dir.resolve() if out_dir is not None else None
-    cases: list[Case] = _expand_clips(inputs, cfg, skip) if kind == "teacher" else []
-    for raw in inputs if kind != "teacher" else []:
+    if kind == "joint":
+        cases = _expand_joint(inputs, cfg, skip)
+    else:
+        cases = _expand_clips(inputs, cfg, skip) if kind == "teacher" else []
+    for raw in inputs if kind == "student" else []:
         p = Path(raw)
         if not p.exists():
             raise InputError(p, "no such file or folder")
@@ -482,7 +570,8 @@ def predict_clip(
         lm.fingerprint, lm.cfg.task.teacher_modality, clip_stats(clip.frames, clip.fps, grey)
     )
     t = time.perf_counter()
-    probs = forward_probabilities(lm.model, x)
+    model = _clip_model(lm)
+    probs = forward_probabilities(model, x)
     res.timings["forward"] = time.perf_counter() - t
     pos = lm.cfg.task.positive_class
     res.probabilities = [float(p) for p in probs]
@@ -493,22 +582,48 @@ def predict_clip(
         "fps": round(float(clip.fps), 4),
         "size": [int(clip.frames.shape[1]), int(clip.frames.shape[2])],
     }
+    threshold = _threshold(lm, res)
     if heatmap:
         t = time.perf_counter()
-        heat = occlusion_map(lm.model, x, pos)
+        heat = occlusion_map(model, x, pos)
         res.timings["heatmap"] = time.perf_counter() - t
         if out_dir is not None:
             t = time.perf_counter()
-            positive = res.probability >= lm.threshold
+            positive = res.probability >= threshold
             title = (
                 f"{case.case_id}: P({lm.cfg.task.class_names[pos]}) = {res.probability:.3f} -> "
-                f"{_decision_label(lm, positive)} (threshold {lm.threshold:.3f})"
+                f"{_decision_label(lm, positive)} (threshold {threshold:.3f})"
             )
             png = out_dir / "heatmaps" / f"{case.case_id}_occlusion.png"
             atomic_write_bytes(png, clip_png_bytes(grey, heat, title))
             res.info["heatmap_png"] = png.relative_to(out_dir).as_posix()
             res.timings["write"] = time.perf_counter() - t
     return res
+
+
+def _clip_model(lm: LoadedModel) -> torch.nn.Module:
+    """The network that maps a clip to logits: the teacher itself, or a joint model's clip path."""
+    if lm.kind == "joint":
+        from endodistill.models.joint import ClipPath
+
+        return ClipPath(lm.model).eval()  # type: ignore[arg-type]
+    return lm.model
+
+
+def _threshold(lm: LoadedModel, r: CaseResult) -> float:
+    """The decision threshold of a case (a joint model has one per modality)."""
+    if lm.kind == "joint" and r.case.modality == lm.cfg.task.teacher_modality:
+        return lm.tvus_threshold
+    return lm.threshold
+
+
+def _predict_joint(
+    lm: LoadedModel, case: Case, out_dir: Path | None, heatmap: bool = True, hash_input: bool = True
+) -> CaseResult:
+    """A joint model's case through its MRI path (:func:`predict_one`) or its clip path (:func:`predict_clip`)."""
+    if case.modality == lm.cfg.task.teacher_modality:
+        return predict_clip(lm, case, out_dir, heatmap, hash_input)
+    return predict_one(lm, case, out_dir, heatmap, hash_input)
 
 
 # ------------------------------------------------------------------------------------------- runs
@@ -518,7 +633,8 @@ def _row(lm: LoadedModel, r: CaseResult) -> dict[str, Any]:
     from endodistill.data.fingerprint import synthetic_note
 
     ok = not r.error
-    positive = ok and r.probability is not None and r.probability >= lm.threshold
+    threshold = _threshold(lm, r)
+    positive = ok and r.probability is not None and r.probability >= threshold
     row: dict[str, Any] = {
         "case_id": r.case.case_id,
         "input": str(r.case.path),
@@ -527,7 +643,7 @@ def _row(lm: LoadedModel, r: CaseResult) -> dict[str, Any]:
         "probability": r.probability if ok else None,
         "decision": (1 if positive else 0) if ok else None,
         "decision_label": _decision_label(lm, positive) if ok else None,
-        "threshold": lm.threshold,
+        "threshold": threshold,
         "warnings": "; ".join(r.warnings) or None,
         "notes": synthetic_note(lm.fingerprint) or None,
         **lm.identity(),
@@ -535,15 +651,17 @@ def _row(lm: LoadedModel, r: CaseResult) -> dict[str, Any]:
         "heatmap_png": r.info.get("heatmap_png"),
         "error": r.error or None,
     }
+    if lm.kind == "joint":
+        row["modality"] = r.case.modality
     return row
 
 
-def _csv_text(rows: list[dict[str, Any]]) -> str:
+def _csv_text(rows: list[dict[str, Any]], columns: Sequence[str] = CSV_COLUMNS) -> str:
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(CSV_COLUMNS), lineterminator="\n", extrasaction="ignore")
+    w = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n", extrasaction="ignore")
     w.writeheader()
     for row in rows:
-        w.writerow({k: ("" if row.get(k) is None else row[k]) for k in CSV_COLUMNS})
+        w.writerow({k: ("" if row.get(k) is None else row[k]) for k in columns})
     return buf.getvalue()
 
 
@@ -590,7 +708,7 @@ def predict_cases(
     kind = model_kind(meta)
     cases = expand_inputs(inputs, cfg, out_dir=out, kind=kind)
     lm = load_model_dir(model_dir)
-    one = predict_clip if kind == "teacher" else predict_one
+    one = {"teacher": predict_clip, "joint": _predict_joint}.get(kind, predict_one)
     if out.exists() and not out.is_dir():
         raise InputError(out, "output path exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
@@ -633,15 +751,25 @@ def predict_cases(
         "model": {
             **lm.identity(),
             "kind": kind,
-            "modality": lm.cfg.task.teacher_modality if kind == "teacher" else lm.cfg.task.student_modality,
+            "modality": {"teacher": lm.cfg.task.teacher_modality, "joint": "both"}.get(
+                kind, lm.cfg.task.student_modality
+            ),
             "threshold": lm.threshold,
+            **({"tvus_threshold": lm.tvus_threshold} if kind == "joint" else {}),
             "positive_class": lm.cfg.task.class_names[lm.cfg.task.positive_class],
             "class_names": list(lm.cfg.task.class_names),
             "input_size": list(lm.cfg.tvus.size if kind == "teacher" else lm.cfg.mri.size),
+            **({"clip_input": list(clip_input_shape(lm.cfg))} if kind == "joint" else {}),
             "fingerprint": lm.fingerprint is not None,
         },
         "strict": strict,
-        "heatmap_method": (OCCLUSION_METHOD if kind == "teacher" else HEATMAP_METHOD) if heatmap else None,
+        "heatmap_method": (
+            {"teacher": OCCLUSION_METHOD, "joint": f"MRI: {HEATMAP_METHOD}; clips: {OCCLUSION_METHOD}"}.get(
+                kind, HEATMAP_METHOD
+            )
+            if heatmap
+            else None
+        ),
         "n_cases": len(results),
         "n_failed": n_failed,
         "cases": [
@@ -654,7 +782,8 @@ def predict_cases(
             for row, r in zip(rows, results)
         ],
     }
-    atomic_write_text(out / "predictions.csv", _csv_text(rows))
+    columns = (*CSV_COLUMNS, "modality") if kind == "joint" else CSV_COLUMNS
+    atomic_write_text(out / "predictions.csv", _csv_text(rows, columns))
     atomic_write_json(out / "predictions.json", report)
     log.info(
         "predicted %d case(s), %d failed -> %s", len(results) - n_failed, n_failed, out / "predictions.csv"

@@ -441,7 +441,10 @@ def mae_encoder_state(mae: MAE) -> dict[str, Tensor]:
 
 
 def load_mae_encoder(
-    student: StudentViT, mae_state: Mapping[str, Tensor], source: str | Path | None = None
+    student: StudentViT,
+    mae_state: Mapping[str, Tensor],
+    source: str | Path | None = None,
+    skip: tuple[str, ...] = ("classification_head.",),
 ) -> None:
     """Load MAE encoder weights into ``student`` (everything but its classification head), strictly.
 
@@ -450,6 +453,7 @@ def load_mae_encoder(
         mae_state: :func:`mae_encoder_state` output (ViT key names) or a raw MAE state dict (mapped with
             :func:`encoder_state_from_mae_state`).
         source: where the weights came from, named in errors (e.g. ``encoder.safetensors``).
+        skip: prefixes of the student's own keys that the MAE does not provide (kept as they are).
 
     Raises:
         InputError: a missing or unexpected key, or a shape mismatch (the first one is named): the MAE and
@@ -463,7 +467,7 @@ def load_mae_encoder(
         except ValueError as e:
             raise InputError(where, str(e)) from None
     own = student.state_dict()
-    expected = {k for k in own if not k.startswith("classification_head.")}
+    expected = {k for k in own if not k.startswith(skip)}
     missing = sorted(expected - state.keys())
     unexpected = sorted(state.keys() - expected)
     if missing:
