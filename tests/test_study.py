@@ -163,6 +163,10 @@ def test_grid_study_end_to_end_shares_the_teacher(grid_study: tuple[Path, dict])
     (comp,) = study["comparisons"]
     assert comp["method_a"] == "pool_fraction-0.5" and comp["method_b"] == "pool_fraction-1.0"
     assert comp["n"] == study["n_subjects"] == 24 and "mcnemar" in comp
+    lo, hi = comp["diff_ci95"]
+    assert lo == pytest.approx(comp["diff"] - 1.96 * comp["se"]) and hi == pytest.approx(
+        comp["diff"] + 1.96 * comp["se"]
+    )
     html = (out / "study.html").read_text()
     assert "data:image/png;base64," in html and "<script" not in html and 'src="http' not in html
     assert "pool_fraction-0.5" in (out / "study.md").read_text()

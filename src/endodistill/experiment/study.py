@@ -528,6 +528,9 @@ def summarise_study(
     ordered = [r for n in names for r in rows if r["method"] == n]
     # full="": only the settings against the reference (no second family of full-vs-others pairs).
     comps = nan_to_none(compare_methods(ordered, reference=plan.reference, full=""))
+    for c in comps:  # the size of each difference with its CI (DeLong's SE of the paired difference)
+        ok = c.get("se") is not None and c.get("diff") is not None
+        c["diff_ci95"] = [c["diff"] - 1.96 * c["se"], c["diff"] + 1.96 * c["se"]] if ok else [None, None]
     ses = [c["se"] for c in comps if c.get("se")]
     mde = round(2.8 * float(np.median(ses)), 4) if ses else None
     n_subj = len({r["subject_id"] for r in rows})
@@ -636,7 +639,7 @@ def _table_rows(r: StudyResult) -> tuple[list[str], list[list[str]]]:
         "AUC",
         "95% CI",
         "fold mean ± SD",
-        "Δ vs ref",
+        "Δ vs ref [95% CI]",
         "DeLong p (Holm)",
         "McNemar p (Holm)",
     ]
@@ -651,7 +654,9 @@ def _table_rows(r: StudyResult) -> tuple[list[str], list[list[str]]]:
                 fmt_auc(s.auc),
                 f"[{fmt_auc(s.auc_ci95[0])}, {fmt_auc(s.auc_ci95[1])}]",
                 f"{fmt_auc(s.fold_auc_mean)} ± {fmt_auc(s.fold_auc_std)}",
-                "reference" if c is None else f"{c['diff']:+.3f}",
+                "reference"
+                if c is None
+                else f"{c['diff']:+.3f} [{fmt_auc(c['diff_ci95'][0])}, {fmt_auc(c['diff_ci95'][1])}]",
                 "" if c is None else f"{fmt_p(c['p'])} ({fmt_p(c['p_adjusted'])})",
                 "" if not mc else f"{fmt_p(mc.get('p'))} ({fmt_p(mc.get('p_adjusted'))})",
             ]
