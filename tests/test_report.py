@@ -261,6 +261,10 @@ def test_report_shows_baselines_and_diagnostics_apart_from_the_methods(tmp_path:
     assert "<td>logreg (baseline)</td>" in folds
     comps = text.split('<h2 id="comparisons">')[1].split("</section>")[0]
     assert "Full method vs reference baselines" in comps and "<td>logreg</td>" in comps
+    # McNemar's test beside DeLong's, from the same comparisons of results.json.
+    assert "McNemar p adjusted" in comps
+    mc = results["comparisons"][0]["mcnemar"]
+    assert f"<td>{mc['a_only']} / {mc['b_only']}</td>" in comps
     # No raw floats anywhere in the rendered tables and sentences (the config YAML aside).
     body = text.split('<h2 id="config">')[0]
     assert not re.search(r"(?<![\d.])\d\.\d{5,}", re.sub(r'src="data:[^"]+"', "", body))

@@ -860,8 +860,14 @@ def _versions(results: Mapping[str, Any], run_dir: Path) -> Mapping[str, Any]:
 
 def _comparisons_rows(comps: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[str]]]:
     headers = ["A", "B", "AUC A", "AUC B", "A − B", "z", "p", "p adjusted"]
-    rows = [
-        [
+    with_mc = any(isinstance(c, Mapping) and isinstance(c.get("mcnemar"), Mapping) for c in comps)
+    if with_mc:
+        headers += ["McNemar A / B only", "McNemar p adjusted"]
+    rows = []
+    for c in comps:
+        if not isinstance(c, Mapping):
+            continue
+        row = [
             str(c.get("method_a", "?")),
             str(c.get("method_b", "?")),
             fmt_auc(c.get("auc_a")),
@@ -871,9 +877,13 @@ def _comparisons_rows(comps: Sequence[Mapping[str, Any]]) -> tuple[list[str], li
             fmt_p(c.get("p")),
             fmt_p(c.get("p_adjusted")),
         ]
-        for c in comps
-        if isinstance(c, Mapping)
-    ]
+        if with_mc:
+            mc = c.get("mcnemar") if isinstance(c.get("mcnemar"), Mapping) else {}
+            row += [
+                f"{mc.get('a_only', DASH)} / {mc.get('b_only', DASH)}" if mc else DASH,
+                fmt_p(mc.get("p_adjusted")) if mc else DASH,
+            ]
+        rows.append(row)
     return headers, rows
 
 
@@ -883,7 +893,9 @@ def _correction_sentence(comps: Sequence[Mapping[str, Any]]) -> str:
     long = {"holm": "Holm-Bonferroni (step-down)", "bonferroni": "Bonferroni", "none": "no"}.get(name, name)
     return (
         f"DeLong's two-sided test for correlated AUCs on the same subjects; {len(comps)} comparisons, "
-        f"p-values adjusted with the {long} correction for multiple comparisons across the whole family."
+        f"p-values adjusted with the {long} correction for multiple comparisons across the whole family. "
+        "McNemar: the exact test of the two methods' decisions at B's Youden threshold (cases only A / only "
+        "B gets right), adjusted the same way."
     )
 
 
