@@ -109,8 +109,14 @@ def arch_summary(cfg: Config, kind: str = "student", members: int = 1) -> dict[s
         A JSON-serialisable dict: network family, input channels and size, hyper-parameters, number and
         names of classes, positive class.
     """
+    classes = {
+        "num_classes": cfg.task.num_classes,
+        "class_names": list(cfg.task.class_names),
+        "positive_class": cfg.task.positive_class,
+    }
+    t = cfg.teacher
+    motion = {"motion_input": t.motion_input, "motion": t.motion, "motion_norm": t.motion_norm}
     if kind == "teacher":
-        t = cfg.teacher
         return {
             "network": "endodistill.infer.teacher_model.TeacherEnsemble",
             "members": int(members),
@@ -120,48 +126,12 @@ def arch_summary(cfg: Config, kind: str = "student", members: int = 1) -> dict[s
             "frames": cfg.tvus.frames,
             "input_size": [int(v) for v in cfg.tvus.size],
             "flow_size": None if t.flow_size is None else [int(v) for v in t.flow_size],
-            "motion_input": t.motion_input,
-            "motion": t.motion,
-            "motion_norm": t.motion_norm,
-            "num_classes": cfg.task.num_classes,
-            "class_names": list(cfg.task.class_names),
-            "positive_class": cfg.task.positive_class,
+            **motion,
+            **classes,
         }
     s = cfg.student
-    if kind == "joint":
-        from endodistill.config import clip_input_shape, joint_clip_frames
-
-        j = cfg.joint
-        return {
-            "network": "endodistill.models.joint.JointViT",
-            "in_channels": 1,
-            "input_size": [int(v) for v in cfg.mri.size],
-            "patch_size": [int(v) for v in s.patch_size],
-            "clip_frames": cfg.tvus.frames,
-            "clip_input": [int(v) for v in clip_input_shape(cfg)],
-            "clip_tubelet": [
-                int(j.tubelet_frames or joint_clip_frames(cfg)),
-                *[int(v) for v in j.clip_patch],
-            ],
-            "motion_input": cfg.teacher.motion_input,
-            "motion": cfg.teacher.motion,
-            "motion_norm": cfg.teacher.motion_norm,
-            "hidden_size": s.hidden_size,
-            "mlp_dim": s.mlp_dim,
-            "num_layers": s.num_layers,
-            "num_heads": s.num_heads,
-            "qkv_bias": s.qkv_bias,
-            "dropout": s.dropout,
-            "stem": s.stem,
-            "stem_width": s.stem_width,
-            "pool": j.pool,
-            "num_classes": cfg.task.num_classes,
-            "class_names": list(cfg.task.class_names),
-            "positive_class": cfg.task.positive_class,
-        }
-    plain = s.stem == "linear" and s.pool == "cls"
-    return {
-        "network": "monai.networks.nets.ViT" if plain else "endodistill.models.student.StudentViT",
+    # The MRI path: the student's ViT (the joint model's MRI tokenizer and shared blocks too).
+    vit = {
         "in_channels": 1,
         "input_size": [int(v) for v in cfg.mri.size],
         "patch_size": [int(v) for v in s.patch_size],
@@ -173,10 +143,30 @@ def arch_summary(cfg: Config, kind: str = "student", members: int = 1) -> dict[s
         "dropout": s.dropout,
         "stem": s.stem,
         "stem_width": s.stem_width,
+    }
+    if kind == "joint":
+        from endodistill.config import clip_input_shape, joint_clip_frames
+
+        j = cfg.joint
+        return {
+            "network": "endodistill.models.joint.JointViT",
+            **vit,
+            "clip_frames": cfg.tvus.frames,
+            "clip_input": [int(v) for v in clip_input_shape(cfg)],
+            "clip_tubelet": [
+                int(j.tubelet_frames or joint_clip_frames(cfg)),
+                *[int(v) for v in j.clip_patch],
+            ],
+            **motion,
+            "pool": j.pool,
+            **classes,
+        }
+    plain = s.stem == "linear" and s.pool == "cls"
+    return {
+        "network": "monai.networks.nets.ViT" if plain else "endodistill.models.student.StudentViT",
+        **vit,
         "pool": s.pool,
-        "num_classes": cfg.task.num_classes,
-        "class_names": list(cfg.task.class_names),
-        "positive_class": cfg.task.positive_class,
+        **classes,
     }
 
 
