@@ -233,3 +233,30 @@ def test_teacher_model_with_absurd_member_count_is_refused(tiny_reference_run: P
     (d / "metadata.json").write_text(json.dumps(meta))
     with pytest.raises(InputError, match=r"arch\.members"):
         load_model_dir(d)
+
+
+def test_teacher_predicts_a_folder_of_png_frames_like_its_video(
+    tiny_reference_run: Path, tiny_cohort: Path, tmp_path: Path
+) -> None:
+    """A clip given as PNG frames (+ fps.txt) is the same clip as its video: the same probability."""
+    from PIL import Image
+
+    from endodistill.data.video import load_clip
+
+    video = sorted((tiny_cohort / "tvus").glob("*.mp4"))[0]
+    clip = load_clip(video)
+    frames = tmp_path / "cases" / "clipA"
+    frames.mkdir(parents=True)
+    for i, f in enumerate(clip.frames):
+        Image.fromarray(f).save(frames / f"{i:03d}.png")
+    (frames / "fps.txt").write_text(str(clip.fps))
+    assert (
+        predict_cases(
+            tiny_reference_run / "teacher_model", [tmp_path / "cases", video], tmp_path / "p", heatmap=False
+        )
+        == 0
+    )
+    rows = _rows(tmp_path / "p")
+    assert float(rows["clipA"]["probability"]) == pytest.approx(
+        float(rows[video.stem]["probability"]), abs=1e-9
+    )
