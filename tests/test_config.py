@@ -46,3 +46,10 @@ def test_overrides_apply_and_roundtrip(tmp_path: Path) -> None:
 def test_bad_override_syntax() -> None:
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         load_config(None, ["finetune.epochs"])
+
+
+def test_preset_name_wins_over_a_folder_of_that_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--config demo`` run next to a run directory called ``demo`` still means the preset."""
+    (tmp_path / "demo").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert load_config("demo").name == "demo"

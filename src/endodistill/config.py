@@ -581,7 +581,8 @@ def load_config(
     base_dir: Path | None = None
     if path is not None:
         p = Path(path)
-        if not p.exists() and p.suffix == "" and "/" not in str(path):
+        # A preset name wins over a folder of that name in the working directory (a run called "demo").
+        if (not p.exists() or p.is_dir()) and p.suffix == "" and "/" not in str(path):
             p = preset_path(str(path))
         source = str(p)
         try:
