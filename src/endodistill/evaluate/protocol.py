@@ -647,46 +647,24 @@ def _cv_fit(
     t1 = time.perf_counter()
     unit = run_dir / "folds" / f"fold_{fold}" / method
     reused = resume and _fit_done(unit)
+    seed = fit_seed(cfg.seed, "distill", fold)
+    enc = encoder if cfg.protocol.methods[method].init == "mae" else None
+    extra = ""
     if is_joint(cfg, method):
         from endodistill.evaluate.fmt import fmt_auc
 
         # The same MRI split and fold seed as every method; fold k also holds out the k-th clip fold.
+        where = f"joint fold {fold} {method}"
         info = joint_fit(
-            cfg,
-            method,
-            data,
-            splits[fold],
-            clip_folds(cfg, data)[fold],
-            unit,
-            fit_seed(cfg.seed, "distill", fold),
-            f"joint fold {fold} {method}",
-            resume,
-            encoder if cfg.protocol.methods[method].init == "mae" else None,
+            cfg, method, data, splits[fold], clip_folds(cfg, data)[fold], unit, seed, where, resume, enc
         )
-        dt = time.perf_counter() - t1
-        clip_auc = f"{cfg.task.teacher_modality} test AUC {fmt_auc(info.get('tvus_test_auc'))}; "
-        progress.done(
-            f"[fold {fold + 1}/{len(splits)}] {method}: {clip_auc}{_fit_result(info, dt, reused)}",
-            dt,
-            reused,
-            tag,
-        )
-        return info
-    info = finetune(
-        cfg,
-        method,
-        data,
-        teacher,
-        splits[fold],
-        unit,
-        fit_seed(cfg.seed, "distill", fold),
-        f"distill fold {fold} {method}",
-        resume,
-        encoder if cfg.protocol.methods[method].init == "mae" else None,
-    )
+        extra = f"{cfg.task.teacher_modality} test AUC {fmt_auc(info.get('tvus_test_auc'))}; "
+    else:
+        where = f"distill fold {fold} {method}"
+        info = finetune(cfg, method, data, teacher, splits[fold], unit, seed, where, resume, enc)
     dt = time.perf_counter() - t1
     progress.done(
-        f"[fold {fold + 1}/{len(splits)}] {method}: {_fit_result(info, dt, reused)}", dt, reused, tag
+        f"[fold {fold + 1}/{len(splits)}] {method}: {extra}{_fit_result(info, dt, reused)}", dt, reused, tag
     )
     return info
 

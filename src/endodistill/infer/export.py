@@ -182,6 +182,25 @@ def _input_shape(lm: LoadedModel) -> tuple[int, ...]:
 # --------------------------------------------------------------------------------------------- ONNX
 
 
+def _checked_session(path: Path, meta: dict[str, str]) -> Any:
+    """Check the ONNX file at ``path``, stamp ``meta`` and the producer into it, and open it in onnxruntime
+    (one CPU thread): the validation session of both exports."""
+    import onnx
+    import onnxruntime as ort
+
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto)
+    for k, v in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+    proto.producer_name, proto.producer_version = "endodistill", endodistill.__version__
+    onnx.save(proto, str(path))
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
 def export_onnx(lm: LoadedModel, out: Path, volume: Path) -> float:
     """Write ``lm`` as ONNX to ``out`` after checking onnxruntime against PyTorch.
 
@@ -196,8 +215,6 @@ def export_onnx(lm: LoadedModel, out: Path, volume: Path) -> float:
     Raises:
         ExportValidationError: a difference above 1e-4 or a batch size the file rejects.
     """
-    import onnx
-    import onnxruntime as ort
     import torch
 
     wrapper = _logits_and_probs(lm.model)
@@ -226,8 +243,6 @@ def export_onnx(lm: LoadedModel, out: Path, volume: Path) -> float:
                 dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}, "probabilities": {0: "batch"}},
                 do_constant_folding=True,
             )
-        proto = onnx.load(str(tmp))
-        onnx.checker.check_model(proto)
         meta = {
             "name": lm.name,
             "endodistill_version": lm.version,
@@ -238,21 +253,13 @@ def export_onnx(lm: LoadedModel, out: Path, volume: Path) -> float:
             "kind": lm.kind,
             "input": f"(B, {', '.join(map(str, shape))}) float32 from endodistill "
             + (
-                "preprocess_clip + sample_frames (frames in [0, 1])"
+                "infer.teacher_model.clip_input (grey frames, or optical flow with teacher.motion flow)"
                 if lm.kind == "teacher"
                 else "preprocess_volume"
             ),
             "outputs": "logits (B, K); probabilities (B, K) = softmax(logits)",
         }
-        for k, v in meta.items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = k, v
-        proto.producer_name, proto.producer_version = "endodistill", endodistill.__version__
-        onnx.save(proto, str(tmp))
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 1
-        opts.inter_op_num_threads = 1
-        sess = ort.InferenceSession(str(tmp), opts, providers=["CPUExecutionProvider"])
+        sess = _checked_session(tmp, meta)
         worst = 0.0
         for name, x in inputs.items():
             with torch.inference_mode():
@@ -306,8 +313,6 @@ def export_joint_onnx(lm: LoadedModel, out: Path, tmp: Path, sample: Path | None
     Returns:
         The largest absolute difference over all validation inputs and outputs.
     """
-    import onnx
-    import onnxruntime as ort
     import torch
     from torch import nn
 
@@ -359,8 +364,6 @@ def export_joint_onnx(lm: LoadedModel, out: Path, tmp: Path, sample: Path | None
                 },
                 do_constant_folding=True,
             )
-        proto = onnx.load(str(tmp_file))
-        onnx.checker.check_model(proto)
         meta = {
             "name": lm.name,
             "endodistill_version": lm.version,
@@ -372,19 +375,11 @@ def export_joint_onnx(lm: LoadedModel, out: Path, tmp: Path, sample: Path | None
             "kind": lm.kind,
             "arch": json.dumps(arch_summary(lm.cfg, "joint"), sort_keys=True),
             "input": f"image (B, {', '.join(map(str, vshape))}) float32 from endodistill preprocess_volume; "
-            f"clip (C, {', '.join(map(str, cshape))}) float32 from preprocess_clip + sample_frames "
-            "(frames in [0, 1]); each batch >= 1",
+            f"clip (C, {', '.join(map(str, cshape))}) float32 from endodistill infer.teacher_model.clip_input "
+            "(grey frames, or optical flow with teacher.motion flow); each batch >= 1",
             "outputs": "logits, probabilities (B, K) of the images; clip_logits, clip_probabilities (C, K)",
         }
-        for k, v in meta.items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = k, v
-        proto.producer_name, proto.producer_version = "endodistill", endodistill.__version__
-        onnx.save(proto, str(tmp_file))
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 1
-        opts.inter_op_num_threads = 1
-        sess = ort.InferenceSession(str(tmp_file), opts, providers=["CPUExecutionProvider"])
+        sess = _checked_session(tmp_file, meta)
         worst = 0.0
         for name, (xv, xc) in inputs.items():
             with torch.inference_mode():
