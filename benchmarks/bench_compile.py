@@ -1,7 +1,7 @@
 """Does ``trainer.compile`` pay off? Eager against ``torch.compile`` (default mode) at the demo size.
 
 Two measurements, both with the training code's own pieces (the networks from ``endodistill.models``, the
-fused AdamW and parameter groups of ``endodistill.train.common``, ``compile_if_enabled`` of
+fused AdamW and parameter groups of ``endodistill.train.optim``, ``compile_if_enabled`` of
 ``endodistill.train.speed``, the teacher's memory layout from ``teacher_channels_last``):
 
 * end to end: one student fit (``--cases`` random volumes, ``--batch``, ``--epochs``) in a plain loop, eager and
@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from endodistill.config import Config, load_config
 from endodistill.models.student import build_mae, build_student
 from endodistill.models.teacher import build_teacher
-from endodistill.train.common import adamw, param_groups
+from endodistill.train.optim import adamw, param_groups
 from endodistill.train.speed import compile_if_enabled, teacher_channels_last
 from endodistill.utils import atomic_write_json
 

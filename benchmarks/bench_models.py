@@ -5,7 +5,7 @@ networks: ViT-B at 96^3 with 16^3 patches, R(2+1)D-18 on 16x112x112 clips, with 
 
 * the wall time of one training step (forward, loss, backward, AdamW step): the best of a few steps, timed
   in turns with the other variants (the median is kept in the JSON too). Our variants step with the
-  training's optimiser (``endodistill.train.common.adamw``: fused AdamW, no weight decay on norms and
+  training's optimiser (``endodistill.train.optim.adamw``: fused AdamW, no weight decay on norms and
   biases); the library defaults with ``torch.optim.AdamW``'s defaults (a per-tensor loop on CPU);
 * the FLOPs of that step, counted with ``torch.utils.flop_counter.FlopCounterMode`` (matmuls, convolutions,
   attention; forward and backward). FlopCounterMode has no formula for CPU's fused SDPA kernel, so FLOPs are
@@ -54,7 +54,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from endodistill.config import Config, TeacherConfig, load_config
 from endodistill.models.student import MAE, build_mae, build_student, enable_sdpa
 from endodistill.models.teacher import build_teacher
-from endodistill.train.common import adamw, param_groups
+from endodistill.train.optim import adamw, param_groups
 from endodistill.train.speed import teacher_channels_last
 from endodistill.utils import atomic_write_json
 

@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     if batch:
         over += [f"teacher.batch_size={batch}", f"mae.batch_size={batch}", f"finetune.batch_size={batch}"]
     cfg = load_config(args.preset, [*over, *args.overrides])
-    from endodistill.train.common import configure_torch
+    from endodistill.train.seeding import configure_torch
 
     configure_torch(cfg)
     n = args.cases or 4 * max(cfg.teacher.batch_size, cfg.mae.batch_size, cfg.finetune.batch_size)

@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             f"mae.epochs={epochs}",
         ],
     )
-    from endodistill.train.common import configure_torch
+    from endodistill.train.seeding import configure_torch
 
     configure_torch(cfg)  # thread count, TF32 on GPUs, quiet Lightning
     rows: list[dict[str, Any]] = []

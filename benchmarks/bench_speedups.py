@@ -46,8 +46,8 @@ def _best(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
 def adamw(repeats: int) -> dict[str, Any]:
     from endodistill.config import load_config
     from endodistill.models.student import build_student
-    from endodistill.train.common import adamw as fused_adamw
-    from endodistill.train.common import param_groups
+    from endodistill.train.optim import adamw as fused_adamw
+    from endodistill.train.optim import param_groups
 
     cfg = load_config("demo")
     nets = [build_student(cfg), build_student(cfg)]
@@ -109,8 +109,8 @@ def lookahead(repeats: int) -> dict[str, Any]:
 def _paper_student_and_optimiser() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     from endodistill.config import load_config
     from endodistill.models.student import build_student
-    from endodistill.train.common import adamw as fused_adamw
-    from endodistill.train.common import param_groups
+    from endodistill.train.optim import adamw as fused_adamw
+    from endodistill.train.optim import param_groups
 
     net = build_student(load_config("paper"))
     opt = fused_adamw(param_groups(net, 0.05), lr=1e-4)
@@ -123,7 +123,7 @@ def _paper_student_and_optimiser() -> tuple[torch.nn.Module, torch.optim.Optimiz
 def save_weights(repeats: int, net: torch.nn.Module, tmp: Path) -> dict[str, Any]:
     from safetensors.torch import save as safetensors_bytes
 
-    from endodistill.train.common import save_weights as ours_save
+    from endodistill.train.weights import save_weights as ours_save
 
     state = net.state_dict()
 
@@ -139,7 +139,7 @@ def save_weights(repeats: int, net: torch.nn.Module, tmp: Path) -> dict[str, Any
 
 
 def checkpoint(repeats: int, net: torch.nn.Module, opt: torch.optim.Optimizer, tmp: Path) -> dict[str, Any]:
-    from endodistill.train.common import AtomicCheckpointIO
+    from endodistill.train.weights import AtomicCheckpointIO
 
     ckpt = {"state_dict": net.state_dict(), "optimizer_states": [opt.state_dict()]}
     io_ = AtomicCheckpointIO()
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/speedups.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    from endodistill.train.common import quiet_lightning
+    from endodistill.train.runtime import quiet_lightning
 
     quiet_lightning()
     rows: dict[str, dict[str, Any]] = {}

@@ -24,9 +24,9 @@ from sklearn.model_selection import StratifiedKFold
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from endodistill.config import load_config
 from endodistill.models.student import build_mae, build_student, load_mae_encoder, mae_encoder_state
-from endodistill.train.common import adamw, param_groups, warmup_cosine
 from endodistill.train.finetune import layer_decay_groups
 from endodistill.train.losses import balanced_class_weights
+from endodistill.train.optim import adamw, param_groups, warmup_cosine
 from endodistill.train.pretrain import augment_volumes
 
 torch.set_num_threads(1)

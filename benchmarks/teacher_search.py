@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from endodistill.config import load_config
 from endodistill.data.cache import TensorCache
 from endodistill.data.manifest import read_manifest
-from endodistill.train.common import configure_torch
 from endodistill.train.data import ClipSet, CohortData, VolumeSet
+from endodistill.train.seeding import configure_torch
 from endodistill.train.teacher import train_teacher
 
 

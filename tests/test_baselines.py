@@ -202,9 +202,16 @@ def test_tiny_run_has_the_baselines(tiny_reference_run: Path, tiny_cohort: Path)
     results = json.loads((tiny_reference_run / "results.json").read_text())
     b = results["baselines"]
     folds = len(json.loads((tiny_reference_run / "splits.json").read_text()))
+    with open(tiny_reference_run / "baselines" / "oof_predictions.csv", newline="") as fh:
+        oof = list(csv.DictReader(fh))
     for m in BASELINES:
         assert isinstance(b[m]["auc"], float) and len(b[m]["auc_ci95"]) == 2, m
         assert len(b[m]["fold_aucs"]) == folds, m
+        # The pooled AUC of the baseline's stored out-of-fold predictions, one per labelled subject.
+        rows = [r for r in oof if r["method"] == m]
+        assert len(rows) == len({r["subject_id"] for r in rows}) == results["methods"]["mae_kd_ce"]["n"], m
+        auc = roc_auc_score([int(r["label"]) for r in rows], [float(r["prob"]) for r in rows])
+        assert b[m]["auc"] == pytest.approx(auc, abs=1e-12), m
     assert set(b["sign_visibility"]) == {
         "retroflexion",
         "tethered_rectum",

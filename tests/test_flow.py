@@ -74,9 +74,10 @@ def test_flow_config_is_validated() -> None:
 
 
 def test_teacher_trains_on_flow(tiny_cohort: Path, tmp_path: Path) -> None:
-    from endodistill.train.common import configure_torch
+    from endodistill.models.teacher import normalise_clips
     from endodistill.train.data import load_cohort
-    from endodistill.train.teacher import _normalise, teacher_inputs, train_teacher
+    from endodistill.train.seeding import configure_torch
+    from endodistill.train.teacher import teacher_inputs, train_teacher
 
     cfg = load_config(
         "tiny",
@@ -99,10 +100,30 @@ def test_teacher_trains_on_flow(tiny_cohort: Path, tmp_path: Path) -> None:
     data = load_cohort(cfg, cfg.data.manifest)
     x = teacher_inputs(data.tvus, cfg)
     assert tuple(x.shape) == (len(data.tvus), 2, cfg.tvus.frames, 16, 16)
-    z = _normalise(x[:2], cfg)
+    z = normalise_clips(x[:2], cfg)
     assert z.shape[1:3] == (2, cfg.tvus.frames - 1)
     torch.testing.assert_close(z.pow(2).mean(dim=(1, 2, 3, 4)), torch.ones(2))
     m = train_teacher(cfg, data, tmp_path / "run", echo=lambda s: None)
     assert m["scheme"].startswith("2-fold") and m["cv_auc"] is not None
     # The clip baseline still reads the grey frames.
     assert m["clip_baseline"]["auc"] is not None
+    # Both AUCs are those of their stored out-of-fold predictions on every labelled clip.
+    for name, auc in (
+        ("predictions.csv", m["cv_auc"]),
+        ("clip_baseline_predictions.csv", m["clip_baseline"]["auc"]),
+    ):
+        assert _pooled_auc(tmp_path / "run" / "teacher" / name, m["n_labelled_clips"]) == pytest.approx(
+            auc, abs=1e-12
+        ), name
+
+
+def _pooled_auc(path: Path, n: int) -> float:
+    """ROC AUC of a ``predictions.csv`` (label, prob per clip), which must hold ``n`` distinct clips."""
+    import csv
+
+    from sklearn.metrics import roc_auc_score
+
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == len({r["path"] for r in rows}) == n
+    return float(roc_auc_score([int(r["label"]) for r in rows], [float(r["prob"]) for r in rows]))

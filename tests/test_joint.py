@@ -151,7 +151,7 @@ def test_a_folds_test_subjects_never_enter_its_training(
 ) -> None:
     import endodistill.train.joint as joint
     from endodistill.data.splits import make_cv_splits
-    from endodistill.train.common import fit_seed
+    from endodistill.train.seeding import fit_seed
 
     cfg, data = _data(_cfg(paired_cohort, finetune={"epochs": 1}), paired_cohort, tmp_path)
     lab, tv = data.labelled, data.tvus

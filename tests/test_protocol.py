@@ -149,11 +149,9 @@ def test_interrupted_run_resumes_to_identical_results(
 ) -> None:
     import lightning.pytorch as pl
 
-    import endodistill.train.finetune as ft
+    import endodistill.train.fit as fit_mod
     from endodistill.evaluate.protocol import run_experiment
-    from endodistill.train.common import make_trainer
-
-    fits = {"n": 0}
+    from endodistill.train.trainer import make_trainer
 
     class Crash(pl.Callback):
         def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -161,17 +159,17 @@ def test_interrupted_run_resumes_to_identical_results(
                 raise KeyboardInterrupt
 
     def crashing(*a, **k):
-        fits["n"] += 1
-        return make_trainer(*a, callbacks=[Crash()] if fits["n"] == 7 else [])  # fold 1, second method
+        crash = Path(a[1]).parts[-3:] == ("folds", "fold_1", "mae_ce")  # fold 1, second method
+        return make_trainer(*a, callbacks=[Crash()] if crash else [])
 
-    monkeypatch.setattr(ft, "make_trainer", crashing)
+    monkeypatch.setattr(fit_mod, "make_trainer", crashing)
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         run_experiment(tiny(tiny_cohort, cache), out)
     assert (out / "folds" / "fold_1" / "mae_ce" / "checkpoints" / "last.ckpt").is_file()
     assert not (out / "folds" / "fold_1" / "mae_ce" / "done.json").exists()
     assert (out / "folds" / "fold_1" / "scratch_ce" / "done.json").is_file()
-    monkeypatch.setattr(ft, "make_trainer", make_trainer)
+    monkeypatch.setattr(fit_mod, "make_trainer", make_trainer)
     resumed = run_experiment(tiny(tiny_cohort, cache), out, resume=True)
     assert _strip(resumed) == _strip(json.loads(json.dumps(run[1])))
     assert (out / "oof_predictions.csv").read_text() == (run[0] / "oof_predictions.csv").read_text()

@@ -1,7 +1,7 @@
 """Interruption and resume: SIGKILL at several points, Ctrl-C, the run lock, a full disk, divergence.
 
 Runs are stopped at well-defined points through the test-only hook ``$ENDODISTILL_TEST_KILL_AT``
-(:func:`endodistill.train.common.fault_point`): ``"<fit> epoch N"`` fires when epoch N of that fit starts
+(:func:`endodistill.train.runtime.fault_point`): ``"<fit> epoch N"`` fires when epoch N of that fit starts
 (the checkpoint of epoch N-1 is on disk), ``"report"`` just before the report is written.
 """
 
@@ -247,7 +247,7 @@ def test_divergence_names_stage_fold_step_and_keeps_last_good_checkpoint(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    import endodistill.train.losses as losses
+    import endodistill.train.finetune as losses  # the distillation step calls finetune.mixed_loss
 
     run = tmp_path / "run"
     run.mkdir()

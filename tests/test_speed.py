@@ -44,8 +44,8 @@ def test_teacher_channels_last_auto_follows_the_measured_rule(one_thread: None) 
 def test_channels_last_teacher_fits_are_bit_identical_and_reload_alike(
     tiny_cohort: Path, tmp_path: Path
 ) -> None:
-    from endodistill.train.common import configure_torch
     from endodistill.train.data import load_cohort
+    from endodistill.train.seeding import configure_torch
     from endodistill.train.teacher import fit_teacher, teacher_forward
 
     cfg = load_config(

@@ -35,8 +35,8 @@ def _rows(path: Path) -> list[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def cv_run(tiny_cohort: Path, cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    from endodistill.train.common import configure_torch
     from endodistill.train.data import load_cohort
+    from endodistill.train.seeding import configure_torch
     from endodistill.train.teacher import train_teacher
 
     cfg = _cfg(tiny_cohort, cache_dir)
@@ -161,8 +161,9 @@ def test_motion_features_see_where_the_clip_moves() -> None:
 def test_frame_difference_input_and_clip_augmentations_train(
     tiny_cohort: Path, cache_dir: Path, tmp_path: Path
 ) -> None:
+    from endodistill.models.teacher import normalise_clips
     from endodistill.train.data import load_cohort
-    from endodistill.train.teacher import _normalise, train_teacher
+    from endodistill.train.teacher import train_teacher
 
     cfg = _cfg(
         tiny_cohort,
@@ -175,20 +176,36 @@ def test_frame_difference_input_and_clip_augmentations_train(
         epochs=1,
     )
     x = torch.rand(2, 1, 5, 8, 8)
-    d = _normalise(x, cfg)
+    d = normalise_clips(x, cfg)
     raw = x[:, :, 1:] - x[:, :, :-1]
     assert d.shape == (2, 1, 4, 8, 8)
     torch.testing.assert_close(d, raw / raw.pow(2).mean(dim=(1, 2, 3, 4), keepdim=True).sqrt())
     data = load_cohort(cfg, cfg.data.manifest)
     m = train_teacher(cfg, data, tmp_path, echo=lambda s: None)
     assert m["scheme"].startswith("2-fold") and m["cv_auc"] is not None
+    # Under CV the reported AUC is the pooled out-of-fold AUC of every labelled clip's stored prediction.
+    assert _pooled_auc(tmp_path / "teacher" / "predictions.csv", m["n_labelled_clips"]) == pytest.approx(
+        m["cv_auc"], abs=1e-12
+    )
+    assert m["cv_auc"] == m["auc"]
+
+
+def _pooled_auc(path: Path, n: int) -> float:
+    """ROC AUC of a ``predictions.csv`` (label, prob per clip), which must hold ``n`` distinct clips."""
+    from sklearn.metrics import roc_auc_score
+
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == len({r["path"] for r in rows}) == n
+    return float(roc_auc_score([int(r["label"]) for r in rows], [float(r["prob"]) for r in rows]))
 
 
 def test_cv_teacher_resumes_exactly(cv_run: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import lightning.pytorch as pl
 
+    import endodistill.train.fit as fit_mod
     import endodistill.train.teacher as tt
-    from endodistill.train.common import make_trainer
+    from endodistill.train.trainer import make_trainer
 
     made = []
 
@@ -201,12 +218,12 @@ def test_cv_teacher_resumes_exactly(cv_run: dict, tmp_path: Path, monkeypatch: p
         made.append(1)
         return make_trainer(*a, callbacks=[Crash()], **k)
 
-    monkeypatch.setattr(tt, "make_trainer", crashing)
+    monkeypatch.setattr(fit_mod, "make_trainer", crashing)
     with pytest.raises(RuntimeError, match="simulated crash"):
         tt.train_teacher(cv_run["cfg"], cv_run["data"], tmp_path, echo=lambda s: None)
     assert (tmp_path / "teacher" / "fold_0" / "done.json").is_file()
     assert not (tmp_path / "teacher" / "fold_1" / "done.json").exists()
-    monkeypatch.setattr(tt, "make_trainer", make_trainer)
+    monkeypatch.setattr(fit_mod, "make_trainer", make_trainer)
     resumed = tt.train_teacher(cv_run["cfg"], cv_run["data"], tmp_path, resume=True, echo=lambda s: None)
     assert resumed == cv_run["metrics"]
     for name in ("predictions.csv", "clip_baseline_predictions.csv", "outputs.safetensors"):

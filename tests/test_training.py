@@ -29,9 +29,9 @@ def tiny_cfg(cohort: Path, cache: Path, **sections: dict) -> Config:
 @pytest.fixture(scope="module")
 def trained(tiny_cohort: Path, cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Teacher and MAE trained once for this module (the distillation tests reuse them)."""
-    from endodistill.train.common import configure_torch
     from endodistill.train.data import load_cohort
     from endodistill.train.pretrain import pretrain_mae
+    from endodistill.train.seeding import configure_torch
     from endodistill.train.teacher import load_teacher_outputs, train_teacher
 
     run = tmp_path_factory.mktemp("stages")
@@ -57,9 +57,12 @@ def _split(data) -> dict[str, list[str]]:
 
 
 def test_teacher_learns_and_stores_outputs(trained: dict) -> None:
-    from safetensors.torch import load_file
+    import json
 
-    from endodistill.train.common import auc_score
+    from safetensors.torch import load_file
+    from sklearn.metrics import roc_auc_score
+
+    from endodistill.evaluate.metrics import auc_score
 
     run, t, data = trained["run"], trained["teacher"], trained["data"]
     for f in ("outputs.safetensors", "outputs.json", "predictions.csv", "metrics.json", "done.json"):
@@ -76,6 +79,16 @@ def test_teacher_learns_and_stores_outputs(trained: dict) -> None:
     ]
     assert hist[-1] < hist[0]
     assert 0.0 <= trained["metrics"]["auc"] <= 1.0 and trained["metrics"]["n_heldout_clips"] > 0
+    # The reported held-out AUC is that of the stored held-out predictions, which are the held-out clips.
+    m = trained["metrics"]
+    rows = _rows(run / "teacher" / "predictions.csv")
+    assert len(rows) == m["n_heldout_clips"] == len(set(r["path"] for r in rows))
+    held = set(json.loads((run / "teacher" / "done.json").read_text())["fits"]["holdout"]["test_subjects"])
+    assert {r["subject_id"] for r in rows} == held
+    y, p = [int(r["label"]) for r in rows], [float(r["prob"]) for r in rows]
+    assert m["auc"] == pytest.approx(roc_auc_score(y, p), abs=1e-12)
+    assert m["targets_auc"] == pytest.approx(auc_score(t.labels, t.probs.numpy()), abs=1e-12)
+    assert json.loads((run / "teacher" / "metrics.json").read_text()) == json.loads(json.dumps(m))
 
 
 def test_teacher_oof_targets_are_cross_fitted(tiny_cohort: Path, cache_dir: Path, tmp_path: Path) -> None:
@@ -99,7 +112,7 @@ def test_teacher_oof_targets_are_cross_fitted(tiny_cohort: Path, cache_dir: Path
 
 def test_mae_learns_and_loads_into_student(trained: dict) -> None:
     from endodistill.models.student import build_student, load_mae_encoder
-    from endodistill.train.common import load_weights
+    from endodistill.train.weights import load_weights
 
     mae = trained["mae"]
     assert mae["loss_last"] < mae["loss_first"]
@@ -167,9 +180,9 @@ def test_mixed_schedule_and_selection_record(trained: dict, tmp_path: Path) -> N
 def test_resume_continues_exactly(trained: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import lightning.pytorch as pl
 
-    import endodistill.train.finetune as ft
-    from endodistill.train.common import make_trainer
+    import endodistill.train.fit as fit_mod
     from endodistill.train.finetune import read_predictions
+    from endodistill.train.trainer import make_trainer
 
     cfg = trained["cfg"].model_copy(deep=True)
     cfg.finetune.epochs = 4
@@ -180,12 +193,12 @@ def test_resume_continues_exactly(trained: dict, tmp_path: Path, monkeypatch: py
             if trainer.current_epoch == 2:
                 raise RuntimeError("simulated crash")
 
-    monkeypatch.setattr(ft, "make_trainer", lambda *a, **k: make_trainer(*a, callbacks=[Crash()]))
+    monkeypatch.setattr(fit_mod, "make_trainer", lambda *a, **k: make_trainer(*a, callbacks=[Crash()]))
     with pytest.raises(RuntimeError, match="simulated crash"):
         _finetune(trained, "mae_kd_ce", tmp_path / "b", cfg)
     ckpt = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=True)  # no unpickling
     assert ckpt["epoch"] == 1 and not (tmp_path / "b" / "done.json").exists()
-    monkeypatch.setattr(ft, "make_trainer", make_trainer)
+    monkeypatch.setattr(fit_mod, "make_trainer", make_trainer)
     resumed = _finetune(trained, "mae_kd_ce", tmp_path / "b", cfg, resume=True)
     pa, pb = (
         read_predictions(tmp_path / "a" / "predictions.csv"),
@@ -202,9 +215,9 @@ def test_resume_continues_exactly(trained: dict, tmp_path: Path, monkeypatch: py
 def test_divergence_names_the_fit_and_keeps_last_good_checkpoint(
     trained: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import endodistill.train.losses as losses
+    import endodistill.train.finetune as ft
 
-    real = losses.task_loss
+    real = ft.task_loss
     calls = {"n": 0}
 
     def poisoned(*a, **k):
@@ -212,7 +225,7 @@ def test_divergence_names_the_fit_and_keeps_last_good_checkpoint(
         out = real(*a, **k)
         return out * float("nan") if calls["n"] > 3 else out  # epoch 0 has 2 steps, then NaN
 
-    monkeypatch.setattr(losses, "task_loss", poisoned)
+    monkeypatch.setattr(ft, "task_loss", poisoned)
     with pytest.raises(TrainingDivergedError, match=r"scratch_ce: loss became nan at step \d+ \(epoch 1\)"):
         _finetune(trained, "scratch_ce", tmp_path / "nan")
     ckpt = torch.load(tmp_path / "nan" / "checkpoints" / "last.ckpt", weights_only=True)
@@ -221,7 +234,7 @@ def test_divergence_names_the_fit_and_keeps_last_good_checkpoint(
 
 
 def test_planned_batches_are_pure_and_shard_by_rank() -> None:
-    from endodistill.train.common import PlannedBatches
+    from endodistill.train.batches import PlannedBatches
 
     def make(idx: np.ndarray, rng: np.random.Generator, epoch: int) -> tuple[list[int], float]:
         return sorted(idx.tolist()), float(rng.random())
@@ -241,7 +254,7 @@ def test_planned_batches_look_ahead_thread_changes_no_batch() -> None:
     """The in-process look-ahead thread builds batch b+1 during step b; every batch is the same as without it."""
     import threading
 
-    from endodistill.train.common import PlannedBatches
+    from endodistill.train.batches import PlannedBatches
 
     threads: set[str] = set()
 
@@ -261,7 +274,7 @@ def test_planned_batches_look_ahead_thread_changes_no_batch() -> None:
 
 
 def test_fit_seed_is_stable() -> None:
-    from endodistill.train.common import fit_seed
+    from endodistill.train.seeding import fit_seed
 
     assert fit_seed(0, "distill", 1) == fit_seed(0, "distill", 1)
     assert fit_seed(0, "distill", 1) != fit_seed(0, "distill", 2) != fit_seed(1, "distill", 2)
@@ -269,8 +282,8 @@ def test_fit_seed_is_stable() -> None:
 
 def test_layer_decay_scales_lr_by_depth_and_keeps_weight_decay_split() -> None:
     from endodistill.models.student import build_student
-    from endodistill.train.common import param_groups
     from endodistill.train.finetune import layer_decay_groups
+    from endodistill.train.optim import param_groups
 
     cfg = load_config("tiny", [])
     net = build_student(cfg)
@@ -326,7 +339,7 @@ def test_checkpoint_interval_skips_saves_without_changing_the_fit(trained: dict,
 def test_save_weights_round_trips_shared_tensors_and_names_a_full_disk(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import endodistill.train.common as common
+    import endodistill.train.weights as common
     from endodistill.errors import DiskFullError
 
     w = torch.randn(4, 3)

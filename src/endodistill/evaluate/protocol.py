@@ -20,7 +20,7 @@ Run directory (``RUN_DIR``)::
 
 Every unit (teacher, mae, each fold x method, final) writes ``done.json`` last; ``resume=True`` skips finished
 units and continues an interrupted fit from its ``checkpoints/last.ckpt``. Seeds are per fit (see
-:func:`endodistill.train.common.fit_seed`), so a resumed run gives the same ``results.json`` (timings aside).
+:func:`endodistill.train.seeding.fit_seed`), so a resumed run gives the same ``results.json`` (timings aside).
 
 ``trainer.spread_fits`` under torchrun spreads the fold x method fits over the processes, one fit per process
 and device, into the same run directory (:mod:`endodistill.evaluate.spread`); the results are the same.
@@ -56,7 +56,7 @@ STAGES = ("teacher", "pretrain", "distill")
 
 
 def _echo(msg: str) -> None:
-    from endodistill.train.common import is_rank_zero
+    from endodistill.train.runtime import is_rank_zero
 
     if is_rank_zero():  # under DDP every rank runs the protocol; one prints
         if _FitProgress.bar is not None:  # above the progress bar, which is redrawn below it
@@ -82,7 +82,7 @@ class _FitProgress:
     bar: Any = None  # the active tqdm bar, if any (one at a time: _echo writes above it)
 
     def __init__(self, units: int | list[tuple[str, float]], what: str = "fits", bar: bool = True) -> None:
-        from endodistill.train.common import is_rank_zero
+        from endodistill.train.runtime import is_rank_zero
 
         plan = [("fit", 1.0)] * units if isinstance(units, int) else list(units)
         self.left: dict[str, list[float]] = {}
@@ -368,8 +368,8 @@ def _mae_encoder(
     resume: bool,
     echo: Callable[[str], None],
 ) -> Path:
-    from endodistill.train.common import fit_seed
     from endodistill.train.pretrain import mae_unit, pretrain_mae
+    from endodistill.train.seeding import fit_seed
 
     unit = mae_unit(cfg, fold)
     labelled = train_subjects if cfg.mae.use_labelled_train else []
@@ -393,8 +393,9 @@ def _mae_diagnostic(
     """
     if encoder is None or cfg.task.num_classes != 2:
         return None
-    from endodistill.train.common import fit_seed, read_done
     from endodistill.train.probe import mae_probe
+    from endodistill.train.seeding import fit_seed
+    from endodistill.train.units import read_done
 
     path = run_dir / "mae" / "probe.json"
     if resume and path.is_file():
@@ -593,7 +594,7 @@ def run_experiment(cfg: Config, run_dir: str | Path, resume: bool = False) -> di
                 return _spread_fits(cfg, Path(run_dir), resume, spread)
             return _locked_run(cfg, Path(run_dir), resume, spread)
 
-    from endodistill.train.common import rank_run_dir
+    from endodistill.train.runtime import rank_run_dir
 
     # Under DDP only rank 0 writes run_dir; the other ranks run the same units in a scratch copy.
     with rank_run_dir(run_dir, mirror=resume) as run_dir:
@@ -621,7 +622,7 @@ def _unit_name(fold: int, method: str) -> str:
 
 def _fit_done(unit: Path) -> bool:
     """Whether ``finetune(..., resume=True)`` will reuse this unit instead of training it."""
-    from endodistill.train.common import read_done
+    from endodistill.train.units import read_done
 
     return read_done(unit) is not None and (unit / "model.safetensors").is_file()
 
@@ -640,9 +641,9 @@ def _cv_fit(
     tag: str = "",
 ) -> dict[str, Any]:
     """One fold x method fit into ``folds/fold_K/METHOD`` (same unit, seed and inputs in every mode)."""
-    from endodistill.train.common import fit_seed
     from endodistill.train.finetune import finetune
     from endodistill.train.joint import clip_folds, is_joint, joint_fit
+    from endodistill.train.seeding import fit_seed
 
     t1 = time.perf_counter()
     unit = run_dir / "folds" / f"fold_{fold}" / method
@@ -701,9 +702,9 @@ def _spread_share(
 
 def _spread_fits(cfg: Config, run_dir: Path, resume: bool, spread: Spread) -> dict[str, Any]:
     """A rank other than 0: wait for rank 0's teacher and MAE, load them from the run directory, run its fits."""
-    from endodistill.train.common import configure_torch
     from endodistill.train.data import load_cohort
     from endodistill.train.pretrain import mae_unit
+    from endodistill.train.seeding import configure_torch
     from endodistill.train.teacher import load_teacher_outputs
 
     _check_mae_config(cfg)
@@ -739,8 +740,8 @@ def _spread_fits(cfg: Config, run_dir: Path, resume: bool, spread: Spread) -> di
 
 
 def _run_experiment(cfg: Config, run_dir: Path, resume: bool, spread: Spread | None = None) -> dict[str, Any]:
-    from endodistill.train.common import configure_torch
     from endodistill.train.data import load_cohort
+    from endodistill.train.seeding import configure_torch
 
     t_start = time.perf_counter()
     _check_mae_config(cfg)
@@ -787,7 +788,7 @@ def _run_units_in_order(
 ) -> dict[str, Any]:
     """The run after its data: teacher, MAE, the fits, the final model, baselines, results and report."""
     from endodistill.evaluate.stats import nan_to_none
-    from endodistill.train.common import fault_point
+    from endodistill.train.runtime import fault_point
     from endodistill.train.teacher import load_teacher_outputs, train_teacher
 
     t1 = time.perf_counter()
@@ -983,9 +984,10 @@ def _final_model(
     (inner validation split for selection; a joint method also on all labelled clips) and save RUN_DIR/model."""
     from endodistill.data.splits import inner_val_split
     from endodistill.infer.model_dir import save_model_dir
-    from endodistill.train.common import fit_seed, load_weights
     from endodistill.train.finetune import finetune
     from endodistill.train.joint import is_joint, joint_fit
+    from endodistill.train.seeding import fit_seed
+    from endodistill.train.weights import load_weights
 
     m = cfg.protocol.deployed_method
     joint = is_joint(cfg, m)
@@ -1073,7 +1075,7 @@ def _timings(
     run_dir: Path, splits: list[Any], methods: list[str], t_data: float
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """Stage seconds and per-fit breakdowns from the units' done markers (also right after a resume)."""
-    from endodistill.train.common import read_done
+    from endodistill.train.units import read_done
 
     fits: dict[str, Any] = {}
 
@@ -1149,7 +1151,7 @@ def run_stage(
         raise ConfigError(stage, f"unknown stage (choose from {', '.join(STAGES)})")
     if stage == "distill" and method not in cfg.protocol.methods:
         raise ConfigError(method, f"unknown method (known: {', '.join(cfg.protocol.methods)})")
-    from endodistill.train.common import rank_run_dir
+    from endodistill.train.runtime import rank_run_dir
 
     # Under DDP only rank 0 writes `out`; the other ranks work in a scratch copy of it (what they read).
     with rank_run_dir(out, mirror=True) as out:
@@ -1169,8 +1171,8 @@ def _stage_lock_dir(out: Path, stage: str, method: str, fold: int | None) -> Pat
 def _run_stage(
     cfg: Config, out: Path, stage: str, method: str, fold: int | None, resume: bool
 ) -> dict[str, Any]:
-    from endodistill.train.common import configure_torch, fit_seed
     from endodistill.train.data import load_cohort
+    from endodistill.train.seeding import configure_torch, fit_seed
 
     configure_torch(cfg)
     cfg = cfg.model_copy(deep=True)

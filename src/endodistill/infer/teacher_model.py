@@ -39,7 +39,7 @@ def _ensemble_class() -> type:
     import torch
     from torch import nn
 
-    from endodistill.train.teacher import _normalise
+    from endodistill.models.teacher import normalise_clips
 
     class TeacherEnsemble(nn.Module):
         """Mean of the member teachers' softmax probabilities; returns log-probabilities as logits.
@@ -55,7 +55,7 @@ def _ensemble_class() -> type:
             self.cfg = cfg
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            z = _normalise(x, self.cfg)
+            z = normalise_clips(x, self.cfg)
             probs = torch.stack([torch.softmax(m(z), dim=1) for m in self.members]).mean(0)
             return torch.log(probs.clamp_min(1e-12))
 
@@ -64,8 +64,7 @@ def _ensemble_class() -> type:
 
 def build_teacher_ensemble(cfg: Config, members: int) -> torch.nn.Module:
     """A freshly built ensemble of ``members`` teachers of ``cfg.teacher``'s architecture (eval mode)."""
-    from endodistill.models.teacher import build_teacher
-    from endodistill.train.teacher import teacher_in_channels
+    from endodistill.models.teacher import build_teacher, teacher_in_channels
 
     # No Kinetics file is read: the member weights replace every parameter.
     tcfg = cfg.teacher.model_copy(update={"weights": None})
@@ -101,7 +100,7 @@ def save_teacher_model(
     The threshold is Youden's on the teacher's out-of-fold (or hold-out) predictions, 0.5 if undefined.
     """
     from endodistill.infer.model_dir import save_model_dir
-    from endodistill.train.common import load_weights
+    from endodistill.train.weights import load_weights
 
     dirs = teacher_member_dirs(run_dir)
     if not dirs:

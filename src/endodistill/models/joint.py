@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from endodistill.config import Config, clip_input_shape, joint_clip_frames
 from endodistill.models.student import StudentViT, _encoder_kwargs, load_mae_encoder
+from endodistill.models.teacher import normalise_clips
 
 CLIP_PREFIX = "clip_embedding."
 
@@ -117,14 +118,12 @@ class JointViT(StudentViT):
         return self.pooled(self.encode(x))
 
     def clip_features(self, z: Tensor) -> Tensor:
-        """Shared features ``(B, hidden)`` of motion-transformed clips (the teacher's ``_normalise`` output)."""
+        """Shared features ``(B, hidden)`` of motion-transformed clips (:func:`~endodistill.models.teacher.normalise_clips` output)."""
         return self.pooled(self._tokens(self.clip_embedding(z)))
 
     def forward_clip(self, x: Tensor) -> Tensor:
         """Class logits ``(B, K)`` of clips as the teacher reads them (:func:`~endodistill.config.clip_input_shape`)."""
-        from endodistill.train.teacher import _normalise
-
-        return self.classification_head(self.clip_features(_normalise(x, self.cfg)))
+        return self.classification_head(self.clip_features(normalise_clips(x, self.cfg)))
 
 
 class ClipPath(nn.Module):

@@ -27,18 +27,32 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from monai.networks.nets import Classifier
+from scipy.special import expit
+from scipy.stats import rankdata
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import StratifiedKFold
 from torch import Tensor
 
-from endodistill.errors import InputError
+from endodistill.config import CNN3DBaselineConfig, Config, LogRegBaselineConfig
+from endodistill.data.synthetic.signs import MRI_SIGNS
+from endodistill.errors import InputError, TrainingDivergedError
+from endodistill.evaluate.stats import adjust_pvalues, compare_methods, read_oof_csv, summarise_method
+from endodistill.train.batches import PlannedBatches
+from endodistill.train.data import CohortData
+from endodistill.train.inference import inference_device, predict_logits
+from endodistill.train.losses import balanced_class_weights, balanced_sample_weights
+from endodistill.train.optim import adamw, param_groups, warmup_cosine
+from endodistill.train.pretrain import augment_volumes
+from endodistill.train.seeding import fit_seed, seed_all
+from endodistill.train.units import read_done, write_done
 from endodistill.utils import atomic_write_csv
-
-if TYPE_CHECKING:
-    from endodistill.config import CNN3DBaselineConfig, Config, LogRegBaselineConfig
-    from endodistill.train.data import CohortData
 
 log = logging.getLogger("endodistill")
 
@@ -114,8 +128,6 @@ def reduce_fold(
 
 def fit_logreg(z: np.ndarray, y: np.ndarray, c: float) -> Any:
     """L2 logistic regression (scikit-learn, lbfgs, tight tolerance) with inverse regularisation ``c``."""
-    from sklearn.linear_model import LogisticRegression
-
     return LogisticRegression(C=c, tol=_LOGREG_TOL, max_iter=_LOGREG_MAX_ITER).fit(z, y)
 
 
@@ -137,8 +149,6 @@ def newton_logreg(
         start: warm start (the solution at a neighbouring ``c``).
         tol: stop when the Newton decrement falls below ``tol * (1 + |objective|)``.
     """
-    from scipy.special import expit
-
     n, r = z.shape
     a = np.hstack([z, np.ones((n, 1))])
     yf = y.astype(np.float64)
@@ -173,8 +183,6 @@ def newton_logreg(
 
 def fast_auc(y: np.ndarray, score: np.ndarray) -> float:
     """ROC AUC by the rank-sum (Mann-Whitney) formula, ties counted half; NaN for a single class."""
-    from scipy.stats import rankdata
-
     pos = y.astype(bool)
     n1, n0 = int(pos.sum()), int((~pos).sum())
     if n1 == 0 or n0 == 0:
@@ -203,9 +211,6 @@ def choose_c(
     Returns:
         ``(C, mean inner AUC per grid value)``; ``C`` is None when a class has fewer than 2 cases.
     """
-    from scipy.special import expit
-    from sklearn.model_selection import StratifiedKFold
-
     counts = np.bincount(y.astype(np.int64), minlength=2)
     k = min(int(inner_folds), int(counts.min()))
     if k < 2:
@@ -264,8 +269,6 @@ def build_cnn3d(cfg: CNN3DBaselineConfig, in_shape: Sequence[int], num_classes: 
     17, 50 and 490 ms). Batch norm (eval mode: a test case's score depends on its own volume only) and
     ReLU; no residual units (1.6x the step time, measured).
     """
-    from monai.networks.nets import Classifier
-
     channels = [cfg.width * 2**i for i in range(cfg.blocks)]
     return Classifier(
         in_shape=tuple(int(s) for s in in_shape),
@@ -286,7 +289,7 @@ def train_cnn3d(cfg: Config, x_train: Tensor, y_train: np.ndarray, x_test: Tenso
     share of the time, and nothing here needs checkpoints (a fold is cheap to redo). The rules are the
     student's: AdamW (fused), linear warm-up then cosine decay per step, ``finetune.class_balance``,
     :func:`endodistill.train.pretrain.augment_volumes`, batches and augmentations that are pure functions of
-    ``(seed, epoch, batch)`` (:class:`~endodistill.train.common.PlannedBatches`), so CPU reruns are identical.
+    ``(seed, epoch, batch)`` (:class:`~endodistill.train.batches.PlannedBatches`), so CPU reruns are identical.
 
     Args:
         cfg: the run configuration (``baselines.cnn3d``, ``finetune.class_balance``, ``task``).
@@ -298,20 +301,6 @@ def train_cnn3d(cfg: Config, x_train: Tensor, y_train: np.ndarray, x_test: Tenso
     Returns:
         ``(m, K)`` class probabilities of the test volumes.
     """
-    import torch.nn.functional as F
-
-    from endodistill.train.common import (
-        PlannedBatches,
-        adamw,
-        inference_device,
-        param_groups,
-        predict_logits,
-        seed_all,
-        warmup_cosine,
-    )
-    from endodistill.train.losses import balanced_class_weights, balanced_sample_weights
-    from endodistill.train.pretrain import augment_volumes
-
     b = cfg.baselines.cnn3d
     k = cfg.task.num_classes
     dev = inference_device(cfg)
@@ -337,8 +326,6 @@ def train_cnn3d(cfg: Config, x_train: Tensor, y_train: np.ndarray, x_test: Tenso
             xb, yb = batches[(epoch, i)]
             loss = F.cross_entropy(net(xb.to(dev)), yb.to(dev), weight=cw)
             if not torch.isfinite(loss):
-                from endodistill.errors import TrainingDivergedError
-
                 raise TrainingDivergedError(f"baseline cnn3d: loss {float(loss)} at epoch {epoch}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -362,8 +349,6 @@ def read_latents(manifest: Path, modality: str) -> dict[str, dict[str, str]] | N
 
 
 def _sign_columns(latents: Mapping[str, Mapping[str, str]]) -> list[str]:
-    from endodistill.data.synthetic.signs import MRI_SIGNS
-
     first = next(iter(latents.values()), {})
     return [s for s in MRI_SIGNS if s in first]
 
@@ -374,8 +359,6 @@ def _write_rows(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
 
 
 def _auc(y: np.ndarray, p: np.ndarray) -> float | None:
-    from sklearn.metrics import roc_auc_score
-
     if np.unique(y).size < 2:
         return None
     return float(roc_auc_score(y, p))
@@ -400,8 +383,6 @@ def compute_baselines(
         ``{"rows": OOF rows of logreg/cnn3d/oracle, "sign_visibility": {sign: AUC}, "logreg_c": [C per fold],
         "timing": {baseline: seconds}}``.
     """
-    from endodistill.train.common import fit_seed
-
     bc = cfg.baselines
     lab = data.labelled
     pos = cfg.task.positive_class
@@ -529,8 +510,6 @@ def baseline_metrics(
         ``{"logreg": {...}, "cnn3d": {...}, "oracle": {...}, "sign_visibility": {...}, "comparisons": [...]}``
         with the baselines that ran.
     """
-    from endodistill.evaluate.stats import adjust_pvalues, compare_methods, summarise_method
-
     pos = cfg.task.positive_class
     binary = [{**r, "label": int(int(r["label"]) == pos)} for r in computed["rows"]]
     out: dict[str, Any] = {}
@@ -589,9 +568,6 @@ def run_baselines(
         ``(results["baselines"], {"baseline_NAME": seconds})``; empty when the task is not binary (the
         baselines' statistics are the binary ones of the methods).
     """
-    from endodistill.evaluate.stats import read_oof_csv
-    from endodistill.train.common import read_done, write_done
-
     if cfg.task.num_classes != 2:
         echo("[baselines] skipped: they are defined for two classes")
         return {}, {}

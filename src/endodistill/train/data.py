@@ -20,7 +20,13 @@ import torch
 from torch import Tensor
 
 from endodistill.config import Config
+from endodistill.data.cache import TensorCache
+from endodistill.data.fingerprint import build_fingerprint, summarise
+from endodistill.data.manifest import read_manifest
+from endodistill.data.preprocess import sample_frames
+from endodistill.data.synthetic import generate_cohort
 from endodistill.errors import InputError
+from endodistill.utils import thread_map
 
 log = logging.getLogger("endodistill")
 
@@ -79,8 +85,6 @@ class ClipSet:
     def eval_tensor(self, frames: int) -> Tensor:
         """All clips with ``frames`` frames spread uniformly over each clip: ``(N, 1, frames, H, W)``."""
         if frames not in self._eval:
-            from endodistill.data.preprocess import sample_frames
-
             rng = np.random.default_rng(0)  # unused when train=False
             arr = np.stack([sample_frames(c, frames, train=False, rng=rng) for c in self.clips])
             self._eval[frames] = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[:, None]
@@ -95,8 +99,6 @@ class ClipSet:
         if self.flows is None:
             raise ValueError("these clips have no displacement fields (teacher.motion is not 'flow')")
         if frames not in self._eval_flow:
-            from endodistill.data.preprocess import sample_frames
-
             rng = np.random.default_rng(0)  # unused when train=False
             arr = np.stack([sample_frames(f, frames, train=False, rng=rng) for f in self.flows])
             # (N, T, 2, H, W) -> (N, 2, T, H, W): the flow components are the channels.
@@ -155,8 +157,6 @@ def ensure_manifest(cfg: Config, cohort_dir: Path) -> Path:
     if manifest.is_file() and (cohort_dir / "cohort.json").is_file():
         log.info("reusing the synthetic cohort in %s", cohort_dir)
         return manifest.resolve()
-    from endodistill.data.synthetic import generate_cohort
-
     s = cfg.data.synth
     log.info("generating the synthetic %s cohort into %s", s.preset, cohort_dir)
     generate_cohort(
@@ -196,8 +196,6 @@ def _warm_cache(cache: Any, cfg: Config, volumes: list[tuple[Any, str | None]], 
     without the start-up and fork-safety issues of worker processes. Failures are left to the ordered pass,
     which reports the first bad file in manifest order with its usual one-line error.
     """
-    from endodistill.utils import thread_map
-
     jobs = [(r, uid) for r, uid in volumes] + [(r, False) for r in clips]
     if cfg.teacher.motion == "flow":
         jobs += [(r, True) for r in clips]
@@ -232,10 +230,6 @@ def load_cohort(cfg: Config, manifest: str | Path) -> CohortData:
     Raises:
         InputError: a bad manifest or file (named), no labelled student volume, or no labelled clip.
     """
-    from endodistill.data.cache import TensorCache
-    from endodistill.data.fingerprint import build_fingerprint, summarise
-    from endodistill.data.manifest import read_manifest
-
     manifest = Path(manifest).resolve()
     root = cache_root(cfg)
     key = _memo_key(cfg, manifest, root)

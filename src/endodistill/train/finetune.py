@@ -15,7 +15,6 @@ import csv
 import io
 import logging
 import math
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,32 +26,28 @@ from torch import Tensor
 
 from endodistill.config import Config, MethodConfig
 from endodistill.errors import InputError
-from endodistill.train.common import (
-    PlannedBatches,
-    StageModule,
-    TimingCallback,
-    adamw,
-    auc_score,
-    fit,
-    inference_device,
-    load_weights,
-    make_loader,
-    make_trainer,
-    param_groups,
-    predict_logits,
-    prepare_unit,
-    read_done,
-    save_weights,
-    seed_all,
-    set_rank,
-    warmup_cosine,
-    write_done,
-    write_history,
-)
+from endodistill.evaluate.metrics import auc_score
+from endodistill.models.student import build_student, load_mae_encoder
+from endodistill.train.batches import PlannedBatches
 from endodistill.train.data import CohortData
+from endodistill.train.fit import FitPlan, FitSpec, run_fit
+from endodistill.train.inference import inference_device, predict_logits
+from endodistill.train.losses import (
+    balanced_class_weights,
+    balanced_sample_weights,
+    kd_loss,
+    kd_weight,
+    mixed_loss,
+    task_loss,
+)
+from endodistill.train.module import StageModule
+from endodistill.train.optim import adamw, param_groups
+from endodistill.train.pairing import class_prototypes, control_targets, label_matched_pairs, noisy_partners
 from endodistill.train.pretrain import augment_volumes
-from endodistill.train.speed import compile_if_enabled
+from endodistill.train.seeding import seed_all
 from endodistill.train.teacher import TeacherOutputs
+from endodistill.train.trainer import TimingCallback
+from endodistill.train.weights import load_weights, save_weights
 from endodistill.utils import atomic_path
 
 log = logging.getLogger("endodistill")
@@ -83,32 +78,22 @@ class StudentModule(StageModule):
         val: tuple[Tensor, np.ndarray] | None,
         **kw: Any,
     ) -> None:
-        super().__init__(**kw)
-        self.cfg = cfg
+        super().__init__(cfg=cfg, batches=batches, total_steps=total_steps, **kw)
         self.method = method
         self.net = net
-        self.total_steps = total_steps
-        self.batches = batches
         self.val = val
         self.register_buffer("class_weights", class_weights, persistent=False)
         self.best_state: dict[str, Tensor] | None = None
         self.best: dict[str, Any] = {"auc": None, "loss": None, "epoch": None}
 
-    def setup(self, stage: str) -> None:
-        set_rank(self.batches, self.trainer)
-
-    def configure_model(self) -> None:
-        compile_if_enabled(self.net, self.cfg, self.trainer.strategy.root_device)
+    def network(self) -> torch.nn.Module:
+        return self.net
 
     def kd_weight(self) -> float:
         """``a_e`` of the current epoch."""
-        from endodistill.train.losses import kd_weight
-
         return float(kd_weight(self.method.schedule, int(self.current_epoch), self.cfg.finetune.epochs))
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        from endodistill.train.losses import kd_loss, mixed_loss, task_loss
-
         logits = self.net(batch["x"])
         a = self.kd_weight()
         kd = kd_loss(self.method.kd_loss, logits, batch["t"], self.method.temperature)
@@ -166,11 +151,9 @@ class StudentModule(StageModule):
         self.best = dict(state.get("best", self.best))
         self.best_state = state.get("best_state")
 
-    def configure_optimizers(self) -> Any:
+    def optimiser(self) -> torch.optim.Optimizer:
         f = self.cfg.finetune
-        opt = adamw(layer_decay_groups(self.net, f.weight_decay, f.lr, f.layer_decay), lr=f.lr)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(self.total_steps, 0.1))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw(layer_decay_groups(self.net, f.weight_decay, f.lr, f.layer_decay), lr=f.lr)
 
 
 def _layer_id(name: str, num_layers: int) -> int:
@@ -249,13 +232,6 @@ def student_batch_fn(
         num_classes: K.
         augment: flips and intensity jitter.
     """
-    from endodistill.train.pairing import (
-        class_prototypes,
-        control_targets,
-        label_matched_pairs,
-        noisy_partners,
-    )
-
     pool_labels = teacher.labels[pool]
     pool_logits = control_targets(
         teacher.logits[torch.from_numpy(pool)],
@@ -325,6 +301,172 @@ def read_predictions(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
     return subjects, labels, probs
 
 
+def mae_initialised(
+    net: torch.nn.Module,
+    load: Callable[..., None],
+    method_name: str,
+    where: str,
+    encoder_path: Path | None,
+) -> None:
+    """Load the MAE encoder at ``encoder_path`` into ``net`` with ``load`` (a method with ``init: mae``).
+
+    Raises:
+        InputError: the encoder file is missing (the pretrain stage has not run).
+    """
+    if encoder_path is None or not Path(encoder_path).is_file():
+        raise InputError(
+            encoder_path,
+            f"{where}: method '{method_name}' starts from the MAE encoder, which is missing: run the pretrain stage first",
+        )
+    load(net, load_weights(encoder_path), source=encoder_path)
+
+
+def selected_network(
+    module: StudentModule, unit_dir: Path, cfg: Config
+) -> tuple[torch.nn.Module, torch.device]:
+    """The fit's selected weights (best validation epoch, else the last) saved as ``model.safetensors``.
+
+    Returns:
+        ``(net in eval mode on the inference device, that device)``.
+    """
+    net = module.net
+    if module.best_state is not None:
+        net.load_state_dict(module.best_state)
+    net.eval()
+    save_weights(unit_dir / "model.safetensors", net.state_dict())
+    dev = inference_device(cfg)
+    net.to(dev)
+    return net, dev
+
+
+def predict_test(
+    net: torch.nn.Module, x: Tensor, labels: np.ndarray, cfg: Config, dev: torch.device
+) -> tuple[np.ndarray, float]:
+    """``(probs (N, K), AUC)`` of the test volumes ``x`` (zero rows and NaN when there are none)."""
+    if not x.shape[0]:
+        return np.zeros((0, cfg.task.num_classes)), float("nan")
+    probs = predict_logits(net, x, cfg.finetune.batch_size, dev).softmax(1).numpy()
+    return probs, auc_score(labels, probs, cfg.task.positive_class)
+
+
+class StudentFit(FitSpec):
+    """One distillation + fine-tuning fit of a method on a fold (see :func:`finetune`)."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        method_name: str,
+        data: CohortData,
+        teacher: TeacherOutputs,
+        split: dict[str, list[str]],
+        seed: int,
+        where: str,
+        encoder_path: Path | None,
+    ) -> None:
+        self.cfg, self.method_name, self.data, self.teacher = cfg, method_name, data, teacher
+        self.split, self.seed, self.where, self.encoder_path = split, seed, where, encoder_path
+
+    def plan(self) -> FitPlan:
+        cfg, split, teacher, where, seed = self.cfg, self.split, self.teacher, self.where, self.seed
+        self.method = cfg.protocol.methods[self.method_name]
+        k = cfg.task.num_classes
+        lab = self.data.labelled
+        self.tr, self.va = lab.index(split["train"]), lab.index(split.get("val", []))
+        self.te = lab.index(split.get("test", []))
+        tr, va = self.tr, self.va
+        if tr.size == 0:
+            raise InputError(None, f"{where}: no training subjects")
+        excluded = set(split.get("test", [])) | set(split.get("val", []))
+        self.pool = pool = np.array(
+            [
+                i
+                for i in range(len(teacher.labels))
+                if teacher.labels[i] >= 0 and teacher.subjects[i] not in excluded
+            ],
+            dtype=np.int64,
+        )
+        missing = sorted(set(lab.labels[tr].tolist()) - set(teacher.labels[pool].tolist()))
+        if missing:
+            raise InputError(
+                None, f"{where}: class(es) {missing} have MRI training cases but no TVUS clip to pair with"
+            )
+
+        seed_all(seed)  # the head (and scratch encoders) start from the fit's seed, whatever ran before
+        self.net = build_student(cfg)
+        if self.method.init == "mae":
+            mae_initialised(self.net, load_mae_encoder, self.method_name, where, self.encoder_path)
+
+        y_tr = lab.labels[tr]
+        f = cfg.finetune
+        self.class_weights = balanced_class_weights(y_tr, k) if f.class_balance == "weights" else None
+        sw = balanced_sample_weights(y_tr, k).numpy() if f.class_balance == "sampler" else None
+        make = student_batch_fn(
+            lab.x[torch.from_numpy(tr)],
+            y_tr,
+            [lab.subjects[i] for i in tr],
+            teacher,
+            pool,
+            self.method,
+            seed,
+            k,
+            f.augment,
+        )
+        batches = PlannedBatches(tr.size, f.batch_size, seed, make, sample_weights=sw)
+        self.val = (lab.x[torch.from_numpy(va)], lab.labels[va]) if va.size else None
+        return FitPlan(batches, f.epochs)
+
+    def module(self, plan: FitPlan, timing: TimingCallback) -> StudentModule:
+        f = self.cfg.finetune
+        hp = {
+            "stage": "distill",
+            "where": self.where,
+            "method": self.method_name,
+            "seed": self.seed,
+            "n_train": int(self.tr.size),
+            "n_val": int(self.va.size),
+            "config": {"method": self.method.model_dump(mode="json"), "finetune": f.model_dump(mode="json")},
+        }
+        return StudentModule(
+            self.cfg,
+            self.method,
+            self.net,
+            self.class_weights,
+            total_steps=len(plan.batches) * plan.epochs,
+            batches=plan.batches,
+            val=self.val,
+            hparams=hp,
+            seed=self.seed,
+            where=self.where,
+            timing=timing,
+        )
+
+    def finish(self, unit_dir: Path, module: StageModule, timing: TimingCallback) -> dict[str, Any]:
+        assert isinstance(module, StudentModule)
+        lab, tr, va, te, pos = self.data.labelled, self.tr, self.va, self.te, self.cfg.task.positive_class
+        net, dev = selected_network(module, unit_dir, self.cfg)
+        with timing.section():
+            probs, test_auc = predict_test(net, lab.x[torch.from_numpy(te)], lab.labels[te], self.cfg, dev)
+        _write_predictions(
+            unit_dir / "predictions.csv", [lab.subjects[i] for i in te], lab.labels[te], probs, pos
+        )
+        best = module.best
+        return {
+            "method": self.method_name,
+            "where": self.where,
+            "seed": self.seed,
+            "train_subjects": sorted(lab.subjects[i] for i in tr),
+            "val_subjects": sorted(lab.subjects[i] for i in va),
+            "test_subjects": sorted(lab.subjects[i] for i in te),
+            "tvus_subjects": sorted({self.teacher.subjects[i] for i in self.pool}),
+            "best_epoch": best["epoch"],
+            "val_auc": best["auc"],
+            "val_loss": best["loss"],
+            "test_auc": test_auc if math.isfinite(test_auc) else None,
+            "train_loss_first": module.history[0].get("train_loss") if module.history else None,
+            "train_loss_last": module.history[-1].get("train_loss") if module.history else None,
+        }
+
+
 def finetune(
     cfg: Config,
     method_name: str,
@@ -359,123 +501,5 @@ def finetune(
     Raises:
         InputError: a missing MAE encoder, or a class without TVUS clips to pair with.
     """
-    from endodistill.models.student import build_student, load_mae_encoder
-    from endodistill.train.losses import balanced_class_weights, balanced_sample_weights
-
-    unit_dir = Path(unit_dir)
-    done = read_done(unit_dir) if resume else None
-    if done is not None and (unit_dir / "model.safetensors").is_file():
-        return done
-    t0 = time.perf_counter()
-    method = cfg.protocol.methods[method_name]
-    k, pos = cfg.task.num_classes, cfg.task.positive_class
-    lab = data.labelled
-    tr, va, te = lab.index(split["train"]), lab.index(split.get("val", [])), lab.index(split.get("test", []))
-    if tr.size == 0:
-        raise InputError(None, f"{where}: no training subjects")
-    excluded = set(split.get("test", [])) | set(split.get("val", []))
-    pool = np.array(
-        [
-            i
-            for i in range(len(teacher.labels))
-            if teacher.labels[i] >= 0 and teacher.subjects[i] not in excluded
-        ],
-        dtype=np.int64,
-    )
-    missing = sorted(set(lab.labels[tr].tolist()) - set(teacher.labels[pool].tolist()))
-    if missing:
-        raise InputError(
-            None, f"{where}: class(es) {missing} have MRI training cases but no TVUS clip to pair with"
-        )
-
-    seed_all(seed)  # the head (and scratch encoders) start from the fit's seed, whatever ran before
-    net = build_student(cfg)
-    if method.init == "mae":
-        if encoder_path is None or not Path(encoder_path).is_file():
-            raise InputError(
-                encoder_path,
-                f"{where}: method '{method_name}' starts from the MAE encoder, which is missing: run the pretrain stage first",
-            )
-        load_mae_encoder(net, load_weights(encoder_path), source=encoder_path)
-
-    ckpt = prepare_unit(unit_dir, resume)
-    y_tr = lab.labels[tr]
-    f = cfg.finetune
-    cw = balanced_class_weights(y_tr, k) if f.class_balance == "weights" else None
-    sw = balanced_sample_weights(y_tr, k).numpy() if f.class_balance == "sampler" else None
-    make = student_batch_fn(
-        lab.x[torch.from_numpy(tr)],
-        y_tr,
-        [lab.subjects[i] for i in tr],
-        teacher,
-        pool,
-        method,
-        seed,
-        k,
-        f.augment,
-    )
-    batches = PlannedBatches(tr.size, f.batch_size, seed, make, sample_weights=sw)
-    val = (lab.x[torch.from_numpy(va)], lab.labels[va]) if va.size else None
-    timing = TimingCallback()
-    hp = {
-        "stage": "distill",
-        "where": where,
-        "method": method_name,
-        "seed": seed,
-        "n_train": int(tr.size),
-        "n_val": int(va.size),
-        "config": {"method": method.model_dump(mode="json"), "finetune": f.model_dump(mode="json")},
-    }
-    module = StudentModule(
-        cfg,
-        method,
-        net,
-        cw,
-        total_steps=len(batches) * f.epochs,
-        batches=batches,
-        val=val,
-        hparams=hp,
-        seed=seed,
-        where=where,
-        timing=timing,
-    )
-    trainer = make_trainer(cfg, unit_dir, f.epochs, timing)
-    fit(trainer, module, make_loader(batches, cfg), ckpt)
-
-    net = module.net
-    if module.best_state is not None:
-        net.load_state_dict(module.best_state)
-    net.eval()
-    save_weights(unit_dir / "model.safetensors", net.state_dict())
-    dev = inference_device(cfg)
-    net.to(dev)
-    test_auc = float("nan")
-    with timing.section():
-        if te.size:
-            probs = predict_logits(net, lab.x[torch.from_numpy(te)], f.batch_size, dev).softmax(1).numpy()
-            test_auc = auc_score(lab.labels[te], probs, pos)
-        else:
-            probs = np.zeros((0, k))
-    _write_predictions(
-        unit_dir / "predictions.csv", [lab.subjects[i] for i in te], lab.labels[te], probs, pos
-    )
-    write_history(unit_dir / "history.csv", module.history)
-    best = module.best
-    info = {
-        "method": method_name,
-        "where": where,
-        "seed": seed,
-        "train_subjects": sorted(lab.subjects[i] for i in tr),
-        "val_subjects": sorted(lab.subjects[i] for i in va),
-        "test_subjects": sorted(lab.subjects[i] for i in te),
-        "tvus_subjects": sorted({teacher.subjects[i] for i in pool}),
-        "best_epoch": best["epoch"],
-        "val_auc": best["auc"],
-        "val_loss": best["loss"],
-        "test_auc": test_auc if math.isfinite(test_auc) else None,
-        "train_loss_first": module.history[0].get("train_loss") if module.history else None,
-        "train_loss_last": module.history[-1].get("train_loss") if module.history else None,
-        "timing": timing.summary(time.perf_counter() - t0),
-    }
-    write_done(unit_dir, info)
-    return info
+    spec = StudentFit(cfg, method_name, data, teacher, split, seed, where, encoder_path)
+    return run_fit(unit_dir, spec, resume)

@@ -11,7 +11,7 @@ Design (ours; the follow-up paper's details are not public, see :mod:`endodistil
   in fold ``k``, and on the clips of every subject that is neither tested (on TVUS or MRI) nor an MRI
   validation subject of fold ``k``. With unpaired cohorts no one is dropped; with paired subjects a
   subject is never trained on in a fold that tests it in either modality.
-* **Batches.** An epoch is the MRI plan of the student (:class:`~endodistill.train.common.PlannedBatches`
+* **Batches.** An epoch is the MRI plan of the student (:class:`~endodistill.train.batches.PlannedBatches`
   over the training volumes, the student's augmentation); every MRI batch of ``n`` cases is joined by ``n``
   training clips drawn without replacement from the batch's own generator, built by the teacher's
   :func:`~endodistill.train.teacher.clip_batch_fn` (random temporal window, the teacher's augmentation
@@ -34,7 +34,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -44,27 +43,28 @@ import torch
 from torch import Tensor
 
 from endodistill.config import Config, MethodConfig
+from endodistill.data.splits import stratified_group_folds
 from endodistill.errors import InputError
-from endodistill.train.common import (
-    PlannedBatches,
-    TimingCallback,
-    auc_score,
-    fit,
-    inference_device,
-    load_weights,
-    make_loader,
-    make_trainer,
-    predict_logits,
-    prepare_unit,
-    read_done,
-    save_weights,
-    seed_all,
-    write_done,
-    write_history,
-)
+from endodistill.evaluate.delong import delong_test
+from endodistill.evaluate.metrics import auc_score, binary_metrics
+from endodistill.models.joint import ClipPath, build_joint, load_mae_into_joint
+from endodistill.train.batches import PlannedBatches
 from endodistill.train.data import CohortData
-from endodistill.train.finetune import StudentModule, _write_predictions
+from endodistill.train.finetune import (
+    StudentModule,
+    _write_predictions,
+    mae_initialised,
+    predict_test,
+    selected_network,
+)
+from endodistill.train.fit import FitPlan, FitSpec, run_fit
+from endodistill.train.inference import predict_logits
+from endodistill.train.losses import balanced_class_weights, balanced_sample_weights, task_loss
+from endodistill.train.module import StageModule
 from endodistill.train.pretrain import augment_volumes
+from endodistill.train.seeding import seed_all
+from endodistill.train.teacher import clip_batch_fn, teacher_inputs
+from endodistill.train.trainer import TimingCallback
 from endodistill.utils import atomic_path
 
 CLIP_PREDICTIONS = "clip_predictions.csv"
@@ -82,8 +82,6 @@ def joint_epochs(cfg: Config) -> int:
 
 def clip_folds(cfg: Config, data: CohortData) -> list[list[str]]:
     """The TVUS test subjects of each protocol fold: the teacher's CV folds with ``protocol.folds`` folds."""
-    from endodistill.data.splits import stratified_group_folds
-
     tv = data.tvus
     lab = np.flatnonzero(tv.labels >= 0)
     # train.teacher._cv_folds with k = protocol.folds: the very folds of the teacher when the numbers agree.
@@ -124,8 +122,6 @@ def joint_batch_fn(
         clip_idx: indices of the training clips in ``data.tvus``.
         cfg: the run config (student augmentation switch, the teacher's clip augmentation).
     """
-    from endodistill.train.teacher import clip_batch_fn
-
     clips = clip_batch_fn(data.tvus, clip_idx, cfg, cfg.teacher.augment)
     y_t = torch.from_numpy(y.astype(np.int64))
     n_clips = int(clip_idx.size)
@@ -158,8 +154,6 @@ class JointModule(StudentModule):
         return 0.0
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        from endodistill.train.losses import task_loss
-
         net = self.net
         fm = net.features(batch["x"])
         fc = net.clip_features(batch["c"])
@@ -203,9 +197,151 @@ def read_clip_predictions(path: Path) -> list[dict[str, Any]]:
 @torch.no_grad()
 def clip_probs(net: Any, x: Tensor, batch_size: int, device: torch.device | str = "cpu") -> np.ndarray:
     """Softmax probabilities ``(N, K)`` of preprocessed clips ``x`` (eval mode is the caller's job)."""
-    from endodistill.models.joint import ClipPath
-
     return predict_logits(ClipPath(net), x, batch_size, device).softmax(1).numpy()
+
+
+class JointFit(FitSpec):
+    """One joint fit of a method on a fold (see :func:`joint_fit`)."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        method_name: str,
+        data: CohortData,
+        split: dict[str, list[str]],
+        clip_test: list[str],
+        seed: int,
+        where: str,
+        encoder_path: Path | None,
+    ) -> None:
+        self.cfg, self.method_name, self.data, self.split = cfg, method_name, data, split
+        self.clip_test, self.seed, self.where, self.encoder_path = clip_test, seed, where, encoder_path
+
+    def plan(self) -> FitPlan:
+        cfg, data, split, where, seed = self.cfg, self.data, self.split, self.where, self.seed
+        self.method: MethodConfig = cfg.protocol.methods[self.method_name]
+        k = cfg.task.num_classes
+        lab, tv = data.labelled, data.tvus
+        clip_test_set = set(self.clip_test)
+        mri_train = [s for s in split["train"] if s not in clip_test_set]
+        self.tr, self.va = lab.index(mri_train), lab.index(split.get("val", []))
+        self.te = lab.index(split.get("test", []))
+        tr, va = self.tr, self.va
+        if tr.size == 0:
+            raise InputError(None, f"{where}: no training subjects")
+        excluded = clip_test_set | set(split.get("test", [])) | set(split.get("val", []))
+        self.clip_tr = clip_tr = np.array(
+            [i for i in range(len(tv)) if tv.labels[i] >= 0 and tv.subjects[i] not in excluded],
+            dtype=np.int64,
+        )
+        self.clip_te = np.array(
+            [i for i in range(len(tv)) if tv.labels[i] >= 0 and tv.subjects[i] in clip_test_set],
+            dtype=np.int64,
+        )
+        missing = sorted(set(range(k)) - set(tv.labels[clip_tr].tolist()))
+        if clip_tr.size == 0 or missing:
+            raise InputError(
+                None, f"{where}: no training '{cfg.task.teacher_modality}' clip of class(es) {missing}"
+            )
+
+        seed_all(seed)
+        self.net = build_joint(cfg)
+        if self.method.init == "mae":
+            mae_initialised(self.net, load_mae_into_joint, self.method_name, where, self.encoder_path)
+
+        y_tr = lab.labels[tr]
+        f = cfg.finetune
+        weights = f.class_balance == "weights"
+        self.class_weights = balanced_class_weights(y_tr, k) if weights else None
+        self.clip_class_weights = balanced_class_weights(tv.labels[clip_tr], k) if weights else None
+        sw = balanced_sample_weights(y_tr, k).numpy() if f.class_balance == "sampler" else None
+        make = joint_batch_fn(lab.x[torch.from_numpy(tr)], y_tr, data, clip_tr, cfg)
+        batches = PlannedBatches(tr.size, f.batch_size, seed, make, sample_weights=sw)
+        self.val = (lab.x[torch.from_numpy(va)], lab.labels[va]) if va.size else None
+        return FitPlan(batches, joint_epochs(cfg))
+
+    def module(self, plan: FitPlan, timing: TimingCallback) -> JointModule:
+        cfg, f = self.cfg, self.cfg.finetune
+        hp = {
+            "stage": "joint",
+            "where": self.where,
+            "method": self.method_name,
+            "seed": self.seed,
+            "n_train": int(self.tr.size),
+            "n_train_clips": int(self.clip_tr.size),
+            "n_val": int(self.va.size),
+            "config": {
+                "method": self.method.model_dump(mode="json"),
+                "finetune": f.model_dump(mode="json"),
+                "joint": cfg.joint.model_dump(mode="json"),
+            },
+        }
+        return JointModule(
+            cfg,
+            self.method,
+            self.net,
+            self.class_weights,
+            total_steps=len(plan.batches) * plan.epochs,
+            batches=plan.batches,
+            val=self.val,
+            clip_class_weights=self.clip_class_weights,
+            hparams=hp,
+            seed=self.seed,
+            where=self.where,
+            timing=timing,
+        )
+
+    def finish(self, unit_dir: Path, module: StageModule, timing: TimingCallback) -> dict[str, Any]:
+        assert isinstance(module, JointModule)
+        cfg = self.cfg
+        k, pos = cfg.task.num_classes, cfg.task.positive_class
+        lab, tv = self.data.labelled, self.data.tvus
+        tr, va, te, clip_tr, clip_te = self.tr, self.va, self.te, self.clip_tr, self.clip_te
+        net, dev = selected_network(module, unit_dir, cfg)
+        clip_auc = float("nan")
+        with timing.section():
+            probs, test_auc = predict_test(net, lab.x[torch.from_numpy(te)], lab.labels[te], cfg, dev)
+            cprobs = np.zeros((0, k))
+            if clip_te.size:
+                x_clip = teacher_inputs(tv, cfg)[torch.from_numpy(clip_te)]
+                cprobs = clip_probs(net, x_clip, cfg.finetune.batch_size, dev)
+                clip_auc = auc_score(tv.labels[clip_te], cprobs, pos)
+        _write_predictions(
+            unit_dir / "predictions.csv", [lab.subjects[i] for i in te], lab.labels[te], probs, pos
+        )
+        _write_clip_predictions(
+            unit_dir / CLIP_PREDICTIONS,
+            [
+                {
+                    "subject_id": tv.subjects[i],
+                    "label": int(tv.labels[i] == pos) if k == 2 else int(tv.labels[i]),
+                    "prob": repr(float(p[pos])),
+                    "path": Path(tv.paths[i]).name,
+                }
+                for i, p in zip(clip_te, cprobs)
+            ],
+        )
+        best = module.best
+        return {
+            "method": self.method_name,
+            "kind": "joint",
+            "where": self.where,
+            "seed": self.seed,
+            "train_subjects": sorted(lab.subjects[i] for i in tr),
+            "val_subjects": sorted(lab.subjects[i] for i in va),
+            "test_subjects": sorted(lab.subjects[i] for i in te),
+            "tvus_subjects": sorted({tv.subjects[i] for i in clip_tr}),
+            "tvus_test_subjects": sorted({tv.subjects[i] for i in clip_te}),
+            "n_train_clips": int(clip_tr.size),
+            "n_test_clips": int(clip_te.size),
+            "best_epoch": best["epoch"],
+            "val_auc": best["auc"],
+            "val_loss": best["loss"],
+            "test_auc": test_auc if math.isfinite(test_auc) else None,
+            "tvus_test_auc": clip_auc if math.isfinite(clip_auc) else None,
+            "train_loss_first": module.history[0].get("train_loss") if module.history else None,
+            "train_loss_last": module.history[-1].get("train_loss") if module.history else None,
+        }
 
 
 def joint_fit(
@@ -241,148 +377,8 @@ def joint_fit(
     Raises:
         InputError: no training subjects, a missing MAE encoder, or a class without training clips.
     """
-    from endodistill.models.joint import build_joint, load_mae_into_joint
-    from endodistill.train.losses import balanced_class_weights, balanced_sample_weights
-
-    unit_dir = Path(unit_dir)
-    done = read_done(unit_dir) if resume else None
-    if done is not None and (unit_dir / "model.safetensors").is_file():
-        return done
-    t0 = time.perf_counter()
-    method: MethodConfig = cfg.protocol.methods[method_name]
-    k, pos = cfg.task.num_classes, cfg.task.positive_class
-    lab, tv = data.labelled, data.tvus
-    clip_test_set = set(clip_test)
-    mri_train = [s for s in split["train"] if s not in clip_test_set]
-    tr, va, te = lab.index(mri_train), lab.index(split.get("val", [])), lab.index(split.get("test", []))
-    if tr.size == 0:
-        raise InputError(None, f"{where}: no training subjects")
-    excluded = clip_test_set | set(split.get("test", [])) | set(split.get("val", []))
-    clip_tr = np.array(
-        [i for i in range(len(tv)) if tv.labels[i] >= 0 and tv.subjects[i] not in excluded], dtype=np.int64
-    )
-    clip_te = np.array(
-        [i for i in range(len(tv)) if tv.labels[i] >= 0 and tv.subjects[i] in clip_test_set], dtype=np.int64
-    )
-    missing = sorted(set(range(k)) - set(tv.labels[clip_tr].tolist()))
-    if clip_tr.size == 0 or missing:
-        raise InputError(
-            None, f"{where}: no training '{cfg.task.teacher_modality}' clip of class(es) {missing}"
-        )
-
-    seed_all(seed)
-    net = build_joint(cfg)
-    if method.init == "mae":
-        if encoder_path is None or not Path(encoder_path).is_file():
-            raise InputError(
-                encoder_path,
-                f"{where}: method '{method_name}' starts from the MAE encoder, which is missing: run the pretrain stage first",
-            )
-        load_mae_into_joint(net, load_weights(encoder_path), source=encoder_path)
-
-    ckpt = prepare_unit(unit_dir, resume)
-    y_tr = lab.labels[tr]
-    f = cfg.finetune
-    cw = balanced_class_weights(y_tr, k) if f.class_balance == "weights" else None
-    ccw = balanced_class_weights(tv.labels[clip_tr], k) if f.class_balance == "weights" else None
-    sw = balanced_sample_weights(y_tr, k).numpy() if f.class_balance == "sampler" else None
-    make = joint_batch_fn(lab.x[torch.from_numpy(tr)], y_tr, data, clip_tr, cfg)
-    batches = PlannedBatches(tr.size, f.batch_size, seed, make, sample_weights=sw)
-    val = (lab.x[torch.from_numpy(va)], lab.labels[va]) if va.size else None
-    epochs = joint_epochs(cfg)
-    timing = TimingCallback()
-    hp = {
-        "stage": "joint",
-        "where": where,
-        "method": method_name,
-        "seed": seed,
-        "n_train": int(tr.size),
-        "n_train_clips": int(clip_tr.size),
-        "n_val": int(va.size),
-        "config": {
-            "method": method.model_dump(mode="json"),
-            "finetune": f.model_dump(mode="json"),
-            "joint": cfg.joint.model_dump(mode="json"),
-        },
-    }
-    module = JointModule(
-        cfg,
-        method,
-        net,
-        cw,
-        total_steps=len(batches) * epochs,
-        batches=batches,
-        val=val,
-        clip_class_weights=ccw,
-        hparams=hp,
-        seed=seed,
-        where=where,
-        timing=timing,
-    )
-    trainer = make_trainer(cfg, unit_dir, epochs, timing)
-    fit(trainer, module, make_loader(batches, cfg), ckpt)
-
-    net = module.net
-    if module.best_state is not None:
-        net.load_state_dict(module.best_state)
-    net.eval()
-    save_weights(unit_dir / "model.safetensors", net.state_dict())
-    dev = inference_device(cfg)
-    net.to(dev)
-    test_auc = clip_auc = float("nan")
-    with timing.section():
-        if te.size:
-            probs = predict_logits(net, lab.x[torch.from_numpy(te)], f.batch_size, dev).softmax(1).numpy()
-            test_auc = auc_score(lab.labels[te], probs, pos)
-        else:
-            probs = np.zeros((0, k))
-        cprobs = np.zeros((0, k))
-        if clip_te.size:
-            from endodistill.train.teacher import teacher_inputs
-
-            x_clip = teacher_inputs(tv, cfg)[torch.from_numpy(clip_te)]
-            cprobs = clip_probs(net, x_clip, f.batch_size, dev)
-            clip_auc = auc_score(tv.labels[clip_te], cprobs, pos)
-    _write_predictions(
-        unit_dir / "predictions.csv", [lab.subjects[i] for i in te], lab.labels[te], probs, pos
-    )
-    _write_clip_predictions(
-        unit_dir / CLIP_PREDICTIONS,
-        [
-            {
-                "subject_id": tv.subjects[i],
-                "label": int(tv.labels[i] == pos) if k == 2 else int(tv.labels[i]),
-                "prob": repr(float(p[pos])),
-                "path": Path(tv.paths[i]).name,
-            }
-            for i, p in zip(clip_te, cprobs)
-        ],
-    )
-    write_history(unit_dir / "history.csv", module.history)
-    best = module.best
-    info = {
-        "method": method_name,
-        "kind": "joint",
-        "where": where,
-        "seed": seed,
-        "train_subjects": sorted(lab.subjects[i] for i in tr),
-        "val_subjects": sorted(lab.subjects[i] for i in va),
-        "test_subjects": sorted(lab.subjects[i] for i in te),
-        "tvus_subjects": sorted({tv.subjects[i] for i in clip_tr}),
-        "tvus_test_subjects": sorted({tv.subjects[i] for i in clip_te}),
-        "n_train_clips": int(clip_tr.size),
-        "n_test_clips": int(clip_te.size),
-        "best_epoch": best["epoch"],
-        "val_auc": best["auc"],
-        "val_loss": best["loss"],
-        "test_auc": test_auc if math.isfinite(test_auc) else None,
-        "tvus_test_auc": clip_auc if math.isfinite(clip_auc) else None,
-        "train_loss_first": module.history[0].get("train_loss") if module.history else None,
-        "train_loss_last": module.history[-1].get("train_loss") if module.history else None,
-        "timing": timing.summary(time.perf_counter() - t0),
-    }
-    write_done(unit_dir, info)
-    return info
+    spec = JointFit(cfg, method_name, data, split, clip_test, seed, where, encoder_path)
+    return run_fit(unit_dir, spec, resume)
 
 
 def tvus_summary(
@@ -400,9 +396,6 @@ def tvus_summary(
         DeLong test against the teacher's out-of-fold predictions on the clips both scored
         (``teacher/predictions.csv``); ``rows`` are ``subject_id, fold, method, label, prob, path``.
     """
-    from endodistill.evaluate.delong import delong_test
-    from endodistill.evaluate.metrics import binary_metrics
-
     joint = [m for m in methods if is_joint(cfg, m)]
     if not joint or cfg.task.num_classes != 2:
         return None, []

@@ -15,6 +15,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from endodistill.data.splits import stratified_group_folds
+from endodistill.evaluate.delong import delong_auc_ci
+from endodistill.evaluate.metrics import auc_score
 
 # C of the L2 penalty tried by the inner cross-validation (inverse regularisation strength; features are
 # standardised inside the model).
@@ -25,8 +32,6 @@ def _inner_folds(
     subjects: Sequence[str], y: np.ndarray, k: int, seed: int
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Subject-level stratified inner splits ``(train rows, val rows)`` of one training part."""
-    from endodistill.data.splits import stratified_group_folds
-
     per_class = np.bincount(y)
     k = int(min(k, per_class[per_class > 0].min(), len(set(subjects))))
     if k < 2:
@@ -40,25 +45,9 @@ def _inner_folds(
 
 
 def _fit(x: np.ndarray, y: np.ndarray, c: float) -> Any:
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     # Balanced class weights, as the teacher's loss; the scaler is part of the model (fitted on its rows only).
     model = make_pipeline(StandardScaler(), LogisticRegression(C=c, class_weight="balanced", max_iter=2000))
     return model.fit(x, y)
-
-
-def _auc(y: np.ndarray, p: np.ndarray, k: int, pos: int = 1) -> float:
-    from sklearn.metrics import roc_auc_score
-
-    if len(np.unique(y)) < 2:
-        return float("nan")
-    if k == 2:
-        return float(roc_auc_score(y == pos, p[:, pos]))
-    from endodistill.evaluate.metrics import multiclass_auc
-
-    return float(multiclass_auc(y, p)["macro"])
 
 
 def choose_c(
@@ -85,7 +74,7 @@ def choose_c(
                 continue
             p = np.zeros((va.size, k))
             p[:, np.unique(y[tr])] = _fit(x[tr], y[tr], c).predict_proba(x[va])
-            aucs.append(_auc(y[va], p, k))
+            aucs.append(auc_score(y[va], p))
         finite = [a for a in aucs if np.isfinite(a)]
         scores.append(float(np.mean(finite)) if finite else float("-inf"))
     return float(cs[int(np.argmax(scores))])  # argmax takes the first (smallest C) of equal scores
@@ -133,14 +122,12 @@ def cross_validated_logreg(
         p = np.zeros((te.size, k))
         p[:, np.unique(y_all[tr])] = model.predict_proba(features[te])
         probs[te] = p
-        fold_aucs.append(_auc(y_all[te], p, k, positive_class))
+        fold_aucs.append(auc_score(y_all[te], p, positive_class))
         fold_c.append(c)
     held = np.flatnonzero(fold >= 0)
     y, p = y_all[held], probs[held]
-    auc, ci = _auc(y, p, k, positive_class), [float("nan"), float("nan")]
+    auc, ci = auc_score(y, p, positive_class), [float("nan"), float("nan")]
     if k == 2 and np.isfinite(auc):
-        from endodistill.evaluate.delong import delong_auc_ci
-
         _, lo, hi = delong_auc_ci((y == positive_class).astype(int), p[:, positive_class])
         ci = [lo, hi]
     return {"auc": auc, "auc_ci95": ci, "fold_aucs": fold_aucs, "fold_c": fold_c, "probs": probs}

@@ -12,7 +12,6 @@ intensity jitter; loss = MSE over the masked patches only (``MAE.loss``).
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,26 +22,15 @@ from torch import Tensor
 
 from endodistill.config import Config
 from endodistill.errors import InputError
-from endodistill.train.common import (
-    PlannedBatches,
-    StageModule,
-    TimingCallback,
-    adamw,
-    fit,
-    make_loader,
-    make_trainer,
-    param_groups,
-    prepare_unit,
-    read_done,
-    save_weights,
-    seed_all,
-    set_rank,
-    warmup_cosine,
-    write_done,
-    write_history,
-)
+from endodistill.models.student import MAE, build_mae, mae_encoder_state
+from endodistill.train.batches import PlannedBatches
 from endodistill.train.data import CohortData
-from endodistill.train.speed import compile_if_enabled
+from endodistill.train.fit import FitPlan, FitSpec, run_fit
+from endodistill.train.module import StageModule
+from endodistill.train.optim import adamw, param_groups
+from endodistill.train.seeding import seed_all
+from endodistill.train.trainer import TimingCallback
+from endodistill.train.weights import save_weights
 
 log = logging.getLogger("endodistill")
 
@@ -84,23 +72,15 @@ class MAEModule(StageModule):
         cfg: the run configuration.
         total_steps: optimiser steps of the fit (LR schedule).
         batches: the training batches (told the process rank at setup).
-        **kw: passed to :class:`StageModule`.
+        **kw: passed to :class:`~endodistill.train.module.StageModule`.
     """
 
     def __init__(self, cfg: Config, total_steps: int, batches: PlannedBatches, **kw: Any) -> None:
-        super().__init__(**kw)
-        from endodistill.models.student import build_mae
-
-        self.cfg = cfg
+        super().__init__(cfg=cfg, batches=batches, total_steps=total_steps, **kw)
         self.mae = build_mae(cfg)
-        self.total_steps = total_steps
-        self.batches = batches
 
-    def setup(self, stage: str) -> None:
-        set_rank(self.batches, self.trainer)
-
-    def configure_model(self) -> None:
-        compile_if_enabled(self.mae, self.cfg, self.trainer.strategy.root_device)
+    def network(self) -> MAE:
+        return self.mae
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss, _, _ = self.mae(batch["x"])
@@ -111,11 +91,9 @@ class MAEModule(StageModule):
     def on_train_epoch_end(self) -> None:
         self.end_epoch({**self.epoch_means(), "lr": self.lr()})
 
-    def configure_optimizers(self) -> Any:
+    def optimiser(self) -> torch.optim.Optimizer:
         m = self.cfg.mae
-        opt = adamw(param_groups(self.mae, m.weight_decay), lr=m.lr, betas=(0.9, 0.95))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(self.total_steps, 0.1))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw(param_groups(self.mae, m.weight_decay), lr=m.lr, betas=(0.9, 0.95))
 
 
 def mae_unit(cfg: Config, fold: int | None) -> str:
@@ -123,6 +101,88 @@ def mae_unit(cfg: Config, fold: int | None) -> str:
     if not cfg.mae.use_labelled_train:
         return "mae"
     return "mae/all" if fold is None else f"mae/fold_{fold}"
+
+
+class MAEFit(FitSpec):
+    """One MAE pre-training fit (see :func:`pretrain_mae`)."""
+
+    artefact = "encoder.safetensors"
+
+    def __init__(
+        self,
+        cfg: Config,
+        data: CohortData,
+        seed: int,
+        where: str,
+        labelled_subjects: Sequence[str],
+        echo: Callable[[str], None],
+    ) -> None:
+        self.cfg, self.data, self.seed, self.where = cfg, data, seed, where
+        self.labelled_subjects, self.echo = labelled_subjects, echo
+
+    def plan(self) -> FitPlan:
+        cfg, data, seed = self.cfg, self.data, self.seed
+        pool = [data.unlabelled.x]
+        epochs = cfg.mae.epochs
+        if cfg.mae.pool_fraction < 1.0 and len(data.unlabelled):
+            n = max(2, round(cfg.mae.pool_fraction * len(data.unlabelled)))
+            keep = np.sort(np.random.default_rng([seed, 2750159]).permutation(len(data.unlabelled))[:n])
+            pool = [data.unlabelled.x[torch.from_numpy(keep)]]
+            epochs = max(1, round(cfg.mae.epochs / cfg.mae.pool_fraction))
+        if self.labelled_subjects:
+            pool.append(data.labelled.x[torch.from_numpy(data.labelled.index(list(self.labelled_subjects)))])
+        x = torch.cat(pool) if len(pool) > 1 else pool[0]
+        if x.shape[0] < 2:
+            raise InputError(
+                data.manifest,
+                f"MAE pre-training needs unlabelled '{cfg.task.student_modality}' rows (empty label); found "
+                f"{x.shape[0]}. Add them, set mae.use_labelled_train: true, or use scratch-only methods.",
+            )
+        self.n_volumes, self.epochs = int(x.shape[0]), epochs
+        return FitPlan(
+            PlannedBatches(x.shape[0], cfg.mae.batch_size, seed, volume_batch_fn(x, augment=True)), epochs
+        )
+
+    def module(self, plan: FitPlan, timing: TimingCallback) -> MAEModule:
+        seed_all(self.seed)  # the initial weights depend on the fit's seed only
+        hp = {
+            "stage": "mae",
+            "seed": self.seed,
+            "n_volumes": self.n_volumes,
+            "mae": self.cfg.mae.model_dump(mode="json"),
+        }
+        return MAEModule(
+            self.cfg,
+            total_steps=len(plan.batches) * plan.epochs,
+            batches=plan.batches,
+            hparams=hp,
+            seed=self.seed,
+            where=self.where,
+            timing=timing,
+        )
+
+    def finish(self, unit_dir: Path, module: StageModule, timing: TimingCallback) -> dict[str, Any]:
+        assert isinstance(module, MAEModule)
+        mae = module.mae.cpu().eval()
+        save_weights(
+            unit_dir / self.artefact, mae_encoder_state(mae), metadata={"format": "monai-vit-encoder"}
+        )
+        save_weights(unit_dir / "mae.safetensors", mae.state_dict())
+        losses = [h.get("train_loss") for h in module.history]
+        return {
+            "seed": self.seed,
+            "n_volumes": self.n_volumes,
+            "n_labelled_added": len(self.labelled_subjects),
+            "loss_first": losses[0] if losses else None,
+            "loss_last": losses[-1] if losses else None,
+            "history": module.history,
+        }
+
+    def after(self, info: dict[str, Any]) -> None:
+        self.echo(
+            f"[mae] {info['n_volumes']} volumes, {self.epochs} epochs: loss {info['loss_first']:.4f} -> "
+            f"{info['loss_last']:.4f} ({info['timing']['wall']:.1f} s)"
+        )
 
 
 def pretrain_mae(
@@ -153,65 +213,5 @@ def pretrain_mae(
         InputError: the pool is empty.
     """
     unit_dir = Path(unit_dir)
-    done = read_done(unit_dir) if resume else None
-    if done is not None and (unit_dir / "encoder.safetensors").is_file():
-        return done
-    t0 = time.perf_counter()
-    ckpt = prepare_unit(unit_dir, resume)
-    pool = [data.unlabelled.x]
-    epochs = cfg.mae.epochs
-    if cfg.mae.pool_fraction < 1.0 and len(data.unlabelled):
-        n = max(2, round(cfg.mae.pool_fraction * len(data.unlabelled)))
-        keep = np.sort(np.random.default_rng([seed, 2750159]).permutation(len(data.unlabelled))[:n])
-        pool = [data.unlabelled.x[torch.from_numpy(keep)]]
-        epochs = max(1, round(cfg.mae.epochs / cfg.mae.pool_fraction))
-    if labelled_subjects:
-        pool.append(data.labelled.x[torch.from_numpy(data.labelled.index(list(labelled_subjects)))])
-    x = torch.cat(pool) if len(pool) > 1 else pool[0]
-    if x.shape[0] < 2:
-        raise InputError(
-            data.manifest,
-            f"MAE pre-training needs unlabelled '{cfg.task.student_modality}' rows (empty label); found "
-            f"{x.shape[0]}. Add them, set mae.use_labelled_train: true, or use scratch-only methods.",
-        )
-    m = cfg.mae
-    batches = PlannedBatches(x.shape[0], m.batch_size, seed, volume_batch_fn(x, augment=True))
-    timing = TimingCallback()
-    seed_all(seed)  # the initial weights depend on the fit's seed only
-    where = f"mae ({unit_dir.name})"
-    hp = {"stage": "mae", "seed": seed, "n_volumes": int(x.shape[0]), "mae": m.model_dump(mode="json")}
-    module = MAEModule(
-        cfg,
-        total_steps=len(batches) * epochs,
-        batches=batches,
-        hparams=hp,
-        seed=seed,
-        where=where,
-        timing=timing,
-    )
-    trainer = make_trainer(cfg, unit_dir, epochs, timing)
-    fit(trainer, module, make_loader(batches, cfg), ckpt)
-    from endodistill.models.student import mae_encoder_state
-
-    mae = module.mae.cpu().eval()
-    save_weights(
-        unit_dir / "encoder.safetensors", mae_encoder_state(mae), metadata={"format": "monai-vit-encoder"}
-    )
-    save_weights(unit_dir / "mae.safetensors", mae.state_dict())
-    write_history(unit_dir / "history.csv", module.history)
-    losses = [h.get("train_loss") for h in module.history]
-    info = {
-        "seed": seed,
-        "n_volumes": int(x.shape[0]),
-        "n_labelled_added": len(labelled_subjects),
-        "loss_first": losses[0] if losses else None,
-        "loss_last": losses[-1] if losses else None,
-        "history": module.history,
-        "timing": timing.summary(time.perf_counter() - t0),
-    }
-    write_done(unit_dir, info)
-    echo(
-        f"[mae] {x.shape[0]} volumes, {epochs} epochs: loss {info['loss_first']:.4f} -> {info['loss_last']:.4f} "
-        f"({time.perf_counter() - t0:.1f} s)"
-    )
-    return info
+    spec = MAEFit(cfg, data, seed, f"mae ({unit_dir.name})", labelled_subjects, echo)
+    return run_fit(unit_dir, spec, resume)

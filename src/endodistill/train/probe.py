@@ -21,9 +21,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from sklearn.linear_model import LogisticRegressionCV
+from sklearn.model_selection import StratifiedKFold
 from torch import Tensor
 
 from endodistill.config import Config
+from endodistill.evaluate.delong import delong_auc_ci
+from endodistill.models.student import build_mae, build_student, load_mae_encoder
+from endodistill.train.seeding import seed_all
+from endodistill.train.weights import load_weights
 
 # Inner-CV grid of the probe's inverse regularisation strength (features are standardised first).
 PROBE_CS = tuple(float(c) for c in np.logspace(-3, 2, 8))
@@ -76,9 +82,6 @@ def probe_oof(
     ``LogisticRegressionCV`` warm-starts along the C path. One volume per subject, so row-level inner folds
     are subject-level here.
     """
-    from sklearn.linear_model import LogisticRegressionCV
-    from sklearn.model_selection import StratifiedKFold
-
     oof = np.full(len(labels), np.nan)
     for test in folds:
         train = np.setdiff1d(np.arange(len(labels)), test)
@@ -98,8 +101,6 @@ def probe_oof(
 
 
 def _auc_ci(labels: np.ndarray, probs: np.ndarray) -> tuple[float, list[float]]:
-    from endodistill.evaluate.delong import delong_auc_ci
-
     auc, lo, hi = delong_auc_ci(labels, probs)
     return float(auc), [float(lo), float(hi)]
 
@@ -125,9 +126,6 @@ def mae_probe(
     Returns:
         ``probe_auc``, ``probe_auc_ci95``, ``random_probe_auc``, ``random_probe_auc_ci95``, ``features``.
     """
-    from endodistill.models.student import build_mae, build_student, load_mae_encoder
-    from endodistill.train.common import load_weights, seed_all
-
     y = np.asarray(labels, dtype=np.int64)
     seed_all(mae_seed)  # pretrain_mae seeds the same way before building its MAE
     random_encoder = build_mae(cfg)

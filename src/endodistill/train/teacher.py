@@ -16,12 +16,12 @@ Distillation reads these files only; the video network never runs again.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,38 +30,32 @@ import torch
 from torch import Tensor
 
 from endodistill.config import Config
+from endodistill.data.preprocess import sample_frames
+from endodistill.data.splits import holdout_split, stratified_group_folds
 from endodistill.errors import InputError
-from endodistill.models.teacher import KINETICS_GRAY_MEAN, KINETICS_GRAY_STD, TeacherNet, build_teacher
-from endodistill.train.common import (
-    PlannedBatches,
-    StageModule,
-    TimingCallback,
-    adamw,
-    auc_score,
-    fit,
-    fit_seed,
-    inference_device,
-    load_weights,
-    make_loader,
-    make_trainer,
-    param_groups,
-    prepare_unit,
-    read_done,
-    save_weights,
-    seed_all,
-    set_rank,
-    warmup_cosine,
-    write_done,
-    write_history,
-)
+from endodistill.evaluate.metrics import auc_score, binary_metrics, multiclass_auc
+from endodistill.evaluate.stats import nan_to_none
+from endodistill.models.teacher import TeacherNet, build_teacher, normalise_clips, teacher_in_channels
+from endodistill.train.batches import PlannedBatches
+from endodistill.train.clip_baseline import GRID, clip_motion_features, features_name
 from endodistill.train.data import ClipSet, CohortData
+from endodistill.train.fit import FitPlan, FitSpec, run_fit
+from endodistill.train.inference import inference_device
+from endodistill.train.logreg_cv import cross_validated_logreg
+from endodistill.train.losses import balanced_class_weights, task_loss
+from endodistill.train.module import StageModule
+from endodistill.train.optim import adamw, param_groups
+from endodistill.train.seeding import fit_seed, seed_all
 from endodistill.train.speed import compile_if_enabled, teacher_channels_last
+from endodistill.train.trainer import TimingCallback
+from endodistill.train.units import prepare_unit, read_done, write_done
+from endodistill.train.weights import load_weights, save_weights
 from endodistill.utils import atomic_path, atomic_write_json
 
 log = logging.getLogger("endodistill")
 
 
-@dataclass
+@dataclasses.dataclass
 class TeacherOutputs:
     """The frozen teacher outputs on every TVUS clip (what distillation reads).
 
@@ -84,31 +78,6 @@ class TeacherOutputs:
     targets: str
 
 
-def _normalise(x: Tensor, cfg: Config) -> Tensor:
-    """The teacher's input transform of clips ``(B, C, T, H, W)`` (C = 2 displacement channels for 'flow').
-
-    With ``teacher.motion_input`` each pixel's temporal mean is subtracted: the static anatomy (which differs
-    between patients and probes far more than between classes) is removed and the motion that carries the
-    sliding sign remains. On the demo cohort a from-scratch R(2+1)D learns the sign from ~100 clips only
-    with this input. Kinetics weights instead expect their own frame statistics.
-    """
-    if cfg.teacher.motion_input:
-        if cfg.teacher.motion in ("diff", "flow"):
-            # For 'flow' x holds displacements from the first frame: their differences are the motion
-            # between consecutive sampled frames, whatever the sampling stride.
-            x = x[:, :, 1:] - x[:, :, :-1]
-        else:
-            x = x - x.mean(dim=2, keepdim=True)
-        if cfg.teacher.motion_norm:
-            # Each clip's motion to unit RMS: the probe pressure (how far everything moves) varies 2.4x
-            # between clips; what separates the classes is how much of it reaches the rectum side.
-            x = x / x.pow(2).mean(dim=(1, 2, 3, 4), keepdim=True).sqrt().clamp_min(1e-6)
-        return x
-    elif cfg.teacher.weights is not None:
-        x = (x - KINETICS_GRAY_MEAN) / KINETICS_GRAY_STD
-    return x
-
-
 def clip_batch_fn(
     clips: ClipSet, idx_map: np.ndarray, cfg: Config, augment: bool
 ) -> Callable[[np.ndarray, np.random.Generator, int], dict[str, Tensor]]:
@@ -120,8 +89,6 @@ def clip_batch_fn(
         cfg: frames per clip in ``cfg.tvus.frames``.
         augment: jitter intensity and position (the temporal window is always random in training).
     """
-    from endodistill.data.preprocess import sample_frames
-
     n = cfg.tvus.frames
     flow = cfg.teacher.motion == "flow"
     if flow and clips.flows is None:
@@ -154,7 +121,7 @@ def clip_batch_fn(
                 flip = rng.random(b) < 0.5
                 x[flip] = x[flip][:, :, :, ::-1]
         x_t = torch.from_numpy(np.ascontiguousarray(x))[:, None]
-        return {"x": _normalise(x_t, cfg), "y": torch.from_numpy(clips.labels[ci])}
+        return {"x": normalise_clips(x_t, cfg), "y": torch.from_numpy(clips.labels[ci])}
 
     def make_flow(ci: np.ndarray, rng: np.random.Generator) -> dict[str, Tensor]:
         # (B, T, 2, H, W) displacement fields; no intensity jitter (flow does not depend on gain).
@@ -174,24 +141,19 @@ def clip_batch_fn(
                 flip = rng.random(b) < 0.5
                 x[flip] = x[flip][..., ::-1] * np.array([-1.0, 1.0], dtype=np.float32)[:, None, None]
         x_t = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 2, 1, 3, 4)))
-        return {"x": _normalise(x_t, cfg), "y": torch.from_numpy(clips.labels[ci])}
+        return {"x": normalise_clips(x_t, cfg), "y": torch.from_numpy(clips.labels[ci])}
 
     return make
 
 
 def teacher_inputs(tv: ClipSet, cfg: Config) -> Tensor:
-    """The evaluation inputs of every clip before :func:`_normalise`: ``(N, C, frames, H, W)``.
+    """The evaluation inputs of every clip before :func:`~endodistill.models.teacher.normalise_clips`: ``(N, C, frames, H, W)``.
 
     Grey frames (C = 1), or their displacement fields (C = 2) when ``teacher.motion`` is ``flow``.
     """
     if cfg.teacher.motion == "flow":
         return tv.eval_flow_tensor(cfg.tvus.frames)
     return tv.eval_tensor(cfg.tvus.frames)
-
-
-def teacher_in_channels(cfg: Config) -> int:
-    """Input channels of the teacher network: 2 (x, y) for optical flow, else 1 (grey)."""
-    return 2 if cfg.teacher.motion == "flow" else 1
 
 
 class TeacherModule(StageModule):
@@ -202,8 +164,9 @@ class TeacherModule(StageModule):
         net: the teacher network.
         class_weights: ``(K,)`` loss weights (balanced), or None.
         total_steps: optimiser steps of the whole fit (for the LR schedule).
+        batches: the training batches.
         monitor: ``(x, y)`` of held-out clips whose AUC is logged every epoch (curves only, no selection).
-        **kw: passed to :class:`StageModule`.
+        **kw: passed to :class:`~endodistill.train.module.StageModule`.
     """
 
     def __init__(
@@ -216,17 +179,14 @@ class TeacherModule(StageModule):
         monitor: tuple[Tensor, np.ndarray] | None = None,
         **kw: Any,
     ) -> None:
-        super().__init__(**kw)
-        self.cfg = cfg
+        super().__init__(cfg=cfg, batches=batches, total_steps=total_steps, **kw)
         self.net = net
-        self.total_steps = total_steps
-        self.batches = batches
         self.monitor = monitor
         self.channels_last = False
         self.register_buffer("class_weights", class_weights, persistent=False)
 
-    def setup(self, stage: str) -> None:
-        set_rank(self.batches, self.trainer)
+    def network(self) -> TeacherNet:
+        return self.net
 
     def configure_model(self) -> None:
         # channels_last_3d weights and inputs where measured faster (cuDNN; oneDNN on CPU, see
@@ -238,8 +198,6 @@ class TeacherModule(StageModule):
         compile_if_enabled(self.net, self.cfg, dev)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        from endodistill.train.losses import task_loss
-
         x = batch["x"]
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last_3d)
@@ -258,11 +216,9 @@ class TeacherModule(StageModule):
                 row["val_auc"] = auc_score(self.monitor[1], probs.numpy(), self.cfg.task.positive_class)
         self.end_epoch(row)
 
-    def configure_optimizers(self) -> Any:
+    def optimiser(self) -> torch.optim.Optimizer:
         t = self.cfg.teacher
-        opt = adamw(param_groups(self.net, t.weight_decay), lr=t.lr)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(self.total_steps, 0.1))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw(param_groups(self.net, t.weight_decay), lr=t.lr)
 
 
 @torch.no_grad()
@@ -274,7 +230,7 @@ def teacher_forward(net: TeacherNet, x: Tensor, cfg: Config, batch_size: int = 3
     logits, feats = [], []
     try:
         for i in range(0, x.shape[0], batch_size):
-            xb = _normalise(x[i : i + batch_size].to(dev), cfg)
+            xb = normalise_clips(x[i : i + batch_size].to(dev), cfg)
             f = net.features(xb)
             logits.append(net.backbone.fc(f).float().cpu())
             feats.append(f.float().cpu())
@@ -289,6 +245,81 @@ def teacher_forward(net: TeacherNet, x: Tensor, cfg: Config, batch_size: int = 3
 def predict_probs(net: TeacherNet, x: Tensor, cfg: Config) -> Tensor:
     """Softmax probabilities ``(N, K)`` of clips ``x``."""
     return teacher_forward(net, x, cfg)[0].softmax(dim=1)
+
+
+class TeacherFit(FitSpec):
+    """One teacher fit on the clips ``train_idx`` (see :func:`fit_teacher`); ``net`` is the fitted network.
+
+    The network is built (from the fit's seed) when the spec is made, for a fresh fit and a reused one alike.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        data: CohortData,
+        train_idx: np.ndarray,
+        seed: int,
+        where: str,
+        monitor_idx: np.ndarray | None,
+    ) -> None:
+        self.cfg, self.data, self.train_idx = cfg, data, train_idx
+        self.seed, self.where, self.monitor_idx = seed, where, monitor_idx
+        seed_all(seed)  # the initial weights depend on the fit's seed only, not on what ran before
+        self.net = build_teacher(cfg.teacher, cfg.task.num_classes, teacher_in_channels(cfg))
+
+    def reuse(self, unit_dir: Path, done: dict[str, Any]) -> None:
+        self.net.load_state_dict(load_weights(unit_dir / self.artefact))
+        dev = inference_device(self.cfg)
+        # The memory layout a fresh fit leaves the network in, so a reloaded teacher's outputs are the same.
+        if teacher_channels_last(self.cfg, dev):
+            self.net.to(memory_format=torch.channels_last_3d)
+        self.net = self.net.eval().to(dev)
+
+    def plan(self) -> FitPlan:
+        cfg, tv, idx = self.cfg, self.data.tvus, self.train_idx
+        self.class_weights = balanced_class_weights(tv.labels[idx], cfg.task.num_classes)
+        batches = PlannedBatches(
+            len(idx), cfg.teacher.batch_size, self.seed, clip_batch_fn(tv, idx, cfg, cfg.teacher.augment)
+        )
+        self.monitor = None
+        if self.monitor_idx is not None and len(self.monitor_idx):
+            self.monitor = (teacher_inputs(tv, cfg)[self.monitor_idx], tv.labels[self.monitor_idx])
+        return FitPlan(batches, cfg.teacher.epochs)
+
+    def module(self, plan: FitPlan, timing: TimingCallback) -> TeacherModule:
+        hp = {
+            "stage": "teacher",
+            "where": self.where,
+            "seed": self.seed,
+            "n_train": len(self.train_idx),
+            "teacher": self.cfg.teacher.model_dump(mode="json"),
+        }
+        return TeacherModule(
+            self.cfg,
+            self.net,
+            self.class_weights,
+            total_steps=len(plan.batches) * plan.epochs,
+            batches=plan.batches,
+            monitor=self.monitor,
+            hparams=hp,
+            seed=self.seed,
+            where=self.where,
+            timing=timing,
+        )
+
+    def finish(self, unit_dir: Path, module: StageModule, timing: TimingCallback) -> dict[str, Any]:
+        assert isinstance(module, TeacherModule)
+        net = module.net.eval()
+        save_weights(unit_dir / self.artefact, net.state_dict())
+        self.net = net.to(inference_device(self.cfg))
+        tv = self.data.tvus
+        return {
+            "where": self.where,
+            "seed": self.seed,
+            "n_train": len(self.train_idx),
+            "train_subjects": sorted(set(tv.subjects[i] for i in self.train_idx)),
+            "history": module.history,
+        }
 
 
 def fit_teacher(
@@ -316,66 +347,9 @@ def fit_teacher(
     Returns:
         ``(net in eval mode, info)`` with ``info["timing"]`` the fit's time breakdown.
     """
-    from endodistill.train.losses import balanced_class_weights
-
-    k = cfg.task.num_classes
-    seed_all(seed)  # the initial weights depend on the fit's seed only, not on what ran before
-    net = build_teacher(cfg.teacher, k, teacher_in_channels(cfg))
-    done = read_done(unit_dir) if resume else None
-    if done is not None and (unit_dir / "model.safetensors").is_file():
-        net.load_state_dict(load_weights(unit_dir / "model.safetensors"))
-        dev = inference_device(cfg)
-        # The memory layout a fresh fit leaves the network in, so a reloaded teacher's outputs are the same.
-        if teacher_channels_last(cfg, dev):
-            net.to(memory_format=torch.channels_last_3d)
-        return net.eval().to(dev), done
-    t0 = time.perf_counter()
-    ckpt = prepare_unit(unit_dir, resume)
-    tv = data.tvus
-    y = tv.labels[train_idx]
-    cw = balanced_class_weights(y, k)
-    batches = PlannedBatches(
-        len(train_idx), cfg.teacher.batch_size, seed, clip_batch_fn(tv, train_idx, cfg, cfg.teacher.augment)
-    )
-    monitor = None
-    if monitor_idx is not None and len(monitor_idx):
-        monitor = (teacher_inputs(tv, cfg)[monitor_idx], tv.labels[monitor_idx])
-    timing = TimingCallback()
-    hp = {
-        "stage": "teacher",
-        "where": where,
-        "seed": seed,
-        "n_train": len(train_idx),
-        "teacher": cfg.teacher.model_dump(mode="json"),
-    }
-    module = TeacherModule(
-        cfg,
-        net,
-        cw,
-        total_steps=len(batches) * cfg.teacher.epochs,
-        batches=batches,
-        monitor=monitor,
-        hparams=hp,
-        seed=seed,
-        where=where,
-        timing=timing,
-    )
-    trainer = make_trainer(cfg, unit_dir, cfg.teacher.epochs, timing)
-    fit(trainer, module, make_loader(batches, cfg), ckpt)
-    net = module.net.eval()
-    save_weights(unit_dir / "model.safetensors", net.state_dict())
-    net.to(inference_device(cfg))
-    write_history(unit_dir / "history.csv", module.history)
-    info = {
-        "where": where,
-        "seed": seed,
-        "n_train": len(train_idx),
-        "train_subjects": sorted(set(tv.subjects[i] for i in train_idx)),
-        "history": module.history,
-        "timing": timing.summary(time.perf_counter() - t0),
-    }
-    write_done(unit_dir, info)
-    return net, info
+    spec = TeacherFit(cfg, data, train_idx, seed, where, monitor_idx)
+    info = run_fit(unit_dir, spec, resume)
+    return spec.net, info
 
 
 def _write_predictions(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -404,8 +378,6 @@ def _prediction_rows(
 
 def _shuffled_labels(data: CohortData, seed: int) -> CohortData:
     """The cohort with its labelled clips' labels permuted (seeded): what a shuffled-label teacher trains on."""
-    import dataclasses
-
     tv = data.tvus
     labels = tv.labels.copy()
     lab = np.flatnonzero(labels >= 0)
@@ -415,8 +387,6 @@ def _shuffled_labels(data: CohortData, seed: int) -> CohortData:
 
 
 def _cv_folds(cfg: Config, subjects: list[str], labels: np.ndarray) -> list[list[str]]:
-    from endodistill.data.splits import stratified_group_folds
-
     k = cfg.teacher.folds if cfg.teacher.folds > 1 else max(2, round(1 / cfg.teacher.holdout_fraction))
     return stratified_group_folds(subjects, labels.tolist(), k, cfg.seed)
 
@@ -439,8 +409,6 @@ def train_teacher(
     Raises:
         InputError: fewer than two labelled clips per class.
     """
-    from endodistill.data.splits import holdout_split
-
     out = Path(run_dir) / "teacher"
     done = read_done(out) if resume else None
     if done is not None and (out / "outputs.safetensors").is_file():
@@ -553,12 +521,8 @@ def train_teacher(
     p_held = heldout_probs[held]
     metrics: dict[str, Any] = {}
     if k == 2:
-        from endodistill.evaluate.metrics import binary_metrics
-
         metrics.update(binary_metrics((y_held == pos).astype(int), p_held[:, pos]))
     else:
-        from endodistill.evaluate.metrics import multiclass_auc
-
         mc = multiclass_auc(y_held, p_held)
         metrics.update(auc=mc["macro"], per_class_auc=mc["per_class"])
     metrics.update(
@@ -586,9 +550,6 @@ def train_teacher(
     rows = _prediction_rows(tv, held, heldout_fold, heldout_probs, k, pos)
     t_base = time.perf_counter()
     if cfg.teacher.clip_baseline:
-        from endodistill.train.clip_baseline import GRID, clip_motion_features, features_name
-        from endodistill.train.logreg_cv import cross_validated_logreg
-
         # The same clips, frames and folds as the teacher; each fold's choices see its training part only.
         base = cross_validated_logreg(
             clip_motion_features(tv.eval_tensor(cfg.tvus.frames), GRID),
@@ -606,8 +567,6 @@ def train_teacher(
             [{**r, "prob": float(base_probs[i, pos])} for r, i in zip(rows, held)],
         )
     t_base = time.perf_counter() - t_base
-    from endodistill.evaluate.stats import nan_to_none
-
     metrics = nan_to_none(metrics)
 
     save_weights(out / "outputs.safetensors", {"logits": logits, "probs": probs, "features": feats})

@@ -1,0 +1,113 @@
+"""Weights on disk: safetensors state dicts and Lightning checkpoints, written atomically, read safely.
+
+* :func:`save_weights` / :func:`load_weights`: safetensors (no pickle) for every model file a run keeps.
+* :class:`AtomicCheckpointIO`: checkpoints are written atomically and always read with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from endodistill.errors import DiskFullError, InputError
+from endodistill.utils import NO_SPACE_ERRNOS, atomic_path
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``torch.save`` to a temporary file renamed into place; ``torch.load`` with ``weights_only=True`` only.
+
+    Checkpoints hold tensors and primitive containers only (hyper-parameters are plain dicts), so the
+    restricted unpickler reads them; a checkpoint needing more is refused instead of executed.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.save_seconds = 0.0
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        """Write ``checkpoint`` atomically (a kill or a full disk leaves the previous file intact)."""
+        t0 = time.perf_counter()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Temporary file + rename (no fsync): a killed process never leaves a torn checkpoint, which is
+        # what resuming needs; fsync-ing every epoch of 25 small fits costs more than the fits' I/O.
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            # Streamed through a Python file object: its write() raises the plain OSError(ENOSPC) on a full
+            # disk (named below), and nothing is buffered in memory (a ViT-B checkpoint: 0.5-0.9x the time of
+            # going through an in-memory buffer, depending on the page cache; benchmarks/bench_speedups.py).
+            with open(tmp, "wb") as fh:
+                torch.save(checkpoint, fh)
+            os.replace(tmp, path)
+        except BaseException as e:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            if isinstance(e, OSError) and e.errno in NO_SPACE_ERRNOS:
+                raise DiskFullError(path) from e
+            raise
+        self.save_seconds += time.perf_counter() - t0
+
+    def load_checkpoint(
+        self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        """Read a checkpoint with the restricted unpickler, whatever the caller asked for."""
+        p = Path(path)
+        if not p.is_file():
+            raise InputError(p, "checkpoint not found")
+        try:
+            return torch.load(p, map_location=map_location or "cpu", weights_only=True)
+        except Exception as e:  # a truncated file or one needing arbitrary code
+            raise InputError(p, f"unreadable checkpoint ({type(e).__name__}: {str(e)[:120]})") from None
+
+
+def save_weights(path: str | Path, state: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Save a state dict as safetensors, atomically (tensors made contiguous, shared storage split).
+
+    Written straight from the tensors (no copy of the state, no in-memory file): a ViT-B state (350 MB)
+    takes about 0.3 s instead of 1 s. A full disk is reported as the usual one-line error naming ``path``.
+    """
+    tensors: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for k, v in state.items():
+        t = v.detach().cpu().contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        # safetensors refuses tensors sharing storage (tied weights, views): only those are copied.
+        tensors[k] = t.clone() if ptr in seen and t.numel() else t
+        seen.add(ptr)
+    with atomic_path(path) as tmp:
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except OSError:
+            raise
+        except Exception as e:  # safetensors reports I/O errors as its own exception type
+            if "No space left" in str(e) or "os error 28" in str(e) or "StorageFull" in str(e):
+                raise OSError(errno.ENOSPC, "No space left on device") from e
+            raise
+
+
+def load_weights(path: str | Path) -> dict[str, Tensor]:
+    """Read a safetensors state dict.
+
+    Raises:
+        InputError: missing or unreadable file.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(p, "weights file not found")
+    try:
+        return load_file(str(p))
+    except Exception as e:
+        raise InputError(p, f"unreadable safetensors file ({type(e).__name__})") from None
