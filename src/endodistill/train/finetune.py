@@ -301,7 +301,7 @@ def read_predictions(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
     return subjects, labels, probs
 
 
-def mae_initialised(
+def init_from_mae(
     net: torch.nn.Module,
     load: Callable[..., None],
     method_name: str,
@@ -394,7 +394,7 @@ class StudentFit(FitSpec):
         seed_all(seed)  # the head (and scratch encoders) start from the fit's seed, whatever ran before
         self.net = build_student(cfg)
         if self.method.init == "mae":
-            mae_initialised(self.net, load_mae_encoder, self.method_name, where, self.encoder_path)
+            init_from_mae(self.net, load_mae_encoder, self.method_name, where, self.encoder_path)
 
         y_tr = lab.labels[tr]
         f = cfg.finetune

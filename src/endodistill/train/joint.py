@@ -53,7 +53,7 @@ from endodistill.train.data import CohortData
 from endodistill.train.finetune import (
     StudentModule,
     _write_predictions,
-    mae_initialised,
+    init_from_mae,
     predict_test,
     selected_network,
 )
@@ -247,7 +247,7 @@ class JointFit(FitSpec):
         seed_all(seed)
         self.net = build_joint(cfg)
         if self.method.init == "mae":
-            mae_initialised(self.net, load_mae_into_joint, self.method_name, where, self.encoder_path)
+            init_from_mae(self.net, load_mae_into_joint, self.method_name, where, self.encoder_path)
 
         y_tr = lab.labels[tr]
         f = cfg.finetune
