@@ -140,11 +140,11 @@ def demo(
 ) -> None:
     """Generate the synthetic demo cohort (when absent) and run the whole protocol on it."""
     from endodistill.config import load_config
-    from endodistill.evaluate.protocol import run_demo
+    from endodistill.experiment.protocol import run_experiment
 
     set_ = _with_hardware(set_, accelerator, devices, strategy, num_nodes)
     cfg = load_config(config, set_)
-    run_demo(cfg, out, resume=resume)
+    run_experiment(cfg, out, resume=resume)
 
 
 @app.command()
@@ -165,7 +165,8 @@ def run(
 
     set_ = _with_hardware(set_, accelerator, devices, strategy, num_nodes)
     if resume is not None:
-        from endodistill.evaluate.protocol import load_run_config, run_experiment
+        from endodistill.experiment.protocol import run_experiment
+        from endodistill.experiment.provenance import load_run_config
 
         cfg = load_run_config(resume, set_)
         run_experiment(cfg, resume, resume=True)
@@ -178,7 +179,7 @@ def run(
 
         # A structurally broken manifest fails here too: before torch is imported and RUN_DIR exists.
         read_manifest(cfg.data.manifest, cfg.data.restrict_paths, cfg.task.num_classes)
-    from endodistill.evaluate.protocol import run_experiment
+    from endodistill.experiment.protocol import run_experiment
 
     fresh = not out.exists()
     try:
@@ -264,7 +265,7 @@ def train(
 ) -> None:
     """Run one training stage on its own, writing into a run directory."""
     from endodistill.config import load_config
-    from endodistill.evaluate.protocol import run_stage
+    from endodistill.experiment.stage import run_stage
 
     set_ = _with_hardware(set_, accelerator, devices, strategy, num_nodes)
     run_stage(load_config(config, set_), out, stage=stage, method=method, fold=fold, resume=resume)

@@ -40,12 +40,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import numpy as np
+import yaml
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 from pydantic import BaseModel, Field
 
+from endodistill import rundir
 from endodistill.config import Config, MethodConfig
+from endodistill.data.cache import content_hash
+from endodistill.data.manifest import read_manifest
 from endodistill.errors import ConfigError, InputError
 from endodistill.evaluate.fmt import fmt_auc, fmt_ci, fmt_p
+from endodistill.evaluate.stats import compare_methods, nan_to_none, read_oof_csv, summarise_method
+from endodistill.experiment.protocol import run_experiment
+from endodistill.train.data import ensure_manifest
 from endodistill.utils import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -144,8 +154,6 @@ def _num(v: float) -> str:
 
 def _parse_value(text: str) -> Any:
     """A ``--vary`` value: YAML scalar rules (numbers, booleans, null), else the string."""
-    import yaml
-
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
@@ -332,9 +340,6 @@ def _setting_config(cfg: Config, overrides: dict[str, Any], methods: dict[str, M
 
 def _unit_key(unit: str, cfg: Config, manifest: Path) -> str:
     """Content key of a shareable unit: the config sections it reads and the content of its inputs."""
-    from endodistill.data.cache import content_hash
-    from endodistill.data.manifest import read_manifest
-
     d = cfg.model_dump(mode="json")
     m = read_manifest(manifest, num_classes=cfg.task.num_classes)
     if unit == "teacher":
@@ -353,7 +358,7 @@ def _link_shared(run_dir: Path, shared: Path, unit: str, key: str) -> bool:
     """Link a finished shared unit into ``run_dir`` (True when it was found)."""
     src = shared / f"{unit}-{key}"
     dst = run_dir / unit
-    if not (src / "done.json").is_file() or dst.exists() or dst.is_symlink():
+    if not rundir.is_done(src) or dst.exists() or dst.is_symlink():
         return False
     dst.symlink_to(os.path.relpath(src, run_dir), target_is_directory=True)
     return True
@@ -363,7 +368,7 @@ def _publish_shared(run_dir: Path, shared: Path, unit: str, key: str) -> bool:
     """Move a unit trained in ``run_dir`` into the shared store and link it back (True when moved)."""
     src = run_dir / unit
     dst = shared / f"{unit}-{key}"
-    if src.is_symlink() or not (src / "done.json").is_file() or dst.exists():
+    if src.is_symlink() or not rundir.is_done(src) or dst.exists():
         return False
     shared.mkdir(parents=True, exist_ok=True)
     os.replace(src, dst)
@@ -379,8 +384,6 @@ def _read_index(shared: Path) -> dict[str, str]:
 
 def _cohort_manifest(cfg: Config, out: Path, overrides: dict[str, Any]) -> Path:
     """The manifest of a run config: its own, or a synthetic cohort shared by equal cohort settings."""
-    from endodistill.train.data import ensure_manifest
-
     if cfg.data.manifest is not None:
         if "synth" in overrides.get("data", {}):
             raise ConfigError(
@@ -415,8 +418,6 @@ def run_study(
         InputError: ``out`` holds another study (without ``resume``), or bad inputs.
         ConfigError: an unknown study or invalid overrides.
     """
-    from endodistill.evaluate.protocol import run_experiment
-
     t0 = time.perf_counter()
     out = Path(out)
     plan = plan_study(name, cfg, vary)
@@ -443,13 +444,13 @@ def run_study(
     groups: dict[str, list[Setting]] = {}
     for s in plan.settings:
         groups.setdefault(_key(s.overrides), []).append(s)
-    shared = out / "shared"
+    shared = out / rundir.SHARED
     used: dict[str, list[str]] = {}
     rows: list[dict[str, Any]] = []
     per_setting: dict[str, dict[str, Any]] = {}
     for i, members in enumerate(groups.values()):
         run_name = f"run{i}_{members[0].name}" if len(members) == 1 else f"run{i}"
-        run_dir = out / "runs" / run_name
+        run_dir = out / rundir.RUNS / run_name
         run_cfg = _setting_config(cfg, members[0].overrides, {s.name: s.method for s in members})
         run_cfg.data.manifest = _cohort_manifest(run_cfg, out, members[0].overrides)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -457,7 +458,8 @@ def run_study(
         for unit, k in keys.items():
             _link_shared(run_dir, shared, unit, k)
         echo(f"[study {name}] {run_name}: {', '.join(s.name for s in members)} ({i + 1}/{len(groups)})")
-        results = run_experiment(run_cfg, run_dir, resume=True)
+        run_experiment(run_cfg, run_dir, resume=True)
+        results = rundir.read_results(run_dir)
         for unit, k in keys.items():
             if not (run_dir / unit).is_symlink() and _publish_shared(run_dir, shared, unit, k):
                 index = _read_index(shared)
@@ -465,15 +467,13 @@ def run_study(
                 atomic_write_json(shared / "index.json", index)
             if (run_dir / unit).is_symlink():
                 used.setdefault(f"{unit}-{k}", []).append(run_name)
-        from endodistill.evaluate.stats import read_oof_csv
-
-        for r in read_oof_csv(run_dir / "oof_predictions.csv"):
+        for r in read_oof_csv(run_dir / rundir.OOF):
             rows.append({**r, "label": int(r["label"] == cfg.task.positive_class)})
         for s in members:
-            mae = results.get("mae") or {}
+            mae = results.mae or {}
             per_setting[s.name] = {
                 "run": run_name,
-                "teacher_auc": (results.get("teacher") or {}).get("auc"),
+                "teacher_auc": results.teacher.get("auc"),
                 "mae_probe_auc": mae.get("probe_auc"),
                 "mae_random_probe_auc": mae.get("random_probe_auc"),
                 "config": {
@@ -502,8 +502,6 @@ def summarise_study(
     wall: float,
 ) -> StudyResult:
     """Per-setting metrics, paired tests against the reference, the verdict (no setting called best)."""
-    from endodistill.evaluate.stats import compare_methods, nan_to_none, summarise_method
-
     names = [s.name for s in plan.settings]
     settings = []
     for s in plan.settings:
@@ -604,9 +602,6 @@ def format_study_table(r: StudyResult) -> str:
 
 
 def _figure_png(r: StudyResult) -> bytes:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(max(5.0, 1.1 * len(r.settings) + 1.5), 3.6), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
@@ -690,8 +685,6 @@ Holm-adjusted over the study; McNemar's exact test of the decisions at the refer
 
 def write_study(out: Path, r: StudyResult, plan: StudyPlan) -> None:
     """``study.json``, ``study.md`` and a self-contained ``study.html`` (figure embedded), atomically."""
-    import jinja2
-
     atomic_write_json(out / "study.json", r.model_dump(mode="json"))
     head, body = _table_rows(r)
     png = base64.b64encode(_figure_png(r)).decode()
