@@ -100,6 +100,14 @@ def test_all_outputs_present_and_schema(run: tuple[Path, dict]) -> None:
     assert "manifest.csv" in run_json["inputs"] and len(run_json["inputs"]) > 40
     timings = json.loads((out / "timings.json").read_text())
     assert timings["fits"]["fold_0/mae_kd_ce"]["step"] > 0
+    # Every file the run wrote fits the run-directory contract (extra="forbid": no key outside it).
+    from endodistill import rundir
+
+    assert rundir.read_results(out).model_dump(mode="json", exclude_unset=True) == on_disk
+    assert on_disk["schema_version"] == rundir.SCHEMA_VERSION
+    assert rundir.read_timings(out) is not None and rundir.read_run_info(out) is not None
+    assert rundir.read_splits(out) is not None
+    assert all(rundir.read_done_info(p.parent) is not None for p in out.rglob("done.json"))
 
 
 @pytest.mark.slow

@@ -2,6 +2,9 @@
 
 Every command turns an :class:`~endodistill.errors.EndodistillError` into one line on stderr and its
 exit code (2 for bad input); ``--debug`` shows the traceback instead. Ctrl-C exits with 130.
+
+Each command imports what it runs inside its function, on purpose (start-up time): ``--help``, ``validate``,
+``inspect`` and a bad config or manifest answer in well under a second, without importing torch.
 """
 
 from __future__ import annotations
@@ -206,6 +209,15 @@ def study(
         ),
     ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the study in --out.")] = False,
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            "--shard",
+            help="I/N: run only share I (0-based) of N of the study's fits, so that N processes run at once; "
+            "then a call without --shard (--resume) writes the results. Default: a SLURM array's "
+            "SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT when set (run the final call outside the array).",
+        ),
+    ] = None,
     accelerator: AcceleratorOpt = None,
     devices: DevicesOpt = None,
     strategy: StrategyOpt = None,
@@ -215,9 +227,14 @@ def study(
     from endodistill.config import load_config
 
     cfg = load_config(config, _with_hardware(set_, accelerator, devices, strategy, num_nodes))
-    from endodistill.experiment.study import plan_study, run_study
+    # Here, not at the top: the study (torch, Lightning) is imported only by the command that needs it.
+    from endodistill.experiment.study import parse_shard, plan_study, run_study, run_study_shard
 
     plan_study(name, cfg, vary or [])  # an unknown study or a bad --vary fails before any work
+    share = parse_shard(shard)
+    if share is not None:
+        run_study_shard(name, cfg, out, share, vary=vary or [], echo=typer.echo)
+        return
     run_study(name, cfg, out, resume=resume, vary=vary or [], echo=typer.echo)
 
 

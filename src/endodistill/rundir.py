@@ -124,6 +124,16 @@ def fit_reusable(unit_dir: Path) -> bool:
     return read_done_info(unit_dir) is not None and (Path(unit_dir) / WEIGHTS).is_file()
 
 
+def is_run_dir(path: Path) -> bool:
+    """Whether ``path`` is a run directory (config.yaml and a model/ or teacher_model/ folder), not a model."""
+    p = Path(path)
+    return (
+        (p / CONFIG).is_file()
+        and not (p / MODEL_METADATA).is_file()
+        and ((p / MODEL).is_dir() or (p / TEACHER_MODEL).is_dir())
+    )
+
+
 def shared_unit_dir(study_dir: Path, unit: str, key: str) -> Path:
     """``STUDY/shared/<unit>-<key>``: a unit shared between the runs of a study."""
     return Path(study_dir) / SHARED / f"{unit}-{key}"
@@ -341,9 +351,10 @@ def read_json_object(path: Path) -> dict[str, Any] | None:
     return obj if isinstance(obj, dict) else None
 
 
-def _dump(model: BaseModel) -> Any:
+def _dump(model: BaseModel) -> dict[str, Any]:
     # exclude_unset: an optional part the run did not write (tvus, baselines) stays absent, as before.
-    return model.model_dump(mode="json", exclude_unset=True) | {"schema_version": SCHEMA_VERSION}
+    # Python mode, not "json": pydantic's JSON mode would turn a NaN (a done.json's undefined AUC) into null.
+    return {"schema_version": SCHEMA_VERSION, **model.model_dump(exclude_unset=True)}
 
 
 def _validated(model: type[BaseModel], obj: Any, path: Path) -> Any:
@@ -357,8 +368,8 @@ def _validated(model: type[BaseModel], obj: Any, path: Path) -> Any:
 
 def write_results(run_dir: Path, results: Results) -> dict[str, Any]:
     """Write ``results.json`` (methods in the configuration's order, not key-sorted); returns its content."""
-    d = {"schema_version": SCHEMA_VERSION, **results.model_dump(mode="json", exclude_unset=True)}
-    atomic_write_text(Path(run_dir) / RESULTS, json.dumps(d, indent=2) + "\n")
+    d = _dump(results)
+    atomic_write_text(Path(run_dir) / RESULTS, json.dumps(d, indent=2, default=_plain) + "\n")
     return d
 
 
