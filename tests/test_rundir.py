@@ -95,3 +95,26 @@ def test_run_info_splits_and_done(tmp_path: Path, run_files: RunFiles) -> None:
     assert rundir.read_done_info(unit) is None  # a damaged marker: the unit is redone
     assert rundir.mae_unit_name(False, 2) == "mae" and rundir.mae_unit_name(True, 2) == "mae/fold_2"
     assert rundir.mae_unit_name(True, None) == "mae/all"
+
+
+def test_multiclass_method_metrics_fit_the_contract() -> None:
+    import numpy as np
+
+    from endodistill.config import load_config
+    from endodistill.evaluate.stats import nan_to_none
+    from endodistill.experiment.aggregate import method_metrics
+
+    cfg = load_config(
+        "tiny", {"task": {"num_classes": 3, "class_names": ["a", "b", "c"], "positive_class": 1}}
+    )
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(18):
+        p = rng.dirichlet([1, 1, 1])
+        rows.append(
+            {"subject_id": f"s{i}", "fold": i % 3, "method": "m", "label": i % 3, "prob": float(p[1])}
+            | {f"prob_{c}": float(v) for c, v in enumerate(p)}
+        )
+    m = rundir.MethodMetrics.model_validate(nan_to_none(method_metrics(cfg, rows, ["m"]))["m"])
+    assert m.per_class_auc is not None and sorted(m.per_class_auc) == [0, 1, 2] and len(m.fold_aucs) == 3
+    assert json.loads(json.dumps(m.model_dump(exclude_unset=True)))["per_class_auc"].keys() == {"0", "1", "2"}

@@ -159,13 +159,13 @@ class _Open(BaseModel):
 
 
 class OperatingPoint(_Fixed):
-    """A threshold with its sensitivity and specificity (Youden's or a target sensitivity)."""
+    """A threshold with its sensitivity and specificity (Youden's, or the one at a target sensitivity)."""
 
+    target: float | None = None
     threshold: float | None
     sensitivity: float | None
     specificity: float | None
     j: float | None = None
-    target: float | None = None
 
 
 class MethodMetrics(_Fixed):
@@ -173,42 +173,52 @@ class MethodMetrics(_Fixed):
 
     Binary tasks (:func:`endodistill.evaluate.stats.summarise_method`) fill everything but
     ``per_class_auc``; multi-class tasks only ``auc`` (macro), ``per_class_auc``, the fold AUCs and ``n``.
+    Fields in the order the statistics write them (results.json keeps that order).
     """
 
     n: int
     n_pos: int | None = None
     prevalence: float | None = None
-    auc: float | None
-    auc_ci95: list[float | None] | None = None
-    per_class_auc: list[float | None] | None = None
-    youden: OperatingPoint | None = None
-    high_sensitivity: OperatingPoint | None = None
     brier: float | None = None
     ece: float | None = None
+    auc: float | None
+    per_class_auc: dict[int, float | None] | None = None
+    auc_ci95: list[float | None] | None = None
+    youden: OperatingPoint | None = None
+    high_sensitivity: OperatingPoint | None = None
     fold_aucs: list[float | None]
     fold_auc_mean: float | None
     fold_auc_std: float | None
 
 
-class McNemar(_Open):
-    """McNemar's test of two methods' decisions at the reference's Youden threshold."""
+class McNemar(_Fixed):
+    """McNemar's exact test of two methods' decisions at the reference's Youden threshold."""
 
-    threshold: float | None = None
-    p: float | None = None
+    threshold: float | None
+    a_only: int
+    b_only: int
+    accuracy_a: float | None
+    accuracy_b: float | None
+    p: float | None
     p_adjusted: float | None = None
 
 
-class Comparison(_Open):
+class Comparison(_Fixed):
     """``results.json`` ``comparisons[i]``: a paired DeLong test of two methods (and McNemar's)."""
 
     method_a: str
     method_b: str
     n: int
     n_pos: int
-    p: float | None = None
+    auc_a: float | None
+    auc_b: float | None
+    diff: float | None
+    se: float | None
+    z: float | None
+    p: float | None
+    mcnemar: McNemar | None = None
     p_adjusted: float | None = None
     correction: str | None = None
-    mcnemar: McNemar | None = None
 
 
 class FinalModelInfo(_Fixed):
