@@ -87,15 +87,15 @@ def main() -> int:
         os.environ["ENDODISTILL_CACHE"] = str(Path(tmp) / "cache")
 
     from endodistill.config import load_config
-    from endodistill.evaluate.protocol import run_demo
+    from endodistill.experiment.protocol import run_experiment
     from endodistill.train.data import ensure_manifest
 
     cfg = load_config("demo", args.overrides)
     t0 = time.perf_counter()
-    # Generate the cohort first (as run_demo would) so that its time is shown on its own.
+    # Generate the cohort first (as run_experiment would) so that its time is shown on its own.
     ensure_manifest(cfg, out / "cohort")
     generation = time.perf_counter() - t0
-    run_demo(cfg, out)
+    run_experiment(cfg, out)
     wall = time.perf_counter() - t0
     timings = json.loads((out / "timings.json").read_text())
     text, rows = table(timings, wall, generation)

@@ -74,3 +74,57 @@ def tiny_reference_run(
         timeout=600,
     )
     return out
+
+
+class RunFiles:
+    """Builds the JSON files of a run directory FROM the run-directory contract (:mod:`endodistill.rundir`).
+
+    Every file goes through its pydantic model, so a fabricated run can only hold keys the protocol writes:
+    a made-up key fails at ``Results(...)`` / ``RunInfo(...)`` as it would for a real run.
+    """
+
+    def results(self, run_dir: Path, **fields: object) -> Path:
+        """``results.json``: the given fields, with the protocol's defaults for the rest."""
+        from endodistill import rundir
+
+        methods = list(fields.get("methods") or {})  # type: ignore[call-overload]
+        defaults: dict[str, object] = {
+            "teacher": {},
+            "mae": None,
+            "comparisons": [],
+            "cohort": {},
+            "config": {},
+            "seed": 0,
+            "folds": 5,
+            "reference": "scratch_ce" if "scratch_ce" in methods else (methods[0] if methods else ""),
+            "full_method": methods[-1] if methods else "",
+            "correction": "holm",
+            "final_model": None,
+            "teacher_model": None,
+            "timings": {},
+            "fit_processes": 1,
+        }
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        rundir.write_results(run_dir, rundir.Results.model_validate({**defaults, **fields}))
+        return Path(run_dir) / rundir.RESULTS
+
+    def run_info(self, run_dir: Path, **fields: object) -> Path:
+        """``run.json`` (versions, seed, inputs, command)."""
+        from endodistill import rundir
+
+        defaults: dict[str, object] = {
+            "seed": 0,
+            "versions": {},
+            "manifest": "manifest.csv",
+            "inputs": {},
+            "command": "endodistill run",
+        }
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        rundir.write_run_info(run_dir, rundir.RunInfo.model_validate({**defaults, **fields}))
+        return Path(run_dir) / rundir.RUN
+
+
+@pytest.fixture
+def run_files() -> RunFiles:
+    """Write run-directory JSON files through the contract's models (see :class:`RunFiles`)."""
+    return RunFiles()

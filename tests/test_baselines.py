@@ -238,7 +238,8 @@ def test_tiny_run_has_the_baselines(tiny_reference_run: Path, tiny_cohort: Path)
 def test_baselines_off_and_resume_reuse(
     tiny_reference_run: Path, tiny_run_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from endodistill.evaluate.protocol import load_run_config, run_experiment
+    from endodistill.experiment.protocol import run_experiment
+    from endodistill.experiment.provenance import load_run_config
 
     monkeypatch.setenv("ENDODISTILL_CACHE", tiny_run_env["ENDODISTILL_CACHE"])
     ref = json.loads((tiny_reference_run / "results.json").read_text())

@@ -45,7 +45,7 @@ import torch
 
 torch.set_num_threads(1)
 from endodistill.config import load_config
-from endodistill.evaluate.protocol import run_stage
+from endodistill.experiment.stage import run_stage
 
 cfg_path, out, log_dir = sys.argv[1:4]
 rank = os.environ.get("LOCAL_RANK", "0")
@@ -91,7 +91,7 @@ def _losses(path: Path) -> list[float]:
 def test_ddp_two_cpu_processes_match_one_process(tiny_cohort: Path, tmp_path: Path, method: str) -> None:
     from safetensors.torch import load_file
 
-    from endodistill.evaluate.protocol import run_stage
+    from endodistill.experiment.stage import run_stage
 
     torch.set_num_threads(1)
     cache = tmp_path / "cache"

@@ -281,7 +281,7 @@ def test_protocol_with_joint_keeps_the_five_methods(
     tiny_cohort: Path, tiny_reference_run: Path, tmp_path: Path
 ) -> None:
     """Adding the joint method changes nothing of the five methods (the reference run has only them)."""
-    from endodistill.evaluate.protocol import run_experiment
+    from endodistill.experiment.protocol import run_experiment
 
     cfg = _cfg(tiny_cohort, teacher={"epochs": 6}, protocol={"final_method": "joint"})
     cfg.protocol.methods["joint"] = cfg.protocol.methods["joint"].model_copy(update={"init": "mae"})

@@ -327,6 +327,14 @@ def test_bad_model_dir_is_refused(
     assert not (tmp_path / "o").exists(), "no outputs on a refused model"
 
 
+def test_run_directory_as_model_names_its_model(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    (run / "config.yaml").write_text("name: x\n")
+    with pytest.raises(InputError, match=r"run directory, not a model: give --model .*run/model"):
+        predict_cases(run, [tmp_path], tmp_path / "out")
+
+
 def test_pickle_file_as_model(tmp_path: Path) -> None:
     f = tmp_path / "model.pt"
     f.write_bytes(pickle.dumps(_Payload(tmp_path / "PWNED")))

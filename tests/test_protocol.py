@@ -35,7 +35,7 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def run(tiny_cohort: Path, cache: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    from endodistill.evaluate.protocol import run_experiment
+    from endodistill.experiment.protocol import run_experiment
 
     out = tmp_path_factory.mktemp("run")
     results = run_experiment(tiny(tiny_cohort, cache), out)
@@ -100,6 +100,14 @@ def test_all_outputs_present_and_schema(run: tuple[Path, dict]) -> None:
     assert "manifest.csv" in run_json["inputs"] and len(run_json["inputs"]) > 40
     timings = json.loads((out / "timings.json").read_text())
     assert timings["fits"]["fold_0/mae_kd_ce"]["step"] > 0
+    # Every file the run wrote fits the run-directory contract (extra="forbid": no key outside it).
+    from endodistill import rundir
+
+    assert rundir.read_results(out).model_dump(mode="json", exclude_unset=True) == on_disk
+    assert on_disk["schema_version"] == rundir.SCHEMA_VERSION
+    assert rundir.read_timings(out) is not None and rundir.read_run_info(out) is not None
+    assert rundir.read_splits(out) is not None
+    assert all(rundir.read_done_info(p.parent) is not None for p in out.rglob("done.json"))
 
 
 @pytest.mark.slow
@@ -128,7 +136,8 @@ def test_folds_disjoint_identical_across_methods_and_no_leak(run: tuple[Path, di
 
 @pytest.mark.slow
 def test_resume_skips_finished_units(run: tuple[Path, dict], tiny_cohort: Path, cache: Path) -> None:
-    from endodistill.evaluate.protocol import load_run_config, run_experiment
+    from endodistill.experiment.protocol import run_experiment
+    from endodistill.experiment.provenance import load_run_config
 
     out, results = run
     markers = {p: p.stat().st_mtime_ns for p in out.rglob("done.json")}
@@ -150,7 +159,7 @@ def test_interrupted_run_resumes_to_identical_results(
     import lightning.pytorch as pl
 
     import endodistill.train.fit as fit_mod
-    from endodistill.evaluate.protocol import run_experiment
+    from endodistill.experiment.protocol import run_experiment
     from endodistill.train.trainer import make_trainer
 
     class Crash(pl.Callback):
@@ -183,7 +192,7 @@ def test_same_seed_fresh_process_identical(
     code = (
         "import json, sys, torch; torch.set_num_threads(1)\n"
         "from endodistill.config import load_config\n"
-        "from endodistill.evaluate.protocol import run_experiment\n"
+        "from endodistill.experiment.protocol import run_experiment\n"
         f"run_experiment(load_config('tiny', json.loads(sys.argv[1])), {str(out)!r})\n"
     )
     subprocess.run(
@@ -197,7 +206,8 @@ def test_same_seed_fresh_process_identical(
 
 
 def test_stage_errors(tiny_cohort: Path, cache: Path, tmp_path: Path) -> None:
-    from endodistill.evaluate.protocol import load_run_config, run_stage
+    from endodistill.experiment.provenance import load_run_config
+    from endodistill.experiment.stage import run_stage
 
     cfg = tiny(tiny_cohort, cache)
     with pytest.raises(InputError, match="teacher"):
@@ -212,7 +222,7 @@ def test_stage_errors(tiny_cohort: Path, cache: Path, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_stages_alone(run: tuple[Path, dict], tiny_cohort: Path, cache: Path, tmp_path: Path) -> None:
-    from endodistill.evaluate.protocol import run_stage
+    from endodistill.experiment.stage import run_stage
 
     out = tmp_path / "stages"
     shutil.copytree(run[0] / "teacher", out / "teacher")
@@ -229,12 +239,13 @@ def test_stages_alone(run: tuple[Path, dict], tiny_cohort: Path, cache: Path, tm
 
 @pytest.mark.slow
 def test_demo_generates_its_cohort_and_the_run_directory_can_move(cache: Path, tmp_path: Path) -> None:
-    from endodistill.evaluate.protocol import load_run_config, run_demo, run_experiment
+    from endodistill.experiment.protocol import run_experiment
+    from endodistill.experiment.provenance import load_run_config
 
     cfg = load_config("tiny", {"data": {"cache_dir": str(cache)}, "trainer": {"threads": 1}})
     cfg.finetune.epochs = 1
     cfg.teacher.epochs = 1
-    results = run_demo(cfg, tmp_path / "demo")
+    results = run_experiment(cfg, tmp_path / "demo")
     assert (tmp_path / "demo" / "cohort" / "manifest.csv").is_file()
     assert results["cohort"]["manifest"] == "cohort/manifest.csv" and "ceilings" in results["cohort"]
     shutil.move(tmp_path / "demo", tmp_path / "moved")

@@ -6,6 +6,7 @@ import csv
 import json
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -13,6 +14,9 @@ import pytest
 from endodistill.errors import InputError
 from endodistill.evaluate.report import SECTION_IDS, format_ablation_table, write_report
 from endodistill.evaluate.stats import compare_methods, nan_to_none, summarise_methods
+
+if TYPE_CHECKING:
+    from conftest import RunFiles
 
 METHODS = ["scratch_ce", "mae_ce", "scratch_kd_ce", "mae_kd", "mae_kd_ce"]
 
@@ -25,7 +29,7 @@ def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
         w.writerows(rows)
 
 
-def _fake_run(root: Path, manifest: str | None = None) -> Path:
+def _fake_run(run_files: RunFiles, root: Path, manifest: str | None = None) -> Path:
     rng = np.random.default_rng(0)
     run = root / "run"
     n = 40
@@ -81,10 +85,11 @@ def _fake_run(root: Path, manifest: str | None = None) -> Path:
             "task": {"student_modality": "mri", "teacher_modality": "tvus"},
         },
         "seed": 7,
-        "timings": {"teacher": 12.5, "mae": 30.25, "folds": 100.0},
-        "versions": {"python": "3.11", "torch": "2.14.1"},
+        "timings": {"teacher": 12.5, "mae": 30.25, "cross_validation": 100.0},
     }
-    (run / "results.json").write_text(json.dumps(nan_to_none(results)))
+    # Through the run-directory contract (tests/conftest.py): only keys the protocol writes; versions in run.json.
+    run_files.results(run, **nan_to_none(results))
+    run_files.run_info(run, seed=7, versions={"python": "3.11", "torch": "2.14.1"})
     return run
 
 
@@ -98,8 +103,8 @@ def _check_html(text: str) -> None:
         assert src.startswith("data:image/png;base64,")
 
 
-def test_report_on_fabricated_run(tmp_path: Path) -> None:
-    run = _fake_run(tmp_path)
+def test_report_on_fabricated_run(tmp_path: Path, run_files: RunFiles) -> None:
+    run = _fake_run(run_files, tmp_path)
     (run / "examples").mkdir()
     from matplotlib.figure import Figure
 
@@ -145,7 +150,7 @@ def test_report_minimal_results_only(tmp_path: Path) -> None:
     assert "| scratch_ce | — |" in md_path.read_text()
 
 
-def test_report_draws_examples_from_manifest(tmp_path: Path) -> None:
+def test_report_draws_examples_from_manifest(tmp_path: Path, run_files: RunFiles) -> None:
     import av
     import nibabel as nib
 
@@ -171,13 +176,13 @@ def test_report_draws_examples_from_manifest(tmp_path: Path) -> None:
             c.mux(st.encode())
         rows.append([f"t{i}", "tvus", f"tvus/t{i}.mp4", i])
     _write_csv(data / "manifest.csv", ["subject_id", "modality", "path", "label"], rows)
-    run = _fake_run(tmp_path, manifest=str(data / "manifest.csv"))
+    run = _fake_run(run_files, tmp_path, manifest=str(data / "manifest.csv"))
     text = write_report(run)[0].read_text()
     _check_html(text)
     examples = text.split('<h2 id="examples">')[1].split("</section>")[0]
     assert "data:image/png;base64," in examples and "drawn from manifest.csv" in examples
     # An unreadable manifest is a note, not a crash.
-    run2 = _fake_run(tmp_path / "b", manifest=str(tmp_path / "missing.csv"))
+    run2 = _fake_run(run_files, tmp_path / "b", manifest=str(tmp_path / "missing.csv"))
     text2 = write_report(run2)[0].read_text()
     assert "not readable" in text2
 
@@ -223,8 +228,10 @@ def _with_extras(run: Path) -> dict:
     return results
 
 
-def test_report_shows_baselines_and_diagnostics_apart_from_the_methods(tmp_path: Path) -> None:
-    run = _fake_run(tmp_path)
+def test_report_shows_baselines_and_diagnostics_apart_from_the_methods(
+    tmp_path: Path, run_files: RunFiles
+) -> None:
+    run = _fake_run(run_files, tmp_path)
     results = _with_extras(run)
     table = format_ablation_table(results)
     lines = table.splitlines()
@@ -274,8 +281,8 @@ def test_report_shows_baselines_and_diagnostics_apart_from_the_methods(tmp_path:
     assert not re.search(r"(?<![\d.])\d\.\d{5,}", md)
 
 
-def test_report_without_baselines_has_no_baseline_blocks(tmp_path: Path) -> None:
-    run = _fake_run(tmp_path)
+def test_report_without_baselines_has_no_baseline_blocks(tmp_path: Path, run_files: RunFiles) -> None:
+    run = _fake_run(run_files, tmp_path)
     results = json.loads((run / "results.json").read_text())
     table = format_ablation_table(results)
     assert "Reference baselines" not in table and "Sign visibility" not in table and "MAE" not in table
@@ -314,7 +321,9 @@ def test_number_formatting_helpers_give_exact_strings() -> None:
     assert fmt_value([3, 0.25]) == "[3, 0.250]" and fmt_value(24) == 24 and fmt_value("x") == "x"
 
 
-def test_quantile_calibration_bins_have_near_equal_counts_shown_in_the_report(tmp_path: Path) -> None:
+def test_quantile_calibration_bins_have_near_equal_counts_shown_in_the_report(
+    tmp_path: Path, run_files: RunFiles
+) -> None:
     from endodistill.evaluate.report import quantile_bins, quantile_calibration
 
     rng = np.random.default_rng(3)
@@ -328,7 +337,7 @@ def test_quantile_calibration_bins_have_near_equal_counts_shown_in_the_report(tm
     assert pts["observed"][0] == pytest.approx(y[np.argsort(p, kind="stable")[:21]].mean())
     assert quantile_bins(40) == 3 and quantile_bins(1000) == 10
 
-    run = _fake_run(tmp_path)  # 40 cases per method: 3 bins of 13-14
+    run = _fake_run(run_files, tmp_path)  # 40 cases per method: 3 bins of 13-14
     text = write_report(run)[0].read_text()
     cal = text.split('<h2 id="calibration">')[1].split("</section>")[0]
     assert "quantile bins" in cal and "<details>" in cal
@@ -337,10 +346,12 @@ def test_quantile_calibration_bins_have_near_equal_counts_shown_in_the_report(tm
     assert sorted({int(n) for _, _, n in rows}) == [13, 14]
 
 
-def test_training_curves_one_panel_per_method_with_a_line_per_fold(tmp_path: Path) -> None:
+def test_training_curves_one_panel_per_method_with_a_line_per_fold(
+    tmp_path: Path, run_files: RunFiles
+) -> None:
     from endodistill.evaluate.report import CV_TRAINING, OTHER_TRAINING, _training_figure, training_panels
 
-    run = _fake_run(tmp_path)
+    run = _fake_run(run_files, tmp_path)
     for f in range(2, 5):  # five folds of the first two methods
         for m in METHODS[:2]:
             src = run / "folds/fold_0" / m / "logs/version_0/metrics.csv"
@@ -358,8 +369,8 @@ def test_training_curves_one_panel_per_method_with_a_line_per_fold(tmp_path: Pat
     assert legend == [*(f"fold {f}" for f in range(5)), "train_loss", "val_loss", "val_auc (right axis)"]
 
 
-def test_teacher_table_has_no_raw_floats(tmp_path: Path) -> None:
-    run = _fake_run(tmp_path)
+def test_teacher_table_has_no_raw_floats(tmp_path: Path, run_files: RunFiles) -> None:
+    run = _fake_run(run_files, tmp_path)
     results = json.loads((run / "results.json").read_text())
     results["teacher"].update(
         brier=0.1620412293810899,
@@ -389,17 +400,15 @@ def test_teacher_table_has_no_raw_floats(tmp_path: Path) -> None:
 
 def test_fit_progress_lines_off_a_terminal(capsys: pytest.CaptureFixture[str]) -> None:
     """Piped output (CI logs): one line per fit with i/N, elapsed and ETA; no val AUC when there is none."""
-    from endodistill.evaluate import protocol
+    from endodistill.experiment import runner
 
-    progress = protocol._FitProgress(4)
-    assert not progress.tty and protocol._FitProgress.bar is None  # pytest captures stdout: no bar
-    progress.done("[fold 1/2] a: " + protocol._fit_result({"test_auc": 0.71234}, 2.0, True), 0.0, True)
+    progress = runner.FitProgress(4)
+    assert not progress.tty and runner.FitProgress.bar is None  # pytest captures stdout: no bar
+    progress.done("[fold 1/2] a: " + runner.fit_result({"test_auc": 0.71234}, 2.0, True), 0.0, True)
     assert progress.eta() is None  # a reused fit tells nothing about the time the others take
-    progress.done(
-        "[fold 1/2] b: " + protocol._fit_result({"test_auc": 0.5, "val_auc": None}, 4.0, False), 4.0
-    )
+    progress.done("[fold 1/2] b: " + runner.fit_result({"test_auc": 0.5, "val_auc": None}, 4.0, False), 4.0)
     assert progress.eta() == pytest.approx(8.0)  # 2 fits left x 4 s
-    line = protocol._fit_result({"val_auc": 0.91234, "test_auc": float("nan")}, 6.04, False)
+    line = runner.fit_result({"val_auc": 0.91234, "test_auc": float("nan")}, 6.04, False)
     progress.done("[fold 2/2] a: " + line, 6.0, tag=" (rank 1)")
     progress.close()
     out = capsys.readouterr().out.splitlines()
@@ -417,9 +426,9 @@ def test_fit_progress_lines_off_a_terminal(capsys: pytest.CaptureFixture[str]) -
 
 def test_run_progress_estimates_the_whole_run_by_kind_and_steps(capsys: pytest.CaptureFixture[str]) -> None:
     """The run's ETA: remaining optimiser steps x seconds per step, per kind once that kind has run."""
-    from endodistill.evaluate import protocol
+    from endodistill.experiment import runner
 
-    progress = protocol._FitProgress([("teacher", 100), ("fit", 10), ("fit", 10), ("final", 20)], "run")
+    progress = runner.FitProgress([("teacher", 100), ("fit", 10), ("fit", 10), ("final", 20)], "run")
     assert progress.eta() is None
     progress.stage("teacher", 50.0)  # 0.5 s per step; kinds not seen yet use the overall rate
     assert progress.eta() == pytest.approx(0.5 * 40)

@@ -17,7 +17,7 @@ import pytest
 
 from endodistill.config import load_config
 from endodistill.errors import ConfigError, InputError
-from endodistill.evaluate.spread import Spread, SpreadError, check_spread_config, start_spread
+from endodistill.experiment.spread import Spread, SpreadError, check_spread_config, start_spread
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 FIT_LINE = re.compile(r"^\[fold (\d+)/\d+\] (\w+): .* \(rank (\d+)\)$")

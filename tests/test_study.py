@@ -11,7 +11,7 @@ import torch
 
 from endodistill.config import load_config
 from endodistill.errors import ConfigError, InputError
-from endodistill.experiment.study import plan_study, run_study
+from endodistill.experiment.study import parse_shard, plan_study, run_study, run_study_shard
 from endodistill.train.pairing import control_targets, label_matched_pairs, noisy_partners
 
 
@@ -189,3 +189,35 @@ def test_study_resume_skips_everything_and_refuses_a_second_start(grid_study: tu
         run_study("grid", info["cfg"], out, vary=["mae.pool_fraction=1.0,0.5"])
     with pytest.raises(InputError, match="other settings"):
         run_study("grid", info["cfg"], out, resume=True, vary=["mae.pool_fraction=1.0,0.25"])
+
+
+def test_sharded_study_then_resume_gives_the_same_study(
+    grid_study: tuple[Path, dict], tmp_path: Path
+) -> None:
+    """Two shards (run one after the other here; concurrently on a SLURM array), then a resume aggregates."""
+    ref, info = grid_study
+    out = tmp_path / "sharded"
+    vary = ["mae.pool_fraction=1.0,0.5"]
+    for i in range(2):
+        run_study_shard("grid", info["cfg"], out, (i, 2), vary=vary, echo=lambda s: None)
+        assert not (out / "study.json").exists()  # a shard writes no results
+    fits = sorted(p.parent for p in out.glob("runs/*/folds/*/*/done.json"))
+    assert len(fits) == 6  # 2 runs x 3 folds x 1 method: every fit of the study, by one shard or the other
+    shared = sorted(p.name for p in (out / "shared").iterdir() if p.is_dir())
+    assert shared == sorted(p.name for p in (ref / "shared").iterdir() if p.is_dir())  # trained once each
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("done.json")}
+    run_study("grid", info["cfg"], out, resume=True, vary=vary, echo=lambda s: None)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("done.json")} == stamps  # nothing retrained
+    a = json.loads((ref / "study.json").read_text())
+    b = json.loads((out / "study.json").read_text())
+    a.pop("wall_seconds"), b.pop("wall_seconds")
+    assert a == b
+
+
+def test_shard_option_and_slurm_array() -> None:
+    assert parse_shard("1/4", env={}) == (1, 4) and parse_shard(None, env={}) is None
+    env = {"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_MIN": "1"}
+    assert parse_shard(None, env=env) == (2, 3)
+    for bad in ("4/4", "1", "a/b", "-1/2"):
+        with pytest.raises(ConfigError, match="--shard"):
+            parse_shard(bad, env={})

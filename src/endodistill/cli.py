@@ -2,6 +2,9 @@
 
 Every command turns an :class:`~endodistill.errors.EndodistillError` into one line on stderr and its
 exit code (2 for bad input); ``--debug`` shows the traceback instead. Ctrl-C exits with 130.
+
+Each command imports what it runs inside its function, on purpose (start-up time): ``--help``, ``validate``,
+``inspect`` and a bad config or manifest answer in well under a second, without importing torch.
 """
 
 from __future__ import annotations
@@ -140,11 +143,11 @@ def demo(
 ) -> None:
     """Generate the synthetic demo cohort (when absent) and run the whole protocol on it."""
     from endodistill.config import load_config
-    from endodistill.evaluate.protocol import run_demo
+    from endodistill.experiment.protocol import run_experiment
 
     set_ = _with_hardware(set_, accelerator, devices, strategy, num_nodes)
     cfg = load_config(config, set_)
-    run_demo(cfg, out, resume=resume)
+    run_experiment(cfg, out, resume=resume)
 
 
 @app.command()
@@ -165,7 +168,8 @@ def run(
 
     set_ = _with_hardware(set_, accelerator, devices, strategy, num_nodes)
     if resume is not None:
-        from endodistill.evaluate.protocol import load_run_config, run_experiment
+        from endodistill.experiment.protocol import run_experiment
+        from endodistill.experiment.provenance import load_run_config
 
         cfg = load_run_config(resume, set_)
         run_experiment(cfg, resume, resume=True)
@@ -178,7 +182,7 @@ def run(
 
         # A structurally broken manifest fails here too: before torch is imported and RUN_DIR exists.
         read_manifest(cfg.data.manifest, cfg.data.restrict_paths, cfg.task.num_classes)
-    from endodistill.evaluate.protocol import run_experiment
+    from endodistill.experiment.protocol import run_experiment
 
     fresh = not out.exists()
     try:
@@ -205,6 +209,15 @@ def study(
         ),
     ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the study in --out.")] = False,
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            "--shard",
+            help="I/N: run only share I (0-based) of N of the study's fits, so that N processes run at once; "
+            "then a call without --shard (--resume) writes the results. Default: a SLURM array's "
+            "SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT when set (run the final call outside the array).",
+        ),
+    ] = None,
     accelerator: AcceleratorOpt = None,
     devices: DevicesOpt = None,
     strategy: StrategyOpt = None,
@@ -214,9 +227,14 @@ def study(
     from endodistill.config import load_config
 
     cfg = load_config(config, _with_hardware(set_, accelerator, devices, strategy, num_nodes))
-    from endodistill.experiment.study import plan_study, run_study
+    # Here, not at the top: the study (torch, Lightning) is imported only by the command that needs it.
+    from endodistill.experiment.study import parse_shard, plan_study, run_study, run_study_shard
 
     plan_study(name, cfg, vary or [])  # an unknown study or a bad --vary fails before any work
+    share = parse_shard(shard)
+    if share is not None:
+        run_study_shard(name, cfg, out, share, vary=vary or [], echo=typer.echo)
+        return
     run_study(name, cfg, out, resume=resume, vary=vary or [], echo=typer.echo)
 
 
@@ -264,7 +282,7 @@ def train(
 ) -> None:
     """Run one training stage on its own, writing into a run directory."""
     from endodistill.config import load_config
-    from endodistill.evaluate.protocol import run_stage
+    from endodistill.experiment.stage import run_stage
 
     set_ = _with_hardware(set_, accelerator, devices, strategy, num_nodes)
     run_stage(load_config(config, set_), out, stage=stage, method=method, fold=fold, resume=resume)

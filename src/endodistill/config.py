@@ -427,7 +427,7 @@ class TrainerConfig(_Strict):
             "Under torchrun (several processes), spread the independent cross-validation fits over the "
             "processes, one fit per process and device (round robin), instead of running them all in every "
             "process; rank 0 trains the teacher and MAE first and gathers the results. No effect without "
-            "torchrun. Needs trainer.devices=1 (see endodistill.evaluate.spread)."
+            "torchrun. Needs trainer.devices=1 (see endodistill.experiment.spread)."
         ),
     )
     lookahead: bool = Field(

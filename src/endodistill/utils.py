@@ -9,7 +9,6 @@ import hashlib
 import io
 import json
 import os
-import random
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -141,16 +140,6 @@ def stable_hash(obj: Any) -> str:
     """Short SHA-256 of a JSON-serialisable object (key order does not matter)."""
     blob = json.dumps(obj, sort_keys=True, default=_json_default).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (CPU and CUDA) so that CPU reruns are identical."""
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-    os.environ["PYTHONHASHSEED"] = str(seed)
 
 
 class RunLock:

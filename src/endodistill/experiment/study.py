@@ -27,6 +27,8 @@ Layout of ``DIR``::
 from __future__ import annotations
 
 import base64
+import contextlib
+import fcntl
 import hashlib
 import html
 import io
@@ -35,17 +37,29 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import numpy as np
+import yaml
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 from pydantic import BaseModel, Field
 
+from endodistill import rundir
 from endodistill.config import Config, MethodConfig
+from endodistill.data.cache import content_hash
+from endodistill.data.manifest import read_manifest
 from endodistill.errors import ConfigError, InputError
 from endodistill.evaluate.fmt import fmt_auc, fmt_ci, fmt_p
+from endodistill.evaluate.stats import compare_methods, nan_to_none, read_oof_csv, summarise_method
+from endodistill.experiment.plan import cv_fits, needs_mae
+from endodistill.experiment.protocol import run_experiment
+from endodistill.experiment.stage import run_stage
+from endodistill.train.data import ensure_manifest
 from endodistill.utils import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -144,8 +158,6 @@ def _num(v: float) -> str:
 
 def _parse_value(text: str) -> Any:
     """A ``--vary`` value: YAML scalar rules (numbers, booleans, null), else the string."""
-    import yaml
-
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
@@ -332,9 +344,6 @@ def _setting_config(cfg: Config, overrides: dict[str, Any], methods: dict[str, M
 
 def _unit_key(unit: str, cfg: Config, manifest: Path) -> str:
     """Content key of a shareable unit: the config sections it reads and the content of its inputs."""
-    from endodistill.data.cache import content_hash
-    from endodistill.data.manifest import read_manifest
-
     d = cfg.model_dump(mode="json")
     m = read_manifest(manifest, num_classes=cfg.task.num_classes)
     if unit == "teacher":
@@ -353,7 +362,7 @@ def _link_shared(run_dir: Path, shared: Path, unit: str, key: str) -> bool:
     """Link a finished shared unit into ``run_dir`` (True when it was found)."""
     src = shared / f"{unit}-{key}"
     dst = run_dir / unit
-    if not (src / "done.json").is_file() or dst.exists() or dst.is_symlink():
+    if not rundir.is_done(src) or dst.exists() or dst.is_symlink():
         return False
     dst.symlink_to(os.path.relpath(src, run_dir), target_is_directory=True)
     return True
@@ -363,7 +372,7 @@ def _publish_shared(run_dir: Path, shared: Path, unit: str, key: str) -> bool:
     """Move a unit trained in ``run_dir`` into the shared store and link it back (True when moved)."""
     src = run_dir / unit
     dst = shared / f"{unit}-{key}"
-    if src.is_symlink() or not (src / "done.json").is_file() or dst.exists():
+    if src.is_symlink() or not rundir.is_done(src) or dst.exists():
         return False
     shared.mkdir(parents=True, exist_ok=True)
     os.replace(src, dst)
@@ -379,8 +388,6 @@ def _read_index(shared: Path) -> dict[str, str]:
 
 def _cohort_manifest(cfg: Config, out: Path, overrides: dict[str, Any]) -> Path:
     """The manifest of a run config: its own, or a synthetic cohort shared by equal cohort settings."""
-    from endodistill.train.data import ensure_manifest
-
     if cfg.data.manifest is not None:
         if "synth" in overrides.get("data", {}):
             raise ConfigError(
@@ -391,6 +398,188 @@ def _cohort_manifest(cfg: Config, out: Path, overrides: dict[str, Any]) -> Path:
         return Path(cfg.data.manifest).resolve()
     key = _key(cfg.data.synth.model_dump(mode="json"))
     return ensure_manifest(cfg, out / "cohorts" / key)
+
+
+def check_shard(shard: tuple[int, int]) -> None:
+    """Raises ConfigError unless ``shard`` is ``(i, n)`` with ``0 <= i < n``."""
+    i, n = shard
+    if not (n >= 1 and 0 <= i < n):
+        raise ConfigError("--shard", f"{i}/{n}: needs 0 <= I < N (I/N, 0-based)")
+
+
+def parse_shard(text: str | None, env: Mapping[str, str] = os.environ) -> tuple[int, int] | None:
+    """``--shard I/N``, else a SLURM array's task (``SLURM_ARRAY_TASK_ID``/``_COUNT``, minus ``_MIN``).
+
+    Raises:
+        ConfigError: ``text`` is not ``I/N`` with ``0 <= I < N``.
+    """
+    if text is None:
+        if "SLURM_ARRAY_TASK_ID" not in env or "SLURM_ARRAY_TASK_COUNT" not in env:
+            return None
+        task = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", "0") or 0)
+        shard = (task, int(env["SLURM_ARRAY_TASK_COUNT"]))
+    else:
+        i, sep, n = text.partition("/")
+        if not sep or not i.strip().isdigit() or not n.strip().isdigit():
+            raise ConfigError("--shard", f"{text!r}: give I/N, e.g. 0/4 (share I of N, 0-based)")
+        shard = (int(i), int(n))
+    check_shard(shard)
+    return shard
+
+
+@contextlib.contextmanager
+def _study_lock(out: Path, name: str) -> Iterator[None]:
+    """Block until this process holds ``STUDY/.locks/NAME.lock`` (the shards of a study take turns)."""
+    path = out / ".locks" / f"{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+", encoding="utf-8") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+@dataclass
+class _Group:
+    """One run of a study: the settings that share its non-method config."""
+
+    name: str
+    dir: Path
+    cfg: Config
+    keys: dict[str, str]  # shared unit -> content key
+
+
+def _run_groups(plan: StudyPlan) -> list[list[Setting]]:
+    """Settings with the same non-method config run as methods of one run (in the plan's order)."""
+    groups: dict[str, list[Setting]] = {}
+    for s in plan.settings:
+        groups.setdefault(_key(s.overrides), []).append(s)
+    return list(groups.values())
+
+
+def _run_name(i: int, members: list[Setting]) -> str:
+    return f"run{i}_{members[0].name}" if len(members) == 1 else f"run{i}"
+
+
+def _needs_unit(cfg: Config, unit: str) -> bool:
+    if unit == rundir.TEACHER:
+        return True
+    return needs_mae(cfg, list(cfg.protocol.methods)) and not cfg.mae.use_labelled_train
+
+
+def _run_shard(
+    plan: StudyPlan, cfg: Config, out: Path, shard: tuple[int, int], echo: Callable[[str], None]
+) -> None:
+    """Share ``i`` of ``n`` of the study's fits, with the shared units they need (trained once, under a lock)."""
+    i, n = shard
+    shared = out / rundir.SHARED
+    groups: list[_Group] = []
+    for gi, members in enumerate(_run_groups(plan)):
+        run_name = _run_name(gi, members)
+        run_cfg = _setting_config(cfg, members[0].overrides, {s.name: s.method for s in members})
+        with _study_lock(out, "cohorts"):  # a synthetic cohort is generated once
+            run_cfg.data.manifest = _cohort_manifest(run_cfg, out, members[0].overrides)
+        run_dir = out / rundir.RUNS / run_name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        keys = {u: _unit_key(u, run_cfg, Path(run_cfg.data.manifest)) for u in _SHARED_UNITS}
+        groups.append(_Group(run_name, run_dir, run_cfg, keys))
+    # A shared unit is trained in the first run that needs it, as in a one-process study.
+    owner: dict[str, int] = {}
+    for gi, g in enumerate(groups):
+        for unit, k in g.keys.items():
+            if _needs_unit(g.cfg, unit):
+                owner.setdefault(f"{unit}-{k}", gi)
+    fits = [
+        (gi, f)
+        for gi, g in enumerate(groups)
+        for f in cv_fits(g.cfg.protocol.folds, list(g.cfg.protocol.methods))
+    ]
+    mine = [(gi, f) for j, (gi, f) in enumerate(fits) if j % n == i]
+    echo(f"[study {plan.name}] shard {i}/{n}: {len(mine)} of {len(fits)} fits")
+    prepared: set[int] = set()
+    for gi, fit in mine:
+        g = groups[gi]
+        if gi not in prepared:
+            for unit, k in g.keys.items():
+                if not _needs_unit(g.cfg, unit):
+                    continue
+                with _study_lock(out, f"{unit}-{k}"):
+                    if not rundir.is_done(rundir.shared_unit_dir(out, unit, k)):
+                        o = groups[owner[f"{unit}-{k}"]]
+                        stage = "teacher" if unit == rundir.TEACHER else "pretrain"
+                        run_stage(o.cfg, o.dir, stage, resume=True)
+                        with _study_lock(out, "index"):
+                            if _publish_shared(o.dir, shared, unit, k):
+                                index = _read_index(shared)
+                                index[f"{unit}-{k}"] = o.name
+                                atomic_write_json(shared / "index.json", index)
+                    _link_shared(g.dir, shared, unit, k)
+            if needs_mae(g.cfg, list(g.cfg.protocol.methods)) and g.cfg.mae.use_labelled_train:
+                for f in range(g.cfg.protocol.folds):  # per-fold MAEs belong to their run
+                    with _study_lock(out, f"{g.name}-mae-{f}"):
+                        run_stage(g.cfg, g.dir, "pretrain", fold=f, resume=True)
+            prepared.add(gi)
+        run_stage(g.cfg, g.dir, "distill", fit.method, fit.fold, resume=True)
+    echo(
+        f"[study {plan.name}] shard {i}/{n} done: when every shard has finished, "
+        f"`endodistill study {plan.name} --resume` (no --shard) writes the study's results"
+    )
+
+
+def _start_study(
+    name: str, cfg: Config, out: Path, resume: bool, vary: Sequence[str], sharded: bool
+) -> StudyPlan:
+    """The study's plan; ``study_plan.json`` written, or checked against the one a resumed study began with."""
+    plan = plan_study(name, cfg, vary)
+    marker = out / "study_plan.json"
+    plan_json = {
+        "study": name,
+        "vary": list(vary),
+        "config": cfg.model_dump(mode="json"),
+        "settings": [
+            {"name": s.name, "method": s.method.model_dump(mode="json"), "overrides": s.overrides}
+            for s in plan.settings
+        ],
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    with _study_lock(out, "plan"):  # the shards of one study start at the same time
+        if marker.is_file() and not resume and not sharded:
+            raise InputError(
+                out, "already holds a study: continue it with --resume, or choose another folder"
+            )
+        if marker.is_file() and json.loads(marker.read_text(encoding="utf-8")) != json.loads(
+            json.dumps(plan_json, default=str)
+        ):
+            raise InputError(marker, "the study was started with other settings or config: cannot resume")
+        atomic_write_json(marker, plan_json)
+    return plan
+
+
+def run_study_shard(
+    name: str,
+    cfg: Config,
+    out: str | Path,
+    shard: tuple[int, int],
+    vary: Sequence[str] = (),
+    echo: Callable[[str], None] = print,
+) -> None:
+    """Run share ``i`` of ``n`` (``shard=(i, n)``) of a study's cross-validation fits, resuming what is done.
+
+    Fit ``j`` of the study's fixed list (its runs in order, each fold-major) is share ``j % n``'s; the teacher
+    and MAE units those fits need are trained once (the first shard to need one trains it, in the first run
+    that uses it, while the others wait on its lock) and shared as in a one-process study. ``n`` processes
+    (a SLURM array) can run their shares at the same time; then :func:`run_study` with ``resume=True`` finds
+    every unit done and writes the study's outputs: the same numbers as a study run in one process.
+
+    Raises:
+        ConfigError: an invalid shard, study or overrides.
+        InputError: the study was started with other settings, or bad inputs.
+    """
+    check_shard(shard)
+    out = Path(out)
+    plan = _start_study(name, cfg, out, True, vary, sharded=True)
+    _run_shard(plan, cfg, out, shard, echo)
 
 
 def run_study(
@@ -407,7 +596,8 @@ def run_study(
         name: one of :data:`STUDIES`.
         cfg: the base configuration.
         out: the study directory.
-        resume: continue a study: finished units and fits are skipped.
+        resume: continue a study: finished units and fits are skipped (also: gather the shares that
+            :func:`run_study_shard` processes ran).
         vary: ``grid`` axes (``KEY=V1,V2``; ``method.`` keys change the fine-tuned method).
         echo: where progress lines go.
 
@@ -415,41 +605,18 @@ def run_study(
         InputError: ``out`` holds another study (without ``resume``), or bad inputs.
         ConfigError: an unknown study or invalid overrides.
     """
-    from endodistill.evaluate.protocol import run_experiment
-
     t0 = time.perf_counter()
     out = Path(out)
-    plan = plan_study(name, cfg, vary)
-    marker = out / "study_plan.json"
-    plan_json = {
-        "study": name,
-        "vary": list(vary),
-        "config": cfg.model_dump(mode="json"),
-        "settings": [
-            {"name": s.name, "method": s.method.model_dump(mode="json"), "overrides": s.overrides}
-            for s in plan.settings
-        ],
-    }
-    if marker.is_file() and not resume:
-        raise InputError(out, "already holds a study: continue it with --resume, or choose another folder")
-    if marker.is_file() and json.loads(marker.read_text(encoding="utf-8")) != json.loads(
-        json.dumps(plan_json, default=str)
-    ):
-        raise InputError(marker, "the study was started with other settings or config: cannot resume")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(marker, plan_json)
+    plan = _start_study(name, cfg, out, resume, vary, sharded=False)
 
-    # Settings with the same non-method config run as methods of one run.
-    groups: dict[str, list[Setting]] = {}
-    for s in plan.settings:
-        groups.setdefault(_key(s.overrides), []).append(s)
-    shared = out / "shared"
+    groups = _run_groups(plan)
+    shared = out / rundir.SHARED
     used: dict[str, list[str]] = {}
     rows: list[dict[str, Any]] = []
     per_setting: dict[str, dict[str, Any]] = {}
-    for i, members in enumerate(groups.values()):
-        run_name = f"run{i}_{members[0].name}" if len(members) == 1 else f"run{i}"
-        run_dir = out / "runs" / run_name
+    for i, members in enumerate(groups):
+        run_name = _run_name(i, members)
+        run_dir = out / rundir.RUNS / run_name
         run_cfg = _setting_config(cfg, members[0].overrides, {s.name: s.method for s in members})
         run_cfg.data.manifest = _cohort_manifest(run_cfg, out, members[0].overrides)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -457,7 +624,8 @@ def run_study(
         for unit, k in keys.items():
             _link_shared(run_dir, shared, unit, k)
         echo(f"[study {name}] {run_name}: {', '.join(s.name for s in members)} ({i + 1}/{len(groups)})")
-        results = run_experiment(run_cfg, run_dir, resume=True)
+        run_experiment(run_cfg, run_dir, resume=True)
+        results = rundir.read_results(run_dir)
         for unit, k in keys.items():
             if not (run_dir / unit).is_symlink() and _publish_shared(run_dir, shared, unit, k):
                 index = _read_index(shared)
@@ -465,15 +633,13 @@ def run_study(
                 atomic_write_json(shared / "index.json", index)
             if (run_dir / unit).is_symlink():
                 used.setdefault(f"{unit}-{k}", []).append(run_name)
-        from endodistill.evaluate.stats import read_oof_csv
-
-        for r in read_oof_csv(run_dir / "oof_predictions.csv"):
+        for r in read_oof_csv(run_dir / rundir.OOF):
             rows.append({**r, "label": int(r["label"] == cfg.task.positive_class)})
         for s in members:
-            mae = results.get("mae") or {}
+            mae = results.mae or {}
             per_setting[s.name] = {
                 "run": run_name,
-                "teacher_auc": (results.get("teacher") or {}).get("auc"),
+                "teacher_auc": results.teacher.get("auc"),
                 "mae_probe_auc": mae.get("probe_auc"),
                 "mae_random_probe_auc": mae.get("random_probe_auc"),
                 "config": {
@@ -502,8 +668,6 @@ def summarise_study(
     wall: float,
 ) -> StudyResult:
     """Per-setting metrics, paired tests against the reference, the verdict (no setting called best)."""
-    from endodistill.evaluate.stats import compare_methods, nan_to_none, summarise_method
-
     names = [s.name for s in plan.settings]
     settings = []
     for s in plan.settings:
@@ -604,9 +768,6 @@ def format_study_table(r: StudyResult) -> str:
 
 
 def _figure_png(r: StudyResult) -> bytes:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(max(5.0, 1.1 * len(r.settings) + 1.5), 3.6), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
@@ -690,8 +851,6 @@ Holm-adjusted over the study; McNemar's exact test of the decisions at the refer
 
 def write_study(out: Path, r: StudyResult, plan: StudyPlan) -> None:
     """``study.json``, ``study.md`` and a self-contained ``study.html`` (figure embedded), atomically."""
-    import jinja2
-
     atomic_write_json(out / "study.json", r.model_dump(mode="json"))
     head, body = _table_rows(r)
     png = base64.b64encode(_figure_png(r)).decode()

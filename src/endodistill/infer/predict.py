@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 import endodistill
+from endodistill import rundir
 from endodistill.config import clip_input_shape
 from endodistill.data.mri import VOLUME_SUFFIXES
 from endodistill.errors import EndodistillError, InputError
@@ -704,6 +705,12 @@ def predict_cases(
     out = Path(out_dir)
     # Model metadata and inputs are checked before the weights are read and torch is imported, so that
     # a refused model or input fails in a fraction of a second.
+    if rundir.is_run_dir(Path(model_dir)):
+        raise InputError(
+            model_dir,
+            f"is a run directory, not a model: give --model {Path(model_dir) / rundir.MODEL} (MRI) or "
+            f"{Path(model_dir) / rundir.TEACHER_MODEL} (TVUS)",
+        )
     meta, cfg = read_model_dir_config(model_dir)
     kind = model_kind(meta)
     cases = expand_inputs(inputs, cfg, out_dir=out, kind=kind)

@@ -22,20 +22,30 @@ offer no "wait for rank 0, then split a list" primitive without a process group 
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
 from datetime import timedelta
+from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, TypeVar
+from typing import Any, TypeVar
 
-from endodistill.config import Config
-from endodistill.errors import ConfigError, EndodistillError
+import torch
+import torch.distributed as dist
+from torch.distributed import Store
 
-if TYPE_CHECKING:
-    from torch.distributed import Store
+from endodistill import rundir
+from endodistill.config import Config, load_config
+from endodistill.errors import ConfigError, EndodistillError, InputError
+from endodistill.experiment import plan
+from endodistill.experiment.provenance import load_or_make_splits, manifest_path
+from endodistill.experiment.runner import FitProgress, cv_fit
+from endodistill.train.seeding import configure_torch
+from endodistill.train.data import load_cohort
+from endodistill.train.teacher import load_teacher_outputs
 
 T = TypeVar("T")
 
@@ -283,8 +293,7 @@ def _pin_device(cfg: Config, local_rank: int) -> None:
     """Give this process its own GPU (before CUDA starts), so that ``trainer.devices=1`` differs per process."""
     if cfg.trainer.accelerator in ("cpu", "mps"):
         return
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_initialized():
+    if torch.cuda.is_initialized():
         raise SpreadError(
             "trainer.spread_fits: CUDA was initialised before the fits were spread over devices"
         )
@@ -293,14 +302,13 @@ def _pin_device(cfg: Config, local_rank: int) -> None:
     # (CUDA_VISIBLE_DEVICES=0 with 2 processes: both fit on GPU 0).
     device = visible[local_rank % len(visible)] if visible else str(local_rank)
     os.environ["CUDA_VISIBLE_DEVICES"] = device
-    if cfg.trainer.accelerator in ("gpu", "cuda"):
-        import torch
-
-        if torch.cuda.device_count() == 0:  # reads the variable just set
-            raise SpreadError(
-                f"local rank {local_rank} has no GPU (CUDA_VISIBLE_DEVICES={device}): start at most one process "
-                "per GPU, or list the GPUs to share, e.g. CUDA_VISIBLE_DEVICES=0 for all processes on GPU 0"
-            )
+    if (
+        cfg.trainer.accelerator in ("gpu", "cuda") and torch.cuda.device_count() == 0
+    ):  # reads the variable just set
+        raise SpreadError(
+            f"local rank {local_rank} has no GPU (CUDA_VISIBLE_DEVICES={device}): start at most one process "
+            "per GPU, or list the GPUs to share, e.g. CUDA_VISIBLE_DEVICES=0 for all processes on GPU 0"
+        )
 
 
 def start_spread(cfg: Config) -> Spread | None:
@@ -335,8 +343,6 @@ def start_spread(cfg: Config) -> Spread | None:
         return None
     rank = int(env.get("RANK", "0") or 0)
     _pin_device(cfg, int(env.get("LOCAL_RANK", "0") or 0))
-    import torch.distributed as dist
-
     try:
         store, rank, world = next(dist.rendezvous("env://", timeout=timedelta(minutes=30)))
     except Exception as e:
@@ -348,3 +354,67 @@ def start_spread(cfg: Config) -> Spread | None:
     if rz is not None:  # read from RANK when Lightning was imported: this process now logs as its own rank 0
         rz.rank_zero_only.rank = 0  # type: ignore[attr-defined]
     return Spread(dist.PrefixStore(prefix, store), rank, world)
+
+
+# ------------------------------------------------------------------------------------- the fits of a rank
+def run_share(
+    cfg: Config,
+    data: Any,
+    teacher: Any,
+    splits: list[dict[str, list[str]]],
+    methods: list[str],
+    run_dir: Path,
+    resume: bool,
+    encoder_of: Callable[[int], Path | None],
+    spread: Spread,
+) -> None:
+    """Run this rank's share of the fits, then record what it trained and arrive at the ``fits`` barrier."""
+    trained, skipped = [], []
+    fits = plan.cv_fits(len(splits), methods)
+    progress = FitProgress(sum(1 for fit in fits if spread.owns(fit.index)), f"rank {spread.rank} fits")
+    try:
+        for fit in fits:
+            if not spread.owns(fit.index):
+                continue
+            spread.check_abort()  # another rank failed: stop at this fit boundary
+            (skipped if resume and rundir.fit_reusable(fit.unit(run_dir)) else trained).append(fit.name)
+            tag = f" (rank {spread.rank})"
+            cv_fit(cfg, data, teacher, splits, fit, run_dir, resume, encoder_of(fit.fold), progress, tag)
+    finally:
+        progress.close()
+    spread.set(f"trained/{spread.rank}", json.dumps({"trained": trained, "skipped": skipped}))
+    spread.arrive("fits")
+
+
+def run_worker(cfg: Config, run_dir: Path, resume: bool, spread: Spread) -> dict[str, Any]:
+    """A rank other than 0: wait for rank 0's teacher and MAE, load them from the run directory, run its fits."""
+    plan.check_mae_config(cfg)
+    configure_torch(cfg)
+    spread.wait("ready", ranks=[0])  # as long as rank 0 is alive: the teacher may train for hours
+    saved = load_config(run_dir / rundir.CONFIG)
+    # Rank 0 resolved the manifest (possibly a cohort it generated into the run directory) and checked that a
+    # resumed run has the same configuration; the fits read the manifest from config.yaml.
+    cfg = cfg.model_copy(deep=True)
+    cfg.data.manifest = saved.data.manifest
+    data = load_cohort(cfg, manifest_path(cfg, run_dir))
+    lab = data.labelled
+    splits = load_or_make_splits(cfg, run_dir, lab.subjects, lab.labels.tolist())
+    teacher = load_teacher_outputs(run_dir)
+    methods = list(cfg.protocol.methods)
+
+    def encoder_of(fold: int) -> Path | None:
+        if not plan.needs_mae(cfg, methods):
+            return None
+        path = run_dir / plan.mae_unit(cfg, fold) / rundir.ENCODER
+        if not path.is_file():
+            raise InputError(path, "MAE encoder missing: rank 0 should have trained it before the fits")
+        return path
+
+    run_share(cfg, data, teacher, splits, methods, run_dir, resume, encoder_of, spread)
+    done = json.loads(spread.get(f"trained/{spread.rank}"))
+    print(
+        f"[rank {spread.rank}/{spread.world}] trained {len(done['trained'])} fits, "
+        f"{len(done['skipped'])} already done; rank 0 gathers the results",
+        flush=True,
+    )
+    return {"rank": spread.rank, **done}
