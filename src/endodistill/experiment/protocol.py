@@ -41,10 +41,10 @@ from endodistill.experiment.provenance import load_or_make_splits, manifest_path
 from endodistill.experiment.runner import FitProgress, cv_fit, echo, mae_diagnostic, mae_encoder
 from endodistill.experiment.spread import Spread, run_share, run_worker, start_spread
 from endodistill.train.baselines import run_baselines
-from endodistill.train.runtime import fault_point, rank_run_dir
-from endodistill.train.seeding import configure_torch
 from endodistill.train.data import load_cohort
 from endodistill.train.joint import tvus_summary
+from endodistill.train.runtime import fault_point, rank_run_dir
+from endodistill.train.seeding import configure_torch
 from endodistill.train.teacher import load_teacher_outputs, train_teacher
 from endodistill.utils import RunLock, atomic_write_csv, atomic_write_json
 

@@ -19,11 +19,11 @@ from endodistill import rundir
 from endodistill.config import Config
 from endodistill.evaluate.fmt import fmt_auc, fmt_clock, fmt_seconds, num
 from endodistill.experiment import plan
-from endodistill.train.runtime import is_rank_zero
 from endodistill.train.finetune import finetune
 from endodistill.train.joint import clip_folds, is_joint, joint_fit
 from endodistill.train.pretrain import pretrain_mae
 from endodistill.train.probe import mae_probe
+from endodistill.train.runtime import is_rank_zero
 from endodistill.utils import atomic_write_json
 
 

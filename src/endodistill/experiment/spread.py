@@ -43,8 +43,8 @@ from endodistill.errors import ConfigError, EndodistillError, InputError
 from endodistill.experiment import plan
 from endodistill.experiment.provenance import load_or_make_splits, manifest_path
 from endodistill.experiment.runner import FitProgress, cv_fit
-from endodistill.train.seeding import configure_torch
 from endodistill.train.data import load_cohort
+from endodistill.train.seeding import configure_torch
 from endodistill.train.teacher import load_teacher_outputs
 
 T = TypeVar("T")

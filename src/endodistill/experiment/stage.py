@@ -17,12 +17,12 @@ from endodistill.errors import InputError
 from endodistill.experiment import plan
 from endodistill.experiment.provenance import load_or_make_splits, manifest_path, start_stage
 from endodistill.experiment.runner import echo, fit_result
-from endodistill.train.runtime import rank_run_dir
-from endodistill.train.seeding import configure_torch
 from endodistill.train.data import load_cohort
 from endodistill.train.finetune import finetune
 from endodistill.train.joint import clip_folds, is_joint, joint_fit
 from endodistill.train.pretrain import pretrain_mae
+from endodistill.train.runtime import rank_run_dir
+from endodistill.train.seeding import configure_torch
 from endodistill.train.teacher import load_teacher_outputs, train_teacher
 from endodistill.utils import RunLock
 
