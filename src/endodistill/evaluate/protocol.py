@@ -921,7 +921,7 @@ def _run_units_in_order(
     )
     write_examples(cfg, data, run_dir)
     from endodistill.evaluate.fmt import fmt_seconds
-    from endodistill.evaluate.report import format_ablation_table, write_report
+    from endodistill.report import format_ablation_table, write_report
 
     fault_point("report")  # test-only (no-op unless $ENDODISTILL_TEST_KILL_AT is set)
     html, _md = write_report(run_dir)

@@ -10,6 +10,7 @@ templates ``templates/report.html.j2`` and ``templates/report.md.j2``; the strin
 
 from __future__ import annotations
 
+import html
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,7 @@ def environment() -> jinja2.Environment:
         undefined=jinja2.StrictUndefined,
     )
     env.filters["md_cell"] = _md_cell
+    env.filters["html_cell"] = lambda text: html.escape(str(text))
     return env
 
 
