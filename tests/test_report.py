@@ -5,6 +5,9 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -179,17 +182,15 @@ def test_report_reads_only_the_run_directory(tmp_path: Path) -> None:
     data = tmp_path / "cohort"
     _write_cohort(data)
     run = _fake_run(tmp_path, manifest=str(data / "manifest.csv"))
-    opened: list[str] = []
+    opened: list[str] | None = []
 
     def audit(event: str, args: tuple) -> None:
-        if event == "open" and isinstance(args[0], str | Path):
+        if opened is not None and event == "open" and isinstance(args[0], str | Path):
             opened.append(str(args[0]))
 
-    import sys
-
-    sys.addaudithook(audit)  # hooks cannot be removed: it only appends to a list, only while `opened` lives
+    sys.addaudithook(audit)  # an audit hook cannot be removed: it records only until `opened` is None
     text = write_report(run)[0].read_text()
-    seen, opened = list(opened), []
+    seen, opened = opened, None
     _check_html(text)
     assert not [p for p in seen if str(data) in p]  # neither the manifest nor a volume or clip
     assert str(run / "results.json") in seen and str(run / "oof_predictions.csv") in seen
@@ -205,8 +206,6 @@ def test_report_reads_only_the_run_directory(tmp_path: Path) -> None:
         fig.savefig(run / "examples" / name)
     (run / "examples" / "broken.png").write_bytes(b"not a png")
     # Without its cohort (moved, deleted, another machine) the report is the same.
-    import shutil
-
     shutil.rmtree(data)
     text = write_report(run)[0].read_text()
     examples = text.split('<h2 id="examples">')[1].split("</section>")[0]
@@ -220,9 +219,6 @@ def test_report_reads_only_the_run_directory(tmp_path: Path) -> None:
 def test_report_package_imports_neither_training_nor_orchestration(tmp_path: Path) -> None:
     """Layering: the report reads files and uses evaluate's statistics; building one loads no cohort
     reader, no training code and no orchestration."""
-    import subprocess
-    import sys
-
     run = _fake_run(tmp_path)
     code = (
         "import sys; from endodistill.report import write_report; write_report(sys.argv[1]); "

@@ -10,6 +10,7 @@ templates ``templates/report.html.j2`` and ``templates/report.md.j2``; the strin
 
 from __future__ import annotations
 
+import functools
 import html
 from collections.abc import Mapping
 from pathlib import Path
@@ -45,6 +46,7 @@ def _md_cell(text: Any) -> str:
     return str(text).replace("|", "\\|")
 
 
+@functools.cache
 def environment() -> jinja2.Environment:
     """The templates of this package: HTML autoescaped (``*.html.j2``), Markdown verbatim (``*.md.j2``)."""
     env = jinja2.Environment(

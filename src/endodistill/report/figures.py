@@ -161,7 +161,8 @@ def _curve_columns(series: Sequence[Mapping[str, Any]]) -> tuple[list[str], list
     logged) and the validation AUC (right axis, [0, 1]; else any AUC or accuracy logged). Loss parts, KD
     weights and learning rates are left out: in the logs, not in the figure."""
     cols = {c for s in series for c in s}
-    left = [c for c in ("train_loss", "val_loss") if c in cols] or sorted(c for c in cols if "loss" in c)
+    left: list[str] = [c for c in ("train_loss", "val_loss") if c in cols]
+    left = left or sorted(c for c in cols if "loss" in c)
     scores = sorted(c for c in cols if ("auc" in c or "acc" in c) and "loss" not in c)
     right = [c for c in scores if c.startswith("val")] or scores  # val AUC over training accuracy
     return left, right
