@@ -226,7 +226,7 @@ def test_tiny_run_has_the_baselines(tiny_reference_run: Path, tiny_cohort: Path)
     assert {"baseline_logreg", "baseline_cnn3d", "baseline_oracle"} <= set(results["timings"])
     assert [c["method_b"] for c in b["comparisons"]] == ["logreg", "cnn3d"]
     # The terminal table and the report show them apart from the methods.
-    from endodistill.evaluate.report import format_ablation_table
+    from endodistill.report import format_ablation_table
 
     table = format_ablation_table(results)
     assert "Reference baselines" in table and "Sign visibility" in table

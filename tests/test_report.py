@@ -5,6 +5,9 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,11 +15,12 @@ import numpy as np
 import pytest
 
 from endodistill.errors import InputError
-from endodistill.evaluate.report import SECTION_IDS, format_ablation_table, write_report
 from endodistill.evaluate.stats import compare_methods, nan_to_none, summarise_methods
+from endodistill.report import SECTION_IDS, format_ablation_table, write_report
 
 if TYPE_CHECKING:
     from conftest import RunFiles
+
 
 METHODS = ["scratch_ce", "mae_ce", "scratch_kd_ce", "mae_kd", "mae_kd_ce"]
 
@@ -150,11 +154,11 @@ def test_report_minimal_results_only(tmp_path: Path) -> None:
     assert "| scratch_ce | — |" in md_path.read_text()
 
 
-def test_report_draws_examples_from_manifest(tmp_path: Path, run_files: RunFiles) -> None:
+def _write_cohort(data: Path) -> None:
+    """A two-subject cohort (NIfTI volumes, MPEG-4 clips, manifest.csv) like the one a run's results name."""
     import av
     import nibabel as nib
 
-    data = tmp_path / "cohort"
     (data / "mri").mkdir(parents=True)
     (data / "tvus").mkdir()
     rng = np.random.default_rng(0)
@@ -176,15 +180,165 @@ def test_report_draws_examples_from_manifest(tmp_path: Path, run_files: RunFiles
             c.mux(st.encode())
         rows.append([f"t{i}", "tvus", f"tvus/t{i}.mp4", i])
     _write_csv(data / "manifest.csv", ["subject_id", "modality", "path", "label"], rows)
+
+
+def test_report_reads_only_the_run_directory(tmp_path: Path, run_files: RunFiles) -> None:
+    """The examples come from RUN/examples/*.png only: the cohort a run names is never opened, and a run
+    without examples (or without its cohort) gets a note in their place."""
+    data = tmp_path / "cohort"
+    _write_cohort(data)
     run = _fake_run(run_files, tmp_path, manifest=str(data / "manifest.csv"))
+    opened: list[str] | None = []
+
+    def audit(event: str, args: tuple) -> None:
+        if opened is not None and event == "open" and isinstance(args[0], str | Path):
+            opened.append(str(args[0]))
+
+    sys.addaudithook(audit)  # an audit hook cannot be removed: it records only until `opened` is None
     text = write_report(run)[0].read_text()
+    seen, opened = opened, None
     _check_html(text)
+    assert not [p for p in seen if str(data) in p]  # neither the manifest nor a volume or clip
+    assert str(run / "results.json") in seen and str(run / "oof_predictions.csv") in seen
     examples = text.split('<h2 id="examples">')[1].split("</section>")[0]
-    assert "data:image/png;base64," in examples and "drawn from manifest.csv" in examples
-    # An unreadable manifest is a note, not a crash.
-    run2 = _fake_run(run_files, tmp_path / "b", manifest=str(tmp_path / "missing.csv"))
-    text2 = write_report(run2)[0].read_text()
-    assert "not readable" in text2
+    assert "<img " not in examples and "examples/*.png is not in the run directory" in examples
+    # The example images the protocol writes are what the section shows (PNGs only, sorted by name).
+    (run / "examples").mkdir()
+    from matplotlib.figure import Figure
+
+    for name in ("tvus_class0_t0.png", "mri_class0_m0.png"):
+        fig = Figure(figsize=(1, 1))
+        fig.add_subplot().plot([0, 1])
+        fig.savefig(run / "examples" / name)
+    (run / "examples" / "broken.png").write_bytes(b"not a png")
+    # Without its cohort (moved, deleted, another machine) the report is the same.
+    shutil.rmtree(data)
+    text = write_report(run)[0].read_text()
+    examples = text.split('<h2 id="examples">')[1].split("</section>")[0]
+    assert re.findall(r"<figcaption>([^<]+)</figcaption>", examples) == [
+        "mri_class0_m0.png",
+        "tvus_class0_t0.png",
+    ]
+    assert examples.count('<img src="data:image/png;base64,') == 2
+
+
+def test_report_package_imports_neither_training_nor_orchestration(
+    tmp_path: Path, run_files: RunFiles
+) -> None:
+    """Layering: the report reads files and uses evaluate's statistics; building one loads no cohort
+    reader, no training code and no orchestration."""
+    run = _fake_run(run_files, tmp_path)
+    code = (
+        "import sys; from endodistill.report import write_report; write_report(sys.argv[1]); "
+        "bad = sorted(m for m in sys.modules if m.startswith(('endodistill.train', 'endodistill.experiment', "
+        "'endodistill.data', 'torch', 'lightning'))); print(bad); sys.exit(1 if bad else 0)"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(run)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_templates_autoescape_html_and_keep_markdown_verbatim(tmp_path: Path, run_files: RunFiles) -> None:
+    """A method, a display name or a config name holding markup is shown as text in report.html."""
+    run = _fake_run(run_files, tmp_path)
+    results = json.loads((run / "results.json").read_text())
+    evil = "<script>alert(1)</script>"
+    results["methods"][f"{evil}_ce"] = results["methods"]["mae_ce"]
+    results["display_names"] = {"mae_kd": 'ours "<img src=x onerror=alert(1)>"'}
+    results["config"]["name"] = "<b>run</b>"
+    (run / "results.json").write_text(json.dumps(results))
+    html_path, md_path = write_report(run)
+    text = html_path.read_text()
+    _check_html(text)  # no <script, every <img> a data: URI
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;_ce" in text
+    assert "&lt;img src=x onerror=alert(1)&gt;" in text and "<img src=x" not in text
+    assert "<title>&lt;b&gt;run&lt;/b&gt;: endodistill report</title>" in text
+    md = md_path.read_text()
+    assert md.startswith("# <b>run</b>: ablation\n")  # Markdown is not HTML-escaped
+    assert f"| {evil}_ce | " in md
+    # The templates are package data (installed with the package, not read from the source tree).
+    from importlib.resources import files
+
+    tpl = files("endodistill.report") / "templates"
+    names = {"report.html.j2", "report.md.j2", "study.html.j2", "study.md.j2"}
+    assert names <= {p.name for p in tpl.iterdir()}
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    assert '"report/templates/*.j2"' in pyproject and '"jinja2' in pyproject
+
+
+def test_markdown_tables_hold_the_formatted_numbers(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    m = {
+        "auc": 0.81234,
+        "auc_ci95": [0.70111, 0.90349],
+        "fold_auc_mean": 0.8,
+        "fold_auc_std": 0.05,
+        "youden": {"sensitivity": 0.85, "specificity": 0.7},
+        "high_sensitivity": {"target": 0.9, "sensitivity": 0.9, "specificity": 0.4},
+        "brier": 0.1620412,
+        "ece": 0.05,
+    }
+    comp = {"method_a": "mae_kd_ce", "method_b": "scratch_ce", "auc_a": 0.81234, "auc_b": 0.7, "diff": 0.11234,
+            "z": 2.2212, "p": 0.0004, "p_adjusted": 0.0421, "correction": "holm"}  # fmt: skip
+    results = {
+        "methods": {"scratch_ce": {"auc": 0.7}, "mae_kd_ce": m, "a|b": {}},
+        "comparisons": [comp],
+        "cohort": {"ceilings": {"mri": 0.88}},
+        "seed": 3,
+    }
+    (run / "results.json").write_text(json.dumps(results))
+    md = write_report(run)[1].read_text()
+    lines = md.splitlines()
+    assert lines[0] == "# endodistill: ablation"
+    i = lines.index(
+        "| Method | AUC [95% CI] | Fold AUC mean ± SD | Sens / Spec % @ Youden | Sens / Spec % @ sens ≥ 90% "
+        "| Brier | ECE | Paper AUC |"
+    )
+    assert lines[i + 1] == "|---|---:|---:|---:|---:|---:|---:|---:|"
+    assert lines[i + 2] == "| scratch_ce | 0.700 | — | — | — | — | — | 0.650 |"
+    assert (
+        lines[i + 3]
+        == "| mae_kd_ce | 0.812 [0.701, 0.903] | 0.800 ± 0.050 | 85.0 / 70.0 | 90.0 / 40.0 | 0.162 | 0.050 | 0.906 |"
+    )
+    assert lines[i + 4] == "| a\\|b | — | — | — | — | — | — | — |"  # a | in a cell is escaped
+    assert "AUC ceilings of the synthetic cohort: mri 0.880" in lines
+    j = lines.index("## Paired comparisons")
+    assert lines[j + 4] == "| A | B | AUC A | AUC B | A − B | z | p | p adjusted |"
+    assert lines[j + 6] == "| mae_kd_ce | scratch_ce | 0.812 | 0.700 | 0.112 | 2.22 | <0.001 | 0.042 |"
+    assert lines[-1] == "Seed: 3" and md.endswith("Seed: 3\n")
+
+
+def test_study_report_escapes_html_and_writes_the_markdown_table(tmp_path: Path) -> None:
+    from endodistill.experiment.study import SettingResult, StudyResult, format_study_table, write_study
+
+    settings = [
+        SettingResult(name="ref", value="0.5", run="r0", auc=0.8123, auc_ci95=[0.7, 0.9], fold_aucs=[0.8],
+                      fold_auc_mean=0.81, fold_auc_std=0.01, config={}),
+        SettingResult(name="other", value="<i>0.75</i>", run="r1", auc=0.75, auc_ci95=[0.6, 0.85],
+                      fold_aucs=[0.7], fold_auc_mean=0.7, fold_auc_std=0.02, config={}),
+    ]  # fmt: skip
+    comp = {"method_a": "other", "method_b": "ref", "diff": -0.0623, "diff_ci95": [-0.1, 0.01], "p": 0.03,
+            "p_adjusted": 0.06, "mcnemar": {"p": 0.5, "p_adjusted": 1.0}}  # fmt: skip
+    r = StudyResult(study="alpha", question="Does <script>x</script> matter?", varied="alpha", reference="ref",
+                    seed=1, folds=5, n_subjects=24, settings=settings, comparisons=[comp], verdict="No.",
+                    shared_units={"teacher-1": {"trained_by": "r0", "used_by": ["r0", "r1"]}},
+                    wall_seconds=3.21)  # fmt: skip
+    write_study(tmp_path, r, None)  # type: ignore[arg-type]  # the plan is not used for the files
+    html = (tmp_path / "study.html").read_text()
+    assert "<script" not in html and "&lt;script&gt;x&lt;/script&gt;" in html and "<td>&lt;i&gt;0.75" in html
+    assert html.count('src="data:image/png;base64,') == 1
+    md = (tmp_path / "study.md").read_text().splitlines()
+    assert md[0] == "# Study `alpha`" and "**No.**" in md
+    k = md.index(
+        "| setting | value | AUC | 95% CI | fold mean ± SD | Δ vs ref [95% CI] | DeLong p (Holm) | McNemar p (Holm) |"
+    )
+    assert md[k + 1] == "|" + "---|" * 8
+    assert md[k + 2] == "| ref | 0.5 | 0.812 | [0.700, 0.900] | 0.810 ± 0.010 | reference |  |  |"
+    assert md[k + 3] == (
+        "| other | &lt;i&gt;0.75&lt;/i&gt; | 0.750 | [0.600, 0.850] | 0.700 ± 0.020 | -0.062 [-0.100, 0.010] "
+        "| 0.030 (0.060) | 0.500 (1.000) |"
+    )
+    assert format_study_table(r).splitlines()[-1] == "wall time 3.2 s"
 
 
 def test_missing_or_bad_results_is_input_error(tmp_path: Path) -> None:
@@ -324,7 +478,7 @@ def test_number_formatting_helpers_give_exact_strings() -> None:
 def test_quantile_calibration_bins_have_near_equal_counts_shown_in_the_report(
     tmp_path: Path, run_files: RunFiles
 ) -> None:
-    from endodistill.evaluate.report import quantile_bins, quantile_calibration
+    from endodistill.report.tables import quantile_bins, quantile_calibration
 
     rng = np.random.default_rng(3)
     p = rng.beta(0.5, 3, size=203)  # skewed: equal-width bins would leave most of them near-empty
@@ -349,7 +503,8 @@ def test_quantile_calibration_bins_have_near_equal_counts_shown_in_the_report(
 def test_training_curves_one_panel_per_method_with_a_line_per_fold(
     tmp_path: Path, run_files: RunFiles
 ) -> None:
-    from endodistill.evaluate.report import CV_TRAINING, OTHER_TRAINING, _training_figure, training_panels
+    from endodistill.report.figures import training_figure as _training_figure
+    from endodistill.report.load import CV_TRAINING, OTHER_TRAINING, training_panels
 
     run = _fake_run(run_files, tmp_path)
     for f in range(2, 5):  # five folds of the first two methods

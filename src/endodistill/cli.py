@@ -247,7 +247,7 @@ def report(
     Reads results.json as it is now (edit a method's name or a number there and rebuild), the saved
     predictions and training logs; each file is replaced atomically.
     """
-    from endodistill.evaluate.report import rebuild_report
+    from endodistill.report import rebuild_report
 
     html, md = rebuild_report(run_dir)
     typer.echo(f"report: {html} and {md}")

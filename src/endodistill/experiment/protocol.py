@@ -25,7 +25,7 @@ from typing import Any
 from endodistill import rundir
 from endodistill.config import Config
 from endodistill.evaluate.fmt import fmt_auc, fmt_seconds
-from endodistill.evaluate.report import format_ablation_table, write_report
+from endodistill.report import format_ablation_table, write_report
 from endodistill.evaluate.stats import nan_to_none
 from endodistill.experiment import plan
 from endodistill.experiment.aggregate import (

@@ -26,12 +26,9 @@ Layout of ``DIR``::
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import fcntl
 import hashlib
-import html
-import io
 import itertools
 import json
 import logging
@@ -42,11 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import jinja2
 import numpy as np
 import yaml
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from pydantic import BaseModel, Field
 
 from endodistill import rundir
@@ -54,11 +48,11 @@ from endodistill.config import Config, MethodConfig
 from endodistill.data.cache import content_hash
 from endodistill.data.manifest import read_manifest
 from endodistill.errors import ConfigError, InputError
-from endodistill.evaluate.fmt import fmt_auc, fmt_ci, fmt_p
 from endodistill.evaluate.stats import compare_methods, nan_to_none, read_oof_csv, summarise_method
 from endodistill.experiment.plan import cv_fits, needs_mae
 from endodistill.experiment.protocol import run_experiment
 from endodistill.experiment.stage import run_stage
+from endodistill.report.study import format_study_table, render_study
 from endodistill.train.data import ensure_manifest
 from endodistill.utils import atomic_write_json, atomic_write_text
 
@@ -747,125 +741,9 @@ def verdict(plan: StudyPlan, comps: list[dict[str, Any]], mde: float | None) -> 
     return f"Different from the reference {plan.reference} after Holm's correction: {parts}{sens}."
 
 
-def format_study_table(r: StudyResult) -> str:
-    """The terminal table: one row per setting, its paired test against the reference."""
-    comps = {c["method_a"]: c for c in r.comparisons}
-    head = f"{'setting':<18} {'value':<30} {'AUC [95% CI]':<22} {'fold SD':>7} {'Δ vs ref':>8} {'Holm p':>7} {'McNemar p':>9}"
-    lines = [f"study {r.study}: {r.question}", head, "-" * len(head)]
-    for s in r.settings:
-        c = comps.get(s.name)
-        ci = fmt_ci(s.auc, s.auc_ci95)
-        mc = (c or {}).get("mcnemar") or {}
-        diff = "ref" if c is None else f"{c['diff']:+.3f}"
-        p_adj = "" if c is None else fmt_p(c["p_adjusted"])
-        p_mc = "" if not mc else fmt_p(mc.get("p_adjusted"))
-        lines.append(
-            f"{s.name:<18} {s.value[:30]:<30} {ci:<22} {fmt_auc(s.fold_auc_std):>7} {diff:>8} {p_adj:>7} {p_mc:>9}"
-        )
-    lines.append(r.verdict)
-    lines.append(f"wall time {r.wall_seconds:.1f} s")
-    return "\n".join(lines)
-
-
-def _figure_png(r: StudyResult) -> bytes:
-    fig = Figure(figsize=(max(5.0, 1.1 * len(r.settings) + 1.5), 3.6), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    x = np.arange(len(r.settings))
-    auc = np.array([np.nan if s.auc is None else s.auc for s in r.settings], dtype=float)
-    lo = np.array([np.nan if s.auc_ci95[0] is None else s.auc_ci95[0] for s in r.settings], dtype=float)
-    hi = np.array([np.nan if s.auc_ci95[1] is None else s.auc_ci95[1] for s in r.settings], dtype=float)
-    colors = ["tab:red" if s.name == r.reference else "tab:blue" for s in r.settings]
-    ax.errorbar(x, auc, yerr=[auc - lo, hi - auc], fmt="none", ecolor="gray", capsize=4)
-    ax.scatter(x, auc, c=colors, zorder=3)
-    ref = next((s.auc for s in r.settings if s.name == r.reference), None)
-    if ref is not None:
-        ax.axhline(ref, color="tab:red", lw=0.8, ls="--", label=f"reference {r.reference}")
-        ax.legend(fontsize=8, loc="lower right")
-    ax.set_xticks(x, [s.value for s in r.settings], rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("pooled out-of-fold AUC (95% CI)")
-    ax.set_title(f"study {r.study}: {r.varied}", fontsize=10)
-    ax.axhline(0.5, color="black", lw=0.5, ls=":")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})
-    return buf.getvalue()
-
-
-def _table_rows(r: StudyResult) -> tuple[list[str], list[list[str]]]:
-    comps = {c["method_a"]: c for c in r.comparisons}
-    head = [
-        "setting",
-        "value",
-        "AUC",
-        "95% CI",
-        "fold mean ± SD",
-        "Δ vs ref [95% CI]",
-        "DeLong p (Holm)",
-        "McNemar p (Holm)",
-    ]
-    body = []
-    for s in r.settings:
-        c = comps.get(s.name)
-        mc = (c or {}).get("mcnemar") or {}
-        body.append(
-            [
-                s.name,
-                s.value,
-                fmt_auc(s.auc),
-                f"[{fmt_auc(s.auc_ci95[0])}, {fmt_auc(s.auc_ci95[1])}]",
-                f"{fmt_auc(s.fold_auc_mean)} ± {fmt_auc(s.fold_auc_std)}",
-                "reference"
-                if c is None
-                else f"{c['diff']:+.3f} [{fmt_auc(c['diff_ci95'][0])}, {fmt_auc(c['diff_ci95'][1])}]",
-                "" if c is None else f"{fmt_p(c['p'])} ({fmt_p(c['p_adjusted'])})",
-                "" if not mc else f"{fmt_p(mc.get('p'))} ({fmt_p(mc.get('p_adjusted'))})",
-            ]
-        )
-    if any(s.mae_probe_auc is not None for s in r.settings) and r.study in ("mask_ratio", "pool"):
-        head.append("MAE probe (random)")
-        for row, s in zip(body, r.settings):
-            row.append(f"{fmt_auc(s.mae_probe_auc)} ({fmt_auc(s.mae_random_probe_auc)})")
-    return head, body
-
-
-_HTML = """<!doctype html><html><head><meta charset="utf-8"><title>endodistill study {{ r.study }}</title>
-<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
-table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px;white-space:nowrap}
-th{background:#f3f3f3}.v{font-weight:600;margin:1em 0}</style></head><body>
-<h1>Study <code>{{ r.study }}</code></h1><p>{{ r.question }}</p>
-<p class="v">{{ r.verdict }}</p>
-<img alt="AUC per setting" src="data:image/png;base64,{{ png }}">
-<table><tr>{% for h in head %}<th>{{ h }}</th>{% endfor %}</tr>
-{% for row in body %}<tr>{% for c in row %}<td>{{ c }}</td>{% endfor %}</tr>{% endfor %}</table>
-<p>{{ r.n_subjects }} subjects, {{ r.folds }}-fold cross-validation, seed {{ r.seed }}; every setting on the same
-folds with the same per-fold seeds. Paired DeLong tests against the reference <code>{{ r.reference }}</code>,
-Holm-adjusted over the study; McNemar's exact test of the decisions at the reference's Youden threshold
-(Holm-adjusted). Every setting is reported: none is selected on the test folds.
-{% if r.min_detectable_auc_difference %}Smallest AUC difference detectable at 80% power:
-{{ "%.3f"|format(r.min_detectable_auc_difference) }}.{% endif %} Wall time {{ "%.1f"|format(r.wall_seconds) }} s.</p>
-<h2>Shared units</h2><ul>{% for u, v in r.shared_units.items() %}<li><code>{{ u }}</code>: trained in
-{{ v.trained_by }}, used by {{ v.used_by|join(", ") }}</li>{% endfor %}</ul></body></html>
-"""
-
-
 def write_study(out: Path, r: StudyResult, plan: StudyPlan) -> None:
     """``study.json``, ``study.md`` and a self-contained ``study.html`` (figure embedded), atomically."""
     atomic_write_json(out / "study.json", r.model_dump(mode="json"))
-    head, body = _table_rows(r)
-    png = base64.b64encode(_figure_png(r)).decode()
-    env = jinja2.Environment(autoescape=True)
-    atomic_write_text(out / "study.html", env.from_string(_HTML).render(r=r, head=head, body=body, png=png))
-    md = [f"# Study `{r.study}`", "", r.question, "", f"**{r.verdict}**", ""]
-    md.append("| " + " | ".join(head) + " |")
-    md.append("|" + "---|" * len(head))
-    md += ["| " + " | ".join(html.escape(c) for c in row) + " |" for row in body]
-    md += [
-        "",
-        f"{r.n_subjects} subjects, {r.folds} folds, seed {r.seed}; paired DeLong against `{r.reference}` "
-        f"(Holm); McNemar at the reference's Youden threshold. Wall time {r.wall_seconds:.1f} s.",
-        "",
-        f"![AUC per setting](data:image/png;base64,{png})",
-        "",
-    ]
-    atomic_write_text(out / "study.md", "\n".join(md))
+    html, md = render_study(r)
+    atomic_write_text(out / "study.html", html)
+    atomic_write_text(out / "study.md", md)
