@@ -2,8 +2,8 @@
 
 Layout: ``ROOT/{mri,clip,flow}/<k[:2]>/<k>.npy`` plus ``<k>.json`` (geometry and provenance), where the key
 ``k`` is the SHA-256 of the source content hash (file bytes, or a DICOM folder's files), the preprocessing
-config section, the DICOM series, :data:`CACHE_VERSION` (the entry layout) and :func:`code_hash` (the
-source of the readers and preprocessing, and the versions of the libraries that decode and resample). A
+config section, the DICOM series and :func:`code_hash` (the source of every ``endodistill.data`` module,
+this one and its entry layout included, and the versions of the libraries that decode and resample). A
 changed file, config, reader or preprocessing step therefore gets a new key and never reads a stale entry,
 without anyone remembering to bump a version. Arrays are plain ``.npy`` written with ``allow_pickle=False`` and read
 with ``mmap_mode="r"``; the sidecar is JSON: nothing in the cache is unpickled.
@@ -30,9 +30,6 @@ from endodistill.data.preprocess import Geometry
 from endodistill.utils import atomic_path, atomic_write_json, file_sha256
 
 log = logging.getLogger(__name__)
-
-#: The entry layout (array + sidecar keys); what the code computes is keyed by :func:`code_hash`.
-CACHE_VERSION = "2"  # 2: sidecars carry the input's fingerprint stats
 
 # Libraries whose upgrade can change decoded or resampled voxels.
 _KEY_LIBRARIES = ("numpy", "scipy", "nibabel", "pydicom", "SimpleITK", "av", "pillow")
@@ -120,7 +117,6 @@ class TensorCache:
             "content": content_hash(path),
             "config": _config_dict(cfg),
             "series_uid": series_uid or "",
-            "version": CACHE_VERSION,
             "code": code_hash(),
         }
         return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
@@ -151,7 +147,6 @@ class TensorCache:
             **info,
             "shape": list(arr.shape),
             "dtype": str(arr.dtype),
-            "version": CACHE_VERSION,
             "code": code_hash(),
         }
         try:
