@@ -19,7 +19,6 @@ import numpy as np
 
 from endodistill.errors import DiskFullError, RunLockedError
 
-_HASH_CHUNK = 1 << 20
 NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -113,28 +112,6 @@ def thread_map(fn: Callable[[_T], _R], items: Iterable[_T], workers: int | None,
         raise
     pool.shutdown(wait=True)
     return out
-
-
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file's bytes, or of a folder's files (sorted by name) for DICOM series folders.
-
-    A header of a header/data pair (Analyze ``.hdr``/``.img``, PAR/REC, AFNI) is hashed with its data file,
-    so that two volumes with identical headers differ; a single file's hash is that of its bytes alone.
-    """
-    from endodistill.data.mri import companion_files
-
-    path = Path(path)
-    h = hashlib.sha256()
-    files = (
-        sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path, *companion_files(path)]
-    )
-    for f in files:
-        if path.is_dir():
-            h.update(f.relative_to(path).as_posix().encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(_HASH_CHUNK), b""):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 def stable_hash(obj: Any) -> str:

@@ -26,8 +26,9 @@ from typing import Any
 import numpy as np
 
 from endodistill.config import ClipPreprocessConfig, MRIPreprocessConfig
+from endodistill.data.mri import file_sha256
 from endodistill.data.preprocess import Geometry
-from endodistill.utils import atomic_path, atomic_write_json, file_sha256
+from endodistill.utils import atomic_path, atomic_write_json
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from endodistill.data.mri import file_sha256
 from endodistill.errors import InputError
-from endodistill.utils import file_sha256
 
 if TYPE_CHECKING:
     from endodistill.config import Config

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import hashlib
 import logging
 import os
 import re
@@ -138,6 +139,8 @@ def volume_format(path: str | Path) -> str | None:
     return None
 
 
+_HASH_CHUNK = 1 << 20
+
 _PAIRS = ((".hdr", (".img", ".img.gz")), (".par", (".rec",)), (".head", (".brik", ".brik.gz")))
 
 
@@ -161,6 +164,26 @@ def companion_files(path: str | Path) -> list[Path]:
                             out.append(c)
                 return out
     return out
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, or of a folder's files (sorted by name) for DICOM series folders.
+
+    A header of a header/data pair (Analyze ``.hdr``/``.img``, PAR/REC, AFNI) is hashed with its data file,
+    so that two volumes with identical headers differ; a single file's hash is that of its bytes alone.
+    """
+    path = Path(path)
+    h = hashlib.sha256()
+    files = (
+        sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path, *companion_files(path)]
+    )
+    for f in files:
+        if path.is_dir():
+            h.update(f.relative_to(path).as_posix().encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(_HASH_CHUNK), b""):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def supported_formats() -> str:

@@ -449,7 +449,7 @@ def clip_displacement(
 
     p = FLOW_PARAMS
     ref = crop(int(idx[0]))
-    flow = np.zeros((ch, cw, 2), dtype=np.float32)
+    flow: np.ndarray = np.zeros((ch, cw, 2), dtype=np.float32)
     out = np.zeros((len(idx), 2, out_h, out_w), dtype=np.float32)
     scale = torch.tensor([out_w / cw, out_h / ch], dtype=torch.float32)[:, None, None]
     for k in range(1, len(idx)):

@@ -198,7 +198,7 @@ def compare_methods(
     pairs = [(m, reference) for m in methods if m != reference]
     if full in methods:
         pairs += [(full, m) for m in methods if m not in (full, reference)]
-    results = []
+    results: list[dict[str, Any]] = []
     for a, b in pairs:
         y, pa, pb = _paired(oof_rows, a, b)
         t = delong_test(y, pa, pb)

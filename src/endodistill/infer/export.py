@@ -42,7 +42,7 @@ import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -54,6 +54,8 @@ from endodistill.utils import atomic_path
 
 if TYPE_CHECKING:  # torch is imported where it is used: a refused model directory fails fast
     from torch import nn
+
+    from endodistill.models.joint import JointViT
 
 log = logging.getLogger(__name__)
 
@@ -319,7 +321,7 @@ def export_joint_onnx(lm: LoadedModel, out: Path, tmp: Path, sample: Path | None
     from endodistill.infer.model_dir import arch_summary
 
     class _Both(nn.Module):
-        def __init__(self, net: nn.Module) -> None:
+        def __init__(self, net: JointViT) -> None:
             super().__init__()
             self.net = net
 
@@ -328,7 +330,7 @@ def export_joint_onnx(lm: LoadedModel, out: Path, tmp: Path, sample: Path | None
             b = self.net.forward_clip(clip)
             return a, torch.softmax(a, dim=1), b, torch.softmax(b, dim=1)
 
-    wrapper = _Both(lm.model).eval()
+    wrapper = _Both(cast("JointViT", lm.model)).eval()
     vshape = (1, *lm.cfg.mri.size)
     cshape = clip_input_shape(lm.cfg)
     gen = torch.Generator().manual_seed(0)

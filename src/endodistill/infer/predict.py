@@ -46,11 +46,11 @@ import numpy as np
 
 import endodistill
 from endodistill.config import clip_input_shape
-from endodistill.data.mri import VOLUME_SUFFIXES
+from endodistill.data.mri import VOLUME_SUFFIXES, file_sha256
 from endodistill.errors import EndodistillError, InputError
 from endodistill.infer.model_dir import LoadedModel, load_model_dir, model_kind, read_model_dir_config
 from endodistill.infer.teacher_model import OCCLUSION_METHOD
-from endodistill.utils import atomic_write_bytes, atomic_write_json, atomic_write_text, file_sha256
+from endodistill.utils import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:  # torch is imported where it is used: refused inputs and models fail fast
     import torch
@@ -267,10 +267,10 @@ def _expand_joint(inputs: Sequence[str | Path], cfg: Config, skip: Path | None) 
             if not any(c.path for c in cases):
                 raise InputError(p, "no rows of either modality to predict")
             continue
-        modality = _joint_modality(p, cfg)
-        if modality is not None:
-            stem = _stem(p) if modality == cfg.task.student_modality and p.is_file() else _clip_stem(p)
-            cases.append(Case(_safe_id(stem), p, modality=modality))
+        own = _joint_modality(p, cfg)
+        if own is not None:
+            stem = _stem(p) if own == cfg.task.student_modality and p.is_file() else _clip_stem(p)
+            cases.append(Case(_safe_id(stem), p, modality=own))
             continue
         if not p.is_dir():
             raise InputError(p, "neither an MRI volume nor a TVUS clip")

@@ -190,7 +190,7 @@ def _yuv_frame(gray: np.ndarray) -> av.VideoFrame:
     frame = av.VideoFrame(w, h, "yuv420p")
     luma = np.rint(16.0 + gray.astype(np.float32) * (219.0 / 255.0)).astype(np.uint8)
     for i, plane in enumerate(frame.planes):
-        buf = np.frombuffer(plane, dtype=np.uint8)
+        buf = np.frombuffer(plane, dtype=np.uint8)  # type: ignore[call-overload]  # a VideoPlane has the buffer protocol; av's stubs do not say so
         buf[:] = 128 if i else 16
         if i == 0:
             buf[: plane.line_size * h].reshape(h, plane.line_size)[:, :w] = luma
