@@ -220,3 +220,23 @@ def multiclass_auc(labels: Sequence[int] | np.ndarray, probs: np.ndarray) -> dic
         per_class[k] = float(roc_auc_score(yk, s[:, k])) if 0 < yk.sum() < yk.size else NAN
     defined = [v for v in per_class.values() if np.isfinite(v)]
     return {"macro": float(np.mean(defined)) if defined else NAN, "per_class": per_class}
+
+
+def auc_score(
+    labels: Sequence[int] | np.ndarray, probs: Sequence[float] | np.ndarray, positive_class: int = 1
+) -> float:
+    """ROC AUC of ``(N,)`` scores of the positive class, or of ``(N, K)`` class probabilities: the positive
+    class's column for K = 2, the macro one-vs-rest AUC (:func:`multiclass_auc`) for K > 2.
+
+    Returns:
+        NaN when there is no case or only one class.
+    """
+    y = np.asarray(labels, dtype=np.int64)
+    p = np.asarray(probs, dtype=np.float64)
+    if y.size == 0 or np.unique(y).size < 2:
+        return NAN
+    if p.ndim == 1:
+        return float(roc_auc_score(y == positive_class, p))
+    if p.shape[1] == 2:
+        return float(roc_auc_score(y == positive_class, p[:, positive_class]))
+    return float(multiclass_auc(y, p)["macro"])

@@ -253,11 +253,21 @@ def summarise_method(
     rows = list(_by_subject(oof_rows, method).values())
     out = binary_metrics([r["label"] for r in rows], [r["prob"] for r in rows], high_sensitivity)
     folds = per_fold_aucs(oof_rows, method)
-    defined = [a for a in folds if math.isfinite(a)]
     out["fold_aucs"] = folds
-    out["fold_auc_mean"] = float(np.mean(defined)) if defined else float("nan")
-    out["fold_auc_std"] = float(np.std(defined, ddof=1)) if len(defined) > 1 else float("nan")
+    out.update(fold_spread(folds))
     return out
+
+
+def fold_spread(fold_aucs: Sequence[float]) -> dict[str, float]:
+    """``fold_auc_mean`` and ``fold_auc_std`` (sample std, ddof=1) over the folds with a defined AUC.
+
+    NaN for the mean when no fold has one, for the std when fewer than two do.
+    """
+    defined = [a for a in fold_aucs if math.isfinite(a)]
+    return {
+        "fold_auc_mean": float(np.mean(defined)) if defined else float("nan"),
+        "fold_auc_std": float(np.std(defined, ddof=1)) if len(defined) > 1 else float("nan"),
+    }
 
 
 def summarise_methods(

@@ -36,7 +36,6 @@ import contextlib
 import importlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 import warnings
@@ -47,10 +46,10 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 
 import endodistill
-from endodistill.config import clip_input_shape
+from endodistill.config import clip_input_shape, student_vit_spec
 from endodistill.errors import InputError
-from endodistill.infer.model_dir import LoadedModel, _swap_into_place, load_model_dir
-from endodistill.utils import atomic_path
+from endodistill.infer.model_dir import LoadedModel, load_model_dir
+from endodistill.utils import atomic_dir, atomic_path
 
 if TYPE_CHECKING:  # torch is imported where it is used: a refused model directory fails fast
     from torch import nn
@@ -414,18 +413,9 @@ def _plain_monai_vit(lm: LoadedModel) -> bool:
 
 def _network_def(lm: LoadedModel) -> dict[str, Any]:
     s, cfg = lm.cfg.student, lm.cfg
-    shared = {
-        "in_channels": 1,
-        "img_size": list(cfg.mri.size),
-        "patch_size": list(s.patch_size),
-        "hidden_size": s.hidden_size,
-        "mlp_dim": s.mlp_dim,
-        "num_layers": s.num_layers,
-        "num_heads": s.num_heads,
-        "num_classes": cfg.task.num_classes,
-        "dropout_rate": s.dropout,
-        "qkv_bias": s.qkv_bias,
-    }
+    vit = {k: list(v) if isinstance(v, tuple) else v for k, v in student_vit_spec(cfg).items()}
+    qkv_bias = vit.pop("qkv_bias")  # written last: inference.json's key order as before
+    shared = {**vit, "num_classes": cfg.task.num_classes, "dropout_rate": s.dropout, "qkv_bias": qkv_bias}
     if not _plain_monai_vit(lm):
         # An MLP stem or a token-pooling head is our subclass of MONAI's ViT (same keys otherwise); the
         # bundle already needs endodistill for preprocessing, so it builds that class.
@@ -738,11 +728,6 @@ def _verify_metadata(bundle: Path) -> None:
     from monai.bundle import verify_metadata
 
     try:
-        import jsonschema  # noqa: F401
-    except ImportError:
-        log.warning("jsonschema is not installed: bundle metadata not verified")
-        return
-    try:
         with _quiet_monai(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "no hash value provided" for the local schema file
             verify_metadata(
@@ -773,10 +758,7 @@ def export_bundle(lm: LoadedModel, out: Path, volume: Path) -> float:
 
     from endodistill.infer.predict import forward_probabilities
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".staging", dir=out.parent))
-    os.chmod(staging, 0o755)
-    try:
+    with atomic_dir(out, mode=0o755) as staging:
         for sub in ("configs", "models", "docs"):
             (staging / sub).mkdir()
         # A plain state dict of tensors (what MONAI bundles hold); loadable with weights_only=True.
@@ -799,10 +781,6 @@ def export_bundle(lm: LoadedModel, out: Path, volume: Path) -> float:
             )
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(staging / "eval")
-        _swap_into_place(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return diff
 
 

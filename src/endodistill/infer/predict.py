@@ -30,7 +30,6 @@ inputs twice gives byte-identical predictions files.
 
 from __future__ import annotations
 
-import csv
 import gzip
 import io
 import logging
@@ -46,11 +45,11 @@ import numpy as np
 
 import endodistill
 from endodistill.config import clip_input_shape
-from endodistill.data.mri import VOLUME_SUFFIXES, file_sha256
+from endodistill.data.mri import VOLUME_SUFFIXES, file_sha256, is_dicom_file
 from endodistill.errors import EndodistillError, InputError
 from endodistill.infer.model_dir import LoadedModel, load_model_dir, model_kind, read_model_dir_config
 from endodistill.infer.teacher_model import OCCLUSION_METHOD
-from endodistill.utils import atomic_write_bytes, atomic_write_json, atomic_write_text
+from endodistill.utils import atomic_write_bytes, atomic_write_csv, atomic_write_json
 
 if TYPE_CHECKING:  # torch is imported where it is used: refused inputs and models fail fast
     import torch
@@ -132,14 +131,7 @@ def _stem(path: Path) -> str:
 
 def _looks_dicom(f: Path) -> bool:
     """DICOM by name (``.dcm``) or by the ``DICM`` magic after the 128-byte preamble."""
-    if f.name.lower().endswith(".dcm"):
-        return True
-    try:
-        with open(f, "rb") as fh:
-            head = fh.read(132)
-    except OSError:
-        return False
-    return len(head) == 132 and head[128:] == b"DICM"
+    return f.name.lower().endswith(".dcm") or is_dicom_file(f)
 
 
 def _has_dicom(folder: Path, recursive: bool) -> bool:
@@ -656,13 +648,8 @@ def _row(lm: LoadedModel, r: CaseResult) -> dict[str, Any]:
     return row
 
 
-def _csv_text(rows: list[dict[str, Any]], columns: Sequence[str] = CSV_COLUMNS) -> str:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n", extrasaction="ignore")
-    w.writeheader()
-    for row in rows:
-        w.writerow({k: ("" if row.get(k) is None else row[k]) for k in columns})
-    return buf.getvalue()
+def _blank_none(v: Any) -> Any:
+    return "" if v is None else v
 
 
 def predict_cases(
@@ -783,7 +770,7 @@ def predict_cases(
         ],
     }
     columns = (*CSV_COLUMNS, "modality") if kind == "joint" else CSV_COLUMNS
-    atomic_write_text(out / "predictions.csv", _csv_text(rows, columns))
+    atomic_write_csv(out / "predictions.csv", rows, columns, cell=_blank_none, extrasaction="ignore")
     atomic_write_json(out / "predictions.json", report)
     log.info(
         "predicted %d case(s), %d failed -> %s", len(results) - n_failed, n_failed, out / "predictions.csv"
