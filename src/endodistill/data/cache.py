@@ -20,14 +20,24 @@ import hashlib
 import json
 import logging
 import os
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from endodistill.config import ClipPreprocessConfig, MRIPreprocessConfig
-from endodistill.data.mri import file_sha256
-from endodistill.data.preprocess import Geometry
+from endodistill.data.fingerprint import clip_stats, volume_stats
+from endodistill.data.mri import file_sha256, load_volume
+from endodistill.data.preprocess import (
+    FLOW_PARAMS,
+    Geometry,
+    clip_displacement,
+    preprocess_clip,
+    preprocess_volume,
+)
+from endodistill.data.video import load_clip
+from endodistill.errors import InputError
 from endodistill.utils import atomic_path, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -46,8 +56,6 @@ def code_hash() -> str:
     """
     global _CODE_HASH
     if _CODE_HASH is None:
-        from importlib import metadata
-
         h = hashlib.sha256()
         for f in sorted(Path(__file__).parent.glob("*.py")):
             h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
@@ -181,11 +189,6 @@ class TensorCache:
         Raises:
             InputError: the source cannot be read (nothing is cached then).
         """
-        from endodistill.data.fingerprint import volume_stats
-        from endodistill.data.mri import load_volume
-        from endodistill.data.preprocess import preprocess_volume
-        from endodistill.errors import InputError
-
         if not Path(path).exists():
             raise InputError(path, "no such file or folder")
         key = self.key("mri", path, cfg, series_uid)
@@ -219,11 +222,6 @@ class TensorCache:
         Raises:
             InputError: the source cannot be read (nothing is cached then).
         """
-        from endodistill.data.fingerprint import clip_stats
-        from endodistill.data.preprocess import preprocess_clip
-        from endodistill.data.video import load_clip
-        from endodistill.errors import InputError
-
         if not Path(path).exists():
             raise InputError(path, "no such file or folder")
         key = self.key("clip", path, cfg)
@@ -255,10 +253,6 @@ class TensorCache:
         Raises:
             InputError: the source cannot be read (nothing is cached then).
         """
-        from endodistill.data.preprocess import FLOW_PARAMS, clip_displacement
-        from endodistill.data.video import load_clip
-        from endodistill.errors import InputError
-
         if not Path(path).exists():
             raise InputError(path, "no such file or folder")
         grid = [int(v) for v in (size or cfg.size)]

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.stats import binomtest
+from sklearn.metrics import roc_curve
 
 from endodistill.errors import InputError
 from endodistill.evaluate.delong import delong_test
@@ -131,8 +133,6 @@ def adjust_pvalues(pvalues: Sequence[float], correction: str = "holm") -> list[f
 
 def youden_threshold(labels: np.ndarray, probs: np.ndarray) -> float:
     """The highest threshold maximising sensitivity + specificity - 1 (a case is positive at ``p >= t``)."""
-    from sklearn.metrics import roc_curve
-
     fpr, tpr, thr = roc_curve(labels, probs, drop_intermediate=False)
     finite = np.isfinite(thr)
     j = tpr[finite] - fpr[finite]
@@ -149,8 +149,6 @@ def mcnemar_test(labels: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray) -> 
     Returns:
         ``{"a_only": int, "b_only": int, "accuracy_a", "accuracy_b", "p"}`` (p = 1 with no discordance).
     """
-    from scipy.stats import binomtest
-
     y = np.asarray(labels).astype(bool)
     ra = np.asarray(pred_a).astype(bool) == y
     rb = np.asarray(pred_b).astype(bool) == y

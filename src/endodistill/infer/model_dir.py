@@ -29,12 +29,25 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import endodistill
-from endodistill.config import Config, dump_config, load_config, student_vit_spec
+from endodistill.config import (
+    Config,
+    clip_input_shape,
+    dump_config,
+    joint_clip_frames,
+    load_config,
+    student_vit_spec,
+)
 from endodistill.errors import ConfigError, InputError
 from endodistill.utils import atomic_dir, json_default, state_dict_mismatch
 
 if TYPE_CHECKING:  # torch is imported where it is used: a refused model directory costs no torch import
     from torch import Tensor, nn
+
+
+# _LAZY: torch, safetensors, MONAI, ONNX, matplotlib, tqdm and the image libraries, and the modules that
+# import them (data.preprocess, infer.heatmap, models, train), are imported inside the functions that use
+# them. Loading a model directory checks its files, metadata and config first: a refused one fails
+# fast, without importing torch.
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
@@ -139,8 +152,6 @@ def arch_summary(cfg: Config, kind: str = "student", members: int = 1) -> dict[s
         "stem_width": s.stem_width,
     }
     if kind == "joint":
-        from endodistill.config import clip_input_shape, joint_clip_frames
-
         j = cfg.joint
         return {
             "network": "endodistill.models.joint.JointViT",
@@ -166,14 +177,15 @@ def arch_summary(cfg: Config, kind: str = "student", members: int = 1) -> dict[s
 
 def _build(cfg: Config, kind: str = "student", members: int = 1) -> nn.Module:
     if kind == "teacher":
+        # imported here: teacher_model imports this module
         from endodistill.infer.teacher_model import build_teacher_ensemble
 
         return build_teacher_ensemble(cfg, members)
     if kind == "joint":
-        from endodistill.models.joint import build_joint
+        from endodistill.models.joint import build_joint  # on use: see _LAZY
 
         return build_joint(cfg)
-    from endodistill.models.student import build_student
+    from endodistill.models.student import build_student  # on use: see _LAZY
 
     return build_student(cfg)
 
@@ -244,8 +256,8 @@ def save_model_dir(
     threshold = float(threshold)
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
-    import torch
-    from safetensors.torch import save as st_save
+    import torch  # on use: see _LAZY
+    from safetensors.torch import save as st_save  # on use: see _LAZY
 
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in state_dict.items()}
     try:
@@ -414,8 +426,8 @@ def _read_weights(weights: Path, expected_sha: str) -> dict[str, Tensor]:
             f"SHA-256 {digest[:12]}... does not match metadata.json ({str(expected_sha)[:12]}...): "
             "the weights file is truncated or was modified",
         )
-    from safetensors import SafetensorError
-    from safetensors.torch import load as st_load
+    from safetensors import SafetensorError  # on use: see _LAZY
+    from safetensors.torch import load as st_load  # on use: see _LAZY
 
     try:
         return st_load(blob)
