@@ -22,12 +22,15 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
+# Style, types and layering; configured in pyproject.toml ([tool.ruff], [tool.mypy], [tool.importlinter]).
 lint: install
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 bench: install
 	$(BIN)/python -m benchmarks
 
 clean:
-	rm -rf $(DEMO_OUT) .pytest_cache .ruff_cache
+	rm -rf $(DEMO_OUT) .pytest_cache .ruff_cache .mypy_cache .import_linter_cache

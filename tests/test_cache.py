@@ -91,7 +91,7 @@ def test_cache_files_are_plain_npy_and_json(tmp_path: Path) -> None:
             assert b"\x80\x04" not in p.read_bytes()[:128]  # no pickle protocol header
         else:
             info = json.loads(p.read_text())
-            assert info["version"] == cache_mod.CACHE_VERSION and "content_sha256" in info
+            assert info["code"] == cache_mod.code_hash() and "content_sha256" in info
 
 
 def test_corrupt_entry_is_rebuilt(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -462,7 +462,7 @@ def test_cli_inspect_names_the_reader(tmp_path: Path) -> None:
 def test_header_data_pairs_are_hashed_with_their_data(tmp_path: Path) -> None:
     """Two Analyze pairs of one protocol share identical header bytes: not a leaked copy of each other."""
     from endodistill.data.manifest import validate_manifest
-    from endodistill.utils import file_sha256
+    from endodistill.data.mri import file_sha256
 
     for k in range(2):
         nib.AnalyzeImage(np.full((4, 4, 4), k, np.int16), np.eye(4)).to_filename(str(tmp_path / f"a{k}.hdr"))

@@ -17,11 +17,11 @@ import pytest
 import torch
 
 from endodistill.config import load_config
+from endodistill.data.mri import file_sha256
 from endodistill.errors import InputError
 from endodistill.infer.model_dir import load_model_dir, save_model_dir
 from endodistill.infer.predict import predict_cases
 from endodistill.models.student import build_student
-from endodistill.utils import file_sha256
 
 PROSTATEX = "prostatex_t2_pelvis"
 SERIES = "ProstateX-0000_t2_tse_sag"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from endodistill.utils import file_sha256
+from endodistill.data.mri import file_sha256
 
 pytestmark = pytest.mark.slow
 

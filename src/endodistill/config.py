@@ -496,6 +496,25 @@ def joint_clip_frames(cfg: Config) -> int:
     return cfg.tvus.frames - 1 if t.motion_input and t.motion in ("diff", "flow") else cfg.tvus.frames
 
 
+def student_vit_spec(cfg: Config) -> dict[str, Any]:
+    """The MRI ViT's shape, under the argument names of MONAI's ``ViT``: what the student and its MAE are
+    built with, what a model directory's ``arch`` summary records and what a MONAI bundle's network is.
+
+    The stem, dropout and head are not in it: each of those readers names them its own way.
+    """
+    s = cfg.student
+    return {
+        "in_channels": 1,
+        "img_size": tuple(cfg.mri.size),
+        "patch_size": tuple(s.patch_size),
+        "hidden_size": s.hidden_size,
+        "mlp_dim": s.mlp_dim,
+        "num_layers": s.num_layers,
+        "num_heads": s.num_heads,
+        "qkv_bias": s.qkv_bias,
+    }
+
+
 def clip_input_shape(cfg: Config) -> tuple[int, int, int, int]:
     """``(C, T, H, W)`` of a clip as the teacher (and the joint model) reads it: grey frames (C = 1) at
     ``tvus.size``, or with ``teacher.motion: flow`` displacement fields (C = 2) on the flow grid."""

@@ -2,8 +2,8 @@
 
 Layout: ``ROOT/{mri,clip,flow}/<k[:2]>/<k>.npy`` plus ``<k>.json`` (geometry and provenance), where the key
 ``k`` is the SHA-256 of the source content hash (file bytes, or a DICOM folder's files), the preprocessing
-config section, the DICOM series, :data:`CACHE_VERSION` (the entry layout) and :func:`code_hash` (the
-source of the readers and preprocessing, and the versions of the libraries that decode and resample). A
+config section, the DICOM series and :func:`code_hash` (the source of every ``endodistill.data`` module,
+this one and its entry layout included, and the versions of the libraries that decode and resample). A
 changed file, config, reader or preprocessing step therefore gets a new key and never reads a stale entry,
 without anyone remembering to bump a version. Arrays are plain ``.npy`` written with ``allow_pickle=False`` and read
 with ``mmap_mode="r"``; the sidecar is JSON: nothing in the cache is unpickled.
@@ -20,19 +20,27 @@ import hashlib
 import json
 import logging
 import os
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from endodistill.config import ClipPreprocessConfig, MRIPreprocessConfig
-from endodistill.data.preprocess import Geometry
-from endodistill.utils import atomic_path, atomic_write_json, file_sha256
+from endodistill.data.fingerprint import clip_stats, volume_stats
+from endodistill.data.mri import file_sha256, load_volume
+from endodistill.data.preprocess import (
+    FLOW_PARAMS,
+    Geometry,
+    clip_displacement,
+    preprocess_clip,
+    preprocess_volume,
+)
+from endodistill.data.video import load_clip
+from endodistill.errors import InputError
+from endodistill.utils import atomic_path, atomic_write_json
 
 log = logging.getLogger(__name__)
-
-#: The entry layout (array + sidecar keys); what the code computes is keyed by :func:`code_hash`.
-CACHE_VERSION = "2"  # 2: sidecars carry the input's fingerprint stats
 
 # Libraries whose upgrade can change decoded or resampled voxels.
 _KEY_LIBRARIES = ("numpy", "scipy", "nibabel", "pydicom", "SimpleITK", "av", "pillow")
@@ -48,8 +56,6 @@ def code_hash() -> str:
     """
     global _CODE_HASH
     if _CODE_HASH is None:
-        from importlib import metadata
-
         h = hashlib.sha256()
         for f in sorted(Path(__file__).parent.glob("*.py")):
             h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
@@ -120,7 +126,6 @@ class TensorCache:
             "content": content_hash(path),
             "config": _config_dict(cfg),
             "series_uid": series_uid or "",
-            "version": CACHE_VERSION,
             "code": code_hash(),
         }
         return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
@@ -151,7 +156,6 @@ class TensorCache:
             **info,
             "shape": list(arr.shape),
             "dtype": str(arr.dtype),
-            "version": CACHE_VERSION,
             "code": code_hash(),
         }
         try:
@@ -185,11 +189,6 @@ class TensorCache:
         Raises:
             InputError: the source cannot be read (nothing is cached then).
         """
-        from endodistill.data.fingerprint import volume_stats
-        from endodistill.data.mri import load_volume
-        from endodistill.data.preprocess import preprocess_volume
-        from endodistill.errors import InputError
-
         if not Path(path).exists():
             raise InputError(path, "no such file or folder")
         key = self.key("mri", path, cfg, series_uid)
@@ -223,11 +222,6 @@ class TensorCache:
         Raises:
             InputError: the source cannot be read (nothing is cached then).
         """
-        from endodistill.data.fingerprint import clip_stats
-        from endodistill.data.preprocess import preprocess_clip
-        from endodistill.data.video import load_clip
-        from endodistill.errors import InputError
-
         if not Path(path).exists():
             raise InputError(path, "no such file or folder")
         key = self.key("clip", path, cfg)
@@ -259,10 +253,6 @@ class TensorCache:
         Raises:
             InputError: the source cannot be read (nothing is cached then).
         """
-        from endodistill.data.preprocess import FLOW_PARAMS, clip_displacement
-        from endodistill.data.video import load_clip
-        from endodistill.errors import InputError
-
         if not Path(path).exists():
             raise InputError(path, "no such file or folder")
         grid = [int(v) for v in (size or cfg.size)]

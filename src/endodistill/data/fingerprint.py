@@ -97,7 +97,7 @@ def _scalars(stats: Mapping[str, Any]) -> dict[str, float]:
     return {k: float(stats[k]) for k in ("fps", "duration_s", "height", "width")}
 
 
-def _distance(q: Sequence[float], ref: Sequence[float]) -> float:
+def _distance(q: Sequence[float] | np.ndarray, ref: Sequence[float] | np.ndarray) -> float:
     return float(np.mean(np.abs(np.asarray(q, dtype=np.float64) - np.asarray(ref, dtype=np.float64))))
 
 

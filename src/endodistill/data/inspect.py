@@ -5,16 +5,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 
+from endodistill.data.mri import (
+    describe_series,
+    dicom_file_kind,
+    load_volume,
+    supported_formats,
+    volume_format,
+)
+from endodistill.data.video import IMAGE_SUFFIXES, clip_format, load_clip
 from endodistill.errors import InputError
 
 
 def _kind(path: Path) -> str:
     """``volume`` or ``clip`` for a path: from its suffix, a DICOM file's header, or a folder's contents."""
-    from endodistill.data.mri import dicom_file_kind, supported_formats, volume_format
-    from endodistill.data.video import IMAGE_SUFFIXES, clip_format
-
     if path.is_dir():
         has_frames = any(p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in path.iterdir())
         return "clip" if has_frames else "volume"
@@ -58,16 +64,12 @@ def inspect_path(path: str | Path) -> dict[str, Any]:
     Raises:
         InputError: the path is missing, of an unknown format, or unreadable.
     """
-    import nibabel as nib
-
     p = Path(path)
     if not p.exists():
         raise InputError(p, "no such file or folder")
     kind = _kind(p)
     info: dict[str, Any] = {"path": str(p), "kind": kind}
     if kind == "volume":
-        from endodistill.data.mri import describe_series, load_volume
-
         if p.is_dir():
             series = describe_series(p)
             if len(series) > 1:
@@ -89,8 +91,6 @@ def inspect_path(path: str | Path) -> dict[str, Any]:
             meta={k: v for k, v in vol.meta.items() if k not in ("shape", "spacing", "dtype")},
         )
     else:
-        from endodistill.data.video import load_clip
-
         clip = load_clip(p)
         info.update(
             format=clip.format,

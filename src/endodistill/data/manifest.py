@@ -20,15 +20,13 @@ from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from endodistill.config import Config
+from endodistill.data.mri import file_sha256, load_volume
+from endodistill.data.video import load_clip
 from endodistill.errors import InputError
-from endodistill.utils import file_sha256
-
-if TYPE_CHECKING:
-    from endodistill.config import Config
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("subject_id", "modality", "path", "label")
 # A real cohort manifest is a few MB at most; anything far larger is a mistake (or hostile) and is
@@ -297,8 +295,6 @@ def _rel(rec: Record, base: Path) -> str:
 
 def _check_volume(rec: Record) -> list[str]:
     """Decode one MRI and return what is wrong with it (empty when usable)."""
-    from endodistill.data.mri import load_volume
-
     vol = load_volume(rec.path, series_uid=rec.series_uid)
     arr = vol.array
     reasons: list[str] = []
@@ -331,8 +327,6 @@ def _check_volume(rec: Record) -> list[str]:
 
 def _check_clip(rec: Record, cfg: Config) -> list[str]:
     """Decode one ultrasound clip and return what is wrong with it (empty when usable)."""
-    from endodistill.data.video import load_clip
-
     # The pipeline itself never decodes more than max_source_frames, so neither does the check.
     clip = load_clip(rec.path, max_frames=cfg.tvus.max_source_frames)
     frames = clip.frames
@@ -390,8 +384,6 @@ def validate_manifest(path: str | Path, cfg: Config | None = None, decode: bool 
     Returns:
         The problems, each naming the manifest and row(s) and the file or subject; empty when clean.
     """
-    from endodistill.config import Config
-
     cfg = cfg or Config()
     path = Path(path)
     k = cfg.task.num_classes

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import hashlib
+import locale
 import logging
 import os
 import re
@@ -36,6 +38,12 @@ from typing import Any
 import numpy as np
 
 from endodistill.errors import InputError
+
+# _LAZY: the format libraries (nibabel, pydicom, SimpleITK, pynrrd) are imported inside the reader that
+# needs them, not here.
+# This module is imported on the torch-free paths that must start fast (reading a manifest, content
+# hashes, `predict` checking its inputs and model directory) for its suffix lists and checks, which
+# need none of them.
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +146,8 @@ def volume_format(path: str | Path) -> str | None:
     return None
 
 
+_HASH_CHUNK = 1 << 20
+
 _PAIRS = ((".hdr", (".img", ".img.gz")), (".par", (".rec",)), (".head", (".brik", ".brik.gz")))
 
 
@@ -161,6 +171,26 @@ def companion_files(path: str | Path) -> list[Path]:
                             out.append(c)
                 return out
     return out
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, or of a folder's files (sorted by name) for DICOM series folders.
+
+    A header of a header/data pair (Analyze ``.hdr``/``.img``, PAR/REC, AFNI) is hashed with its data file,
+    so that two volumes with identical headers differ; a single file's hash is that of its bytes alone.
+    """
+    path = Path(path)
+    h = hashlib.sha256()
+    files = (
+        sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path, *companion_files(path)]
+    )
+    for f in files:
+        if path.is_dir():
+            h.update(f.relative_to(path).as_posix().encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(_HASH_CHUNK), b""):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def supported_formats() -> str:
@@ -233,8 +263,6 @@ def keep_locale() -> Iterator[None]:
     ITK's VTK reader (SimpleITK 2.5) leaves the C locale at ``C``, which turns Python's default text encoding
     into ASCII for the rest of the process; every SimpleITK read is wrapped in this.
     """
-    import locale
-
     saved = locale.setlocale(locale.LC_ALL)
     try:
         yield
@@ -371,7 +399,7 @@ def _gzip_head(path: Path, n: int, what: str) -> bytes:
 
 def _nibabel_load(path: Path, what: str, loader: Callable[[str], Any] | None = None) -> Any:
     """``nib.load`` (or ``loader``) with its errors as one line; voxels stay on disk until read."""
-    import nibabel as nib
+    import nibabel as nib  # on use: see _LAZY
 
     try:
         with warnings.catch_warnings():  # PAR/REC and Analyze headers warn about every odd field
@@ -446,7 +474,7 @@ def _nibabel_volume(path: Path, img: Any, fmt: str, meta: dict[str, Any] | None 
 
 
 def _nifti_meta(img: Any) -> dict[str, Any]:
-    import nibabel as nib
+    import nibabel as nib  # on use: see _LAZY
 
     version = 2 if isinstance(img, nib.Nifti2Image | nib.Nifti2Pair) else 1
     hdr = img.header
@@ -458,7 +486,7 @@ def _nifti_meta(img: Any) -> dict[str, Any]:
 
 
 def _load_nifti(path: Path) -> Volume:
-    import nibabel as nib
+    import nibabel as nib  # on use: see _LAZY
 
     _check_file(path)
     if path.name.lower().endswith(".gz"):
@@ -483,7 +511,7 @@ def _pair_header(path: Path) -> Path:
 
 def _load_analyze(path: Path) -> Volume:
     """An Analyze 7.5 (or SPM99/SPM2 Analyze, or NIfTI pair) ``.hdr``/``.img`` pair, by nibabel."""
-    import nibabel as nib
+    import nibabel as nib  # on use: see _LAZY
 
     _check_file(path)
     hdr_path = _pair_header(path)
@@ -507,7 +535,7 @@ def _load_analyze(path: Path) -> Volume:
 
 def _load_mgh(path: Path) -> Volume:
     """A FreeSurfer MGH (``.mgh``) or gzip-compressed MGZ (``.mgz``) volume, by nibabel."""
-    import nibabel as nib
+    import nibabel as nib  # on use: see _LAZY
 
     _check_file(path)
     if path.name.lower().endswith((".mgz", ".gz")):
@@ -527,7 +555,7 @@ def _load_mgh(path: Path) -> Volume:
 
 def _load_afni(path: Path) -> Volume:
     """An AFNI ``.HEAD``/``.BRIK`` dataset (named by either file), by nibabel (RAS affine from its header)."""
-    from nibabel.brikhead import AFNIImage
+    from nibabel.brikhead import AFNIImage  # on use: see _LAZY
 
     _check_file(path)
     img = _nibabel_load(path, "AFNI", AFNIImage.from_filename)
@@ -540,7 +568,7 @@ _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 
 def _load_minc(path: Path) -> Volume:
     """MINC1 (netCDF) by nibabel; MINC2 (HDF5) by SimpleITK, as nibabel needs h5py for it."""
-    import nibabel as nib
+    import nibabel as nib  # on use: see _LAZY
 
     _check_file(path)
     with open(path, "rb") as fh:
@@ -557,7 +585,7 @@ def _load_minc(path: Path) -> Volume:
 
 def _load_parrec(path: Path) -> Volume:
     """A Philips PAR/REC pair (named by either file), by nibabel (scanner RAS affine, display values)."""
-    from nibabel.parrec import PARRECImage
+    from nibabel.parrec import PARRECImage  # on use: see _LAZY
 
     _check_file(path)
     img = _nibabel_load(path, "PAR/REC", PARRECImage.from_filename)
@@ -576,7 +604,7 @@ _ITK_IO = {
 
 
 def _load_itk(path: Path, fmt: str) -> Volume:
-    import SimpleITK as sitk
+    import SimpleITK as sitk  # on use: see _LAZY
 
     _check_file(path)
     reader = sitk.ImageFileReader()
@@ -716,7 +744,7 @@ def _check_metaimage_data(path: Path, n_vox: int) -> None:
 
 def _check_nrrd_data(path: Path, n_vox: int) -> None:
     """Check that a NRRD file's attached raw or gzip data is all there before ITK allocates the buffer."""
-    import nrrd
+    import nrrd  # on use: see _LAZY
 
     with open(path, "rb") as fh:
         lines = _text_header(fh, lambda ln: ln.strip() == b"")
@@ -743,8 +771,8 @@ def _check_nrrd_data(path: Path, n_vox: int) -> None:
 
 def _dicom_headers(folder: Path) -> list[tuple[Path, Any]]:
     """Headers of every DICOM file under ``folder`` (large values such as pixel data left on disk)."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
+    import pydicom  # on use: see _LAZY
+    from pydicom.errors import InvalidDicomError  # on use: see _LAZY
 
     files = sorted(
         p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.parts[-1:])
@@ -915,7 +943,7 @@ def _rows_cols(f: Path, ds: Any) -> tuple[int, int]:
 
 
 def _load_dicom_series(folder: Path, series_uid: str | None) -> Volume:
-    import pydicom
+    import pydicom  # on use: see _LAZY
 
     headers = _dicom_headers(folder)
     if not headers:
@@ -1040,7 +1068,7 @@ def dicom_kind(ds: Any) -> str:
 
 def dicom_file_kind(path: str | Path) -> str:
     """:func:`dicom_kind` of a DICOM file; ``clip`` when the header cannot be read (the clip reader says why)."""
-    import pydicom
+    import pydicom  # on use: see _LAZY
 
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
@@ -1062,7 +1090,7 @@ def dicom_description(ds: Any) -> str:
 
 def _load_dicom_file(path: Path) -> Volume:
     """One DICOM file as a volume: an enhanced multi-frame MR/CT file; a classic slice or a cine is refused."""
-    import pydicom
+    import pydicom  # on use: see _LAZY
 
     _check_file(path)
     try:
@@ -1094,7 +1122,7 @@ def _load_enhanced(path: Path, ds: Any = None) -> Volume:
     functional groups, else the shared ones (else the top-level tags of legacy files); frames are sorted along
     the slice normal exactly as the files of a series are, so both give the same affine for the same slices.
     """
-    import pydicom
+    import pydicom  # on use: see _LAZY
 
     if ds is None:
         try:

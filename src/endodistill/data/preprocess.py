@@ -15,7 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import cv2
 import numpy as np
+import torch
+import torch.nn.functional as F
+from nibabel.orientations import axcodes2ornt
 from scipy import ndimage
 
 from endodistill.config import ClipPreprocessConfig, MRIPreprocessConfig
@@ -92,8 +96,6 @@ def orientation_matrix(axcodes: str) -> np.ndarray:
     Raises:
         ValueError: ``axcodes`` is not three distinct letters from L/R, P/A, I/S.
     """
-    from nibabel.orientations import axcodes2ornt
-
     codes = tuple(axcodes.upper())
     if len(codes) != 3:
         raise ValueError(f"orientation {axcodes!r} must have three axis codes such as 'RAS'")
@@ -324,9 +326,6 @@ def preprocess_clip(clip: Clip, cfg: ClipPreprocessConfig) -> np.ndarray:
         All frames (after frame-rate resampling), cropped to the sector when ``cfg.sector_crop``,
         resized to ``cfg.size`` with the sector's aspect ratio kept (zero padding).
     """
-    import torch
-    import torch.nn.functional as F
-
     frames = np.asarray(clip.frames)
     if frames.ndim != 3:
         raise ValueError(f"clip frames must be (T, H, W), got {frames.shape}")
@@ -426,10 +425,6 @@ def clip_displacement(
     Returns:
         Displacement fields, frame 0 all zeros.
     """
-    import cv2
-    import torch
-    import torch.nn.functional as F
-
     frames = np.asarray(clip.frames)
     if frames.ndim != 3:
         raise ValueError(f"clip frames must be (T, H, W), got {frames.shape}")
@@ -449,7 +444,7 @@ def clip_displacement(
 
     p = FLOW_PARAMS
     ref = crop(int(idx[0]))
-    flow = np.zeros((ch, cw, 2), dtype=np.float32)
+    flow: np.ndarray = np.zeros((ch, cw, 2), dtype=np.float32)
     out = np.zeros((len(idx), 2, out_h, out_w), dtype=np.float32)
     scale = torch.tensor([out_w / cw, out_h / ch], dtype=torch.float32)[:, None, None]
     for k in range(1, len(idx)):

@@ -16,16 +16,14 @@ import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
+from endodistill.data.manifest import Record
 from endodistill.errors import InputError
 from endodistill.utils import atomic_write_json
-
-if TYPE_CHECKING:
-    from endodistill.data.manifest import Record
 
 log = logging.getLogger(__name__)
 

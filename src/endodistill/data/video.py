@@ -17,8 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from endodistill.data.mri import is_dicom_file
+from endodistill.data.mri import dicom_description, dicom_kind, is_dicom_file, one_line
 from endodistill.errors import InputError
+
+# _LAZY: the format libraries (PyAV, pydicom, Pillow) are imported inside the reader that needs them.
+# This module is imported on the torch-free paths that must start fast (reading a manifest, content
+# hashes, `predict` checking its inputs and model directory) for its suffix lists and checks, which
+# need none of them.
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +74,6 @@ class Clip:
 
 
 def _one_line(text: object, limit: int = 120, path: Path | None = None) -> str:
-    from endodistill.data.mri import one_line
-
     return one_line(text, limit, path)
 
 
@@ -166,7 +169,7 @@ def to_gray_uint8(rgb: np.ndarray) -> np.ndarray:
 
 
 def _load_video(path: Path, max_frames: int | None) -> Clip:
-    import av
+    import av  # on use: see _LAZY
 
     try:
         container = av.open(str(path), mode="r")
@@ -245,11 +248,9 @@ def _dicom_fps(ds: Any) -> tuple[float | None, str]:
 
 
 def _load_dicom_cine(path: Path, max_frames: int | None) -> Clip:
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import apply_color_lut, convert_color_space
-
-    from endodistill.data.mri import dicom_description, dicom_kind
+    import pydicom  # on use: see _LAZY
+    from pydicom.errors import InvalidDicomError  # on use: see _LAZY
+    from pydicom.pixels import apply_color_lut, convert_color_space  # on use: see _LAZY
 
     try:
         ds = pydicom.dcmread(path, defer_size=4096)
@@ -330,7 +331,7 @@ def _natural_key(name: str) -> list[Any]:
 
 
 def _load_png_folder(folder: Path, max_frames: int | None) -> Clip:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError  # on use: see _LAZY
 
     files = sorted(
         (p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),

@@ -222,21 +222,21 @@ def multiclass_auc(labels: Sequence[int] | np.ndarray, probs: np.ndarray) -> dic
     return {"macro": float(np.mean(defined)) if defined else NAN, "per_class": per_class}
 
 
-def auc_score(labels: Sequence[int] | np.ndarray, probs: np.ndarray, positive_class: int = 1) -> float:
-    """AUC of ``(N, K)`` class probabilities: the positive class's for K = 2, macro one-vs-rest for K > 2.
-
-    Args:
-        labels: (N,) integer labels in [0, K).
-        probs: (N, K) class probabilities.
-        positive_class: the positive class when K = 2.
+def auc_score(
+    labels: Sequence[int] | np.ndarray, probs: Sequence[float] | np.ndarray, positive_class: int = 1
+) -> float:
+    """ROC AUC of ``(N,)`` scores of the positive class, or of ``(N, K)`` class probabilities: the positive
+    class's column for K = 2, the macro one-vs-rest AUC (:func:`multiclass_auc`) for K > 2.
 
     Returns:
-        The AUC; NaN when fewer than two classes are present.
+        NaN when there is no case or only one class.
     """
     y = np.asarray(labels, dtype=np.int64)
     p = np.asarray(probs, dtype=np.float64)
     if y.size == 0 or np.unique(y).size < 2:
         return NAN
+    if p.ndim == 1:
+        return float(roc_auc_score(y == positive_class, p))
     if p.shape[1] == 2:
         return float(roc_auc_score(y == positive_class, p[:, positive_class]))
     return float(multiclass_auc(y, p)["macro"])

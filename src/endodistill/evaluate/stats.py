@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.stats import binomtest
+from sklearn.metrics import roc_curve
 
 from endodistill.errors import InputError
 from endodistill.evaluate.delong import delong_test
@@ -131,8 +133,6 @@ def adjust_pvalues(pvalues: Sequence[float], correction: str = "holm") -> list[f
 
 def youden_threshold(labels: np.ndarray, probs: np.ndarray) -> float:
     """The highest threshold maximising sensitivity + specificity - 1 (a case is positive at ``p >= t``)."""
-    from sklearn.metrics import roc_curve
-
     fpr, tpr, thr = roc_curve(labels, probs, drop_intermediate=False)
     finite = np.isfinite(thr)
     j = tpr[finite] - fpr[finite]
@@ -149,8 +149,6 @@ def mcnemar_test(labels: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray) -> 
     Returns:
         ``{"a_only": int, "b_only": int, "accuracy_a", "accuracy_b", "p"}`` (p = 1 with no discordance).
     """
-    from scipy.stats import binomtest
-
     y = np.asarray(labels).astype(bool)
     ra = np.asarray(pred_a).astype(bool) == y
     rb = np.asarray(pred_b).astype(bool) == y
@@ -198,7 +196,7 @@ def compare_methods(
     pairs = [(m, reference) for m in methods if m != reference]
     if full in methods:
         pairs += [(full, m) for m in methods if m not in (full, reference)]
-    results = []
+    results: list[dict[str, Any]] = []
     for a, b in pairs:
         y, pa, pb = _paired(oof_rows, a, b)
         t = delong_test(y, pa, pb)
@@ -253,11 +251,21 @@ def summarise_method(
     rows = list(_by_subject(oof_rows, method).values())
     out = binary_metrics([r["label"] for r in rows], [r["prob"] for r in rows], high_sensitivity)
     folds = per_fold_aucs(oof_rows, method)
-    defined = [a for a in folds if math.isfinite(a)]
     out["fold_aucs"] = folds
-    out["fold_auc_mean"] = float(np.mean(defined)) if defined else float("nan")
-    out["fold_auc_std"] = float(np.std(defined, ddof=1)) if len(defined) > 1 else float("nan")
+    out.update(fold_spread(folds))
     return out
+
+
+def fold_spread(fold_aucs: Sequence[float]) -> dict[str, float]:
+    """``fold_auc_mean`` and ``fold_auc_std`` (sample std, ddof=1) over the folds with a defined AUC.
+
+    NaN for the mean when no fold has one, for the std when fewer than two do.
+    """
+    defined = [a for a in fold_aucs if math.isfinite(a)]
+    return {
+        "fold_auc_mean": float(np.mean(defined)) if defined else float("nan"),
+        "fold_auc_std": float(np.std(defined, ddof=1)) if len(defined) > 1 else float("nan"),
+    }
 
 
 def summarise_methods(

@@ -25,7 +25,6 @@ from typing import Any
 from endodistill import rundir
 from endodistill.config import Config
 from endodistill.evaluate.fmt import fmt_auc, fmt_seconds
-from endodistill.report import format_ablation_table, write_report
 from endodistill.evaluate.stats import nan_to_none
 from endodistill.experiment import plan
 from endodistill.experiment.aggregate import (
@@ -40,6 +39,7 @@ from endodistill.experiment.final import final_model, teacher_model
 from endodistill.experiment.provenance import load_or_make_splits, manifest_path, record_run, start_run
 from endodistill.experiment.runner import FitProgress, cv_fit, echo, mae_diagnostic, mae_encoder
 from endodistill.experiment.spread import Spread, run_share, run_worker, start_spread
+from endodistill.report import format_ablation_table, write_report
 from endodistill.train.baselines import run_baselines
 from endodistill.train.data import load_cohort
 from endodistill.train.joint import tvus_summary

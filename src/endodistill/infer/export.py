@@ -36,24 +36,34 @@ import contextlib
 import importlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
 import endodistill
-from endodistill.config import clip_input_shape
+from endodistill.config import clip_input_shape, student_vit_spec
+from endodistill.data.mri import load_volume
+from endodistill.data.video import load_clip
 from endodistill.errors import InputError
-from endodistill.infer.model_dir import LoadedModel, _swap_into_place, load_model_dir
-from endodistill.utils import atomic_path
+from endodistill.infer.model_dir import LoadedModel, arch_summary, load_model_dir
+from endodistill.infer.predict import _joint_modality, forward_probabilities
+from endodistill.infer.teacher_model import clip_input
+from endodistill.utils import atomic_dir, atomic_path
 
 if TYPE_CHECKING:  # torch is imported where it is used: a refused model directory fails fast
     from torch import nn
+
+    from endodistill.models.joint import JointViT
+
+
+# _LAZY: torch, safetensors, MONAI, ONNX, matplotlib, tqdm and the image libraries, and the modules that
+# import them (data.preprocess, infer.heatmap, models, train), are imported inside the functions that use
+# them. A refused model directory or sample fails fast, before torch or MONAI is imported.
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +81,8 @@ class ExportValidationError(InputError):
 
 def _logits_and_probs(model: nn.Module) -> nn.Module:
     """Student -> (logits, softmax probabilities): the two ONNX outputs (eval mode)."""
-    import torch
-    from torch import nn
+    import torch  # on use: see _LAZY
+    from torch import nn  # on use: see _LAZY
 
     class _LogitsAndProbs(nn.Module):
         def __init__(self, model: nn.Module) -> None:
@@ -131,7 +141,7 @@ def export_model(model_dir: str | Path, fmt: str, out: str | Path, sample: str |
 
 def _phantom_nifti(path: Path, lm: LoadedModel) -> Path:
     """A smooth synthetic 'pelvis' (ellipsoids, oblique-free) as NIfTI: exercises the real pipeline."""
-    import nibabel as nib
+    import nibabel as nib  # on use: see _LAZY
 
     shape = (48, 40, 24)
     g = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"))
@@ -160,13 +170,9 @@ def _phantom_clip(path: Path) -> Path:
 def _preprocessed(lm: LoadedModel, sample: Path) -> np.ndarray:
     """The model input ``(1, ...)`` made from a volume (MRI model) or a clip (teacher) file."""
     if lm.kind == "teacher":
-        from endodistill.data.video import load_clip
-        from endodistill.infer.teacher_model import clip_input
-
         clip = load_clip(sample, max_frames=lm.cfg.tvus.max_source_frames)
         return clip_input(clip.frames, clip.fps, lm.cfg)[1][None]  # (1, C, T, H, W)
-    from endodistill.data.mri import load_volume
-    from endodistill.data.preprocess import preprocess_volume
+    from endodistill.data.preprocess import preprocess_volume  # on use: see _LAZY
 
     arr, _ = preprocess_volume(load_volume(sample), lm.cfg.mri)
     return arr[None].astype(np.float32)
@@ -185,8 +191,8 @@ def _input_shape(lm: LoadedModel) -> tuple[int, ...]:
 def _checked_session(path: Path, meta: dict[str, str]) -> Any:
     """Check the ONNX file at ``path``, stamp ``meta`` and the producer into it, and open it in onnxruntime
     (one CPU thread): the validation session of both exports."""
-    import onnx
-    import onnxruntime as ort
+    import onnx  # on use: see _LAZY
+    import onnxruntime as ort  # on use: see _LAZY
 
     proto = onnx.load(str(path))
     onnx.checker.check_model(proto)
@@ -215,7 +221,7 @@ def export_onnx(lm: LoadedModel, out: Path, volume: Path) -> float:
     Raises:
         ExportValidationError: a difference above 1e-4 or a batch size the file rejects.
     """
-    import torch
+    import torch  # on use: see _LAZY
 
     wrapper = _logits_and_probs(lm.model)
     shape = _input_shape(lm)
@@ -287,11 +293,7 @@ def _joint_samples(lm: LoadedModel, tmp: Path, sample: Path | None) -> tuple[np.
 
     ``sample`` replaces the phantom of its own modality (a clip file or frame folder, else a volume).
     """
-    from endodistill.data.mri import load_volume
-    from endodistill.data.preprocess import preprocess_volume
-    from endodistill.data.video import load_clip
-    from endodistill.infer.predict import _joint_modality
-    from endodistill.infer.teacher_model import clip_input
+    from endodistill.data.preprocess import preprocess_volume  # on use: see _LAZY
 
     vol_path, clip_path = _phantom_nifti(tmp / "phantom.nii.gz", lm), _phantom_clip(tmp / "phantom.npy")
     if sample is not None:
@@ -313,13 +315,11 @@ def export_joint_onnx(lm: LoadedModel, out: Path, tmp: Path, sample: Path | None
     Returns:
         The largest absolute difference over all validation inputs and outputs.
     """
-    import torch
-    from torch import nn
-
-    from endodistill.infer.model_dir import arch_summary
+    import torch  # on use: see _LAZY
+    from torch import nn  # on use: see _LAZY
 
     class _Both(nn.Module):
-        def __init__(self, net: nn.Module) -> None:
+        def __init__(self, net: JointViT) -> None:
             super().__init__()
             self.net = net
 
@@ -328,7 +328,7 @@ def export_joint_onnx(lm: LoadedModel, out: Path, tmp: Path, sample: Path | None
             b = self.net.forward_clip(clip)
             return a, torch.softmax(a, dim=1), b, torch.softmax(b, dim=1)
 
-    wrapper = _Both(lm.model).eval()
+    wrapper = _Both(cast("JointViT", lm.model)).eval()
     vshape = (1, *lm.cfg.mri.size)
     cshape = clip_input_shape(lm.cfg)
     gen = torch.Generator().manual_seed(0)
@@ -412,18 +412,9 @@ def _plain_monai_vit(lm: LoadedModel) -> bool:
 
 def _network_def(lm: LoadedModel) -> dict[str, Any]:
     s, cfg = lm.cfg.student, lm.cfg
-    shared = {
-        "in_channels": 1,
-        "img_size": list(cfg.mri.size),
-        "patch_size": list(s.patch_size),
-        "hidden_size": s.hidden_size,
-        "mlp_dim": s.mlp_dim,
-        "num_layers": s.num_layers,
-        "num_heads": s.num_heads,
-        "num_classes": cfg.task.num_classes,
-        "dropout_rate": s.dropout,
-        "qkv_bias": s.qkv_bias,
-    }
+    vit = {k: list(v) if isinstance(v, tuple) else v for k, v in student_vit_spec(cfg).items()}
+    qkv_bias = vit.pop("qkv_bias")  # written last: inference.json's key order as before
+    shared = {**vit, "num_classes": cfg.task.num_classes, "dropout_rate": s.dropout, "qkv_bias": qkv_bias}
     if not _plain_monai_vit(lm):
         # An MLP stem or a token-pooling head is our subclass of MONAI's ViT (same keys otherwise); the
         # bundle already needs endodistill for preprocessing, so it builds that class.
@@ -487,10 +478,10 @@ def inference_config(lm: LoadedModel) -> dict[str, Any]:
 
 def bundle_metadata(lm: LoadedModel) -> dict[str, Any]:
     """The bundle's configs/metadata.json."""
-    import monai
-    import nibabel
-    import scipy
-    import torch
+    import monai  # on use: see _LAZY
+    import nibabel  # on use: see _LAZY
+    import scipy  # on use: see _LAZY
+    import torch  # on use: see _LAZY
 
     cfg = lm.cfg
     size = list(cfg.mri.size)
@@ -717,7 +708,7 @@ def _quiet_monai() -> Iterator[None]:
 
 def _run_bundle(bundle: Path, volume: Path, out_dir: Path) -> float:
     """Run the bundle in this process with MONAI's runner and return its positive-class probability."""
-    from monai.bundle import run
+    from monai.bundle import run  # on use: see _LAZY
 
     with _quiet_monai(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # MONAI's "config can run code" notice: we wrote this config
@@ -733,13 +724,8 @@ def _run_bundle(bundle: Path, volume: Path, out_dir: Path) -> float:
 
 
 def _verify_metadata(bundle: Path) -> None:
-    from monai.bundle import verify_metadata
+    from monai.bundle import verify_metadata  # on use: see _LAZY
 
-    try:
-        import jsonschema  # noqa: F401
-    except ImportError:
-        log.warning("jsonschema is not installed: bundle metadata not verified")
-        return
     try:
         with _quiet_monai(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "no hash value provided" for the local schema file
@@ -767,14 +753,9 @@ def export_bundle(lm: LoadedModel, out: Path, volume: Path) -> float:
     Raises:
         ExportValidationError: the bundle's probability differs by more than 1e-4, or its metadata fails.
     """
-    import torch
+    import torch  # on use: see _LAZY
 
-    from endodistill.infer.predict import forward_probabilities
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".staging", dir=out.parent))
-    os.chmod(staging, 0o755)
-    try:
+    with atomic_dir(out, mode=0o755) as staging:
         for sub in ("configs", "models", "docs"):
             (staging / sub).mkdir()
         # A plain state dict of tensors (what MONAI bundles hold); loadable with weights_only=True.
@@ -797,10 +778,6 @@ def export_bundle(lm: LoadedModel, out: Path, volume: Path) -> float:
             )
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(staging / "eval")
-        _swap_into_place(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return diff
 
 

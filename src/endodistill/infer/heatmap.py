@@ -29,6 +29,8 @@ is one patch) and mapped back to the source voxel grid by ``endodistill.data.pre
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -40,8 +42,13 @@ def _vit_parts(model: nn.Module) -> tuple[nn.Module, nn.ModuleList, Tensor | Non
     for attr in ("patch_embedding", "blocks"):
         if not hasattr(model, attr):
             raise TypeError(f"{type(model).__name__} has no '{attr}': not a MONAI ViT")
+    emb, blocks = model.patch_embedding, model.blocks
+    if not isinstance(emb, nn.Module) or not isinstance(blocks, nn.ModuleList):
+        raise TypeError(
+            f"{type(model).__name__}'s patch_embedding and blocks are not modules: not a MONAI ViT"
+        )
     cls = getattr(model, "cls_token", None)
-    return model.patch_embedding, model.blocks, cls
+    return emb, blocks, cls
 
 
 def block_attention(block: nn.Module, x: Tensor) -> Tensor:
@@ -54,13 +61,15 @@ def block_attention(block: nn.Module, x: Tensor) -> Tensor:
     Returns:
         ``(B, heads, N, N)`` row-stochastic attention weights.
     """
-    attn = block.attn
+    # nn.Module's attributes type as Tensor | Module: these are MONAI's SABlock and LayerNorm, read by name
+    attn: Any = block.attn
+    norm1: Any = block.norm1
     if not getattr(attn, "use_combined_linear", True) or getattr(attn, "rel_positional_embedding", None):
         raise TypeError(
             "attention rollout supports MONAI SABlocks with a combined qkv and no relative positions"
         )
     heads, dim_head = attn.num_heads, attn.dim_head
-    qkv = attn.qkv(block.norm1(x))  # (B, N, 3 * heads * dim_head), ordered (qkv, head, dim) like MONAI's
+    qkv = attn.qkv(norm1(x))  # (B, N, 3 * heads * dim_head), ordered (qkv, head, dim) like MONAI's
     b, n, _ = qkv.shape
     qkv = qkv.reshape(b, n, 3, heads, dim_head).permute(2, 0, 3, 1, 4)  # (3, B, heads, N, dim_head)
     q, k = qkv[0], qkv[1]

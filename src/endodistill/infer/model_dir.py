@@ -23,19 +23,31 @@ import datetime as _dt
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import endodistill
-from endodistill.config import Config, dump_config, load_config
+from endodistill.config import (
+    Config,
+    clip_input_shape,
+    dump_config,
+    joint_clip_frames,
+    load_config,
+    student_vit_spec,
+)
 from endodistill.errors import ConfigError, InputError
+from endodistill.utils import atomic_dir, json_default, state_dict_mismatch
 
 if TYPE_CHECKING:  # torch is imported where it is used: a refused model directory costs no torch import
     from torch import Tensor, nn
+
+
+# _LAZY: torch, safetensors, MONAI, ONNX, matplotlib, tqdm and the image libraries, and the modules that
+# import them (data.preprocess, infer.heatmap, models, train), are imported inside the functions that use
+# them. Loading a model directory checks its files, metadata and config first: a refused one fails
+# fast, without importing torch.
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
@@ -131,22 +143,15 @@ def arch_summary(cfg: Config, kind: str = "student", members: int = 1) -> dict[s
         }
     s = cfg.student
     # The MRI path: the student's ViT (the joint model's MRI tokenizer and shared blocks too).
+    spec = student_vit_spec(cfg)
     vit = {
-        "in_channels": 1,
-        "input_size": [int(v) for v in cfg.mri.size],
-        "patch_size": [int(v) for v in s.patch_size],
-        "hidden_size": s.hidden_size,
-        "mlp_dim": s.mlp_dim,
-        "num_layers": s.num_layers,
-        "num_heads": s.num_heads,
-        "qkv_bias": s.qkv_bias,
+        **{k: [int(x) for x in v] if isinstance(v, tuple) else v for k, v in spec.items() if k != "img_size"},
+        "input_size": [int(v) for v in spec["img_size"]],
         "dropout": s.dropout,
         "stem": s.stem,
         "stem_width": s.stem_width,
     }
     if kind == "joint":
-        from endodistill.config import clip_input_shape, joint_clip_frames
-
         j = cfg.joint
         return {
             "network": "endodistill.models.joint.JointViT",
@@ -172,41 +177,39 @@ def arch_summary(cfg: Config, kind: str = "student", members: int = 1) -> dict[s
 
 def _build(cfg: Config, kind: str = "student", members: int = 1) -> nn.Module:
     if kind == "teacher":
+        # imported here: teacher_model imports this module
         from endodistill.infer.teacher_model import build_teacher_ensemble
 
         return build_teacher_ensemble(cfg, members)
     if kind == "joint":
-        from endodistill.models.joint import build_joint
+        from endodistill.models.joint import build_joint  # on use: see _LAZY
 
         return build_joint(cfg)
-    from endodistill.models.student import build_student
+    from endodistill.models.student import build_student  # on use: see _LAZY
 
     return build_student(cfg)
 
 
 def _check_tensors(state: Mapping[str, Tensor], expected: Mapping[str, Tensor], where: Path | str) -> None:
     """Refuse a state dict whose keys or shapes differ from the architecture's, naming the first culprit."""
-    missing = sorted(expected.keys() - state.keys())
-    unexpected = sorted(state.keys() - expected.keys())
-    if missing:
-        raise InputError(
-            where,
-            f"tensor '{missing[0]}' is missing ({len(missing)} missing): the weights are for a different architecture",
-        )
-    if unexpected:
-        raise InputError(
-            where,
-            f"unexpected tensor '{unexpected[0]}' ({len(unexpected)} unexpected): "
-            "the weights are for a different architecture",
-        )
-    for k in sorted(expected):
-        got, want = tuple(state[k].shape), tuple(expected[k].shape)
-        if got != want:
+    bad = state_dict_mismatch(state, expected)
+    if bad is not None:
+        what, k, n = bad
+        if what == "missing":
+            raise InputError(
+                where, f"tensor '{k}' is missing ({n} missing): the weights are for a different architecture"
+            )
+        if what == "unexpected":
             raise InputError(
                 where,
-                f"tensor '{k}' has shape {list(got)} but the architecture needs {list(want)}: "
-                "the model was trained for a different input size or architecture",
+                f"unexpected tensor '{k}' ({n} unexpected): the weights are for a different architecture",
             )
+        raise InputError(
+            where,
+            f"tensor '{k}' has shape {list(state[k].shape)} but the architecture needs {list(expected[k].shape)}: "
+            "the model was trained for a different input size or architecture",
+        )
+    for k in sorted(expected):
         if not state[k].is_floating_point():
             raise InputError(where, f"tensor '{k}' has dtype {state[k].dtype}, expected floating point")
 
@@ -253,8 +256,8 @@ def save_model_dir(
     threshold = float(threshold)
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
-    import torch
-    from safetensors.torch import save as st_save
+    import torch  # on use: see _LAZY
+    from safetensors.torch import save as st_save  # on use: see _LAZY
 
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in state_dict.items()}
     try:
@@ -286,7 +289,7 @@ def save_model_dir(
             else (cfg.mri if kind == "student" else cfg.tvus).model_dump(mode="json")
         ),
         "threshold": threshold,
-        "metrics": json.loads(json.dumps(dict(metrics), default=_json_default)),
+        "metrics": json.loads(json.dumps(dict(metrics), default=json_default)),
         "weights_file": WEIGHTS_FILE,
         "weights_sha256": digest,
         "torch_version": torch.__version__,
@@ -296,10 +299,7 @@ def save_model_dir(
         if not 0.0 <= t2 <= 1.0:
             raise ValueError(f"tvus_threshold must be in [0, 1], got {t2}")
         metadata["tvus_threshold"] = t2
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".staging", dir=out_dir.parent))
-    os.chmod(staging, 0o755)  # mkdtemp makes it 0700; a model directory is meant to be shared
-    try:
+    with atomic_dir(out_dir, mode=0o755) as staging:  # a model directory is meant to be shared
         files = {
             WEIGHTS_FILE: blob,
             CONFIG_FILE: dump_config(cfg).encode("utf-8"),
@@ -312,37 +312,7 @@ def save_model_dir(
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
-        _swap_into_place(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir
-
-
-def _swap_into_place(staging: Path, target: Path) -> None:
-    """Rename a finished staging folder to ``target``; an existing target is moved aside, then deleted."""
-    old: Path | None = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(target, old)
-    try:
-        os.replace(staging, target)
-    except BaseException:
-        if old is not None:
-            os.replace(old, target)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _json_default(obj: Any) -> Any:
-    if hasattr(obj, "item"):
-        return obj.item()
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    return str(obj)
 
 
 def _refuse_pickles(path: Path) -> None:
@@ -456,8 +426,8 @@ def _read_weights(weights: Path, expected_sha: str) -> dict[str, Tensor]:
             f"SHA-256 {digest[:12]}... does not match metadata.json ({str(expected_sha)[:12]}...): "
             "the weights file is truncated or was modified",
         )
-    from safetensors import SafetensorError
-    from safetensors.torch import load as st_load
+    from safetensors import SafetensorError  # on use: see _LAZY
+    from safetensors.torch import load as st_load  # on use: see _LAZY
 
     try:
         return st_load(blob)

@@ -30,7 +30,6 @@ inputs twice gives byte-identical predictions files.
 
 from __future__ import annotations
 
-import csv
 import gzip
 import io
 import logging
@@ -46,17 +45,23 @@ import numpy as np
 
 import endodistill
 from endodistill import rundir
-from endodistill.config import clip_input_shape
-from endodistill.data.mri import VOLUME_SUFFIXES
+from endodistill.config import Config, clip_input_shape
+from endodistill.data.fingerprint import check_input, clip_stats, synthetic_note, volume_stats
+from endodistill.data.manifest import read_manifest
+from endodistill.data.mri import VOLUME_SUFFIXES, file_sha256, is_dicom_file, load_volume
+from endodistill.data.video import DICOM_SUFFIXES, IMAGE_SUFFIXES, VIDEO_SUFFIXES, load_clip
 from endodistill.errors import EndodistillError, InputError
 from endodistill.infer.model_dir import LoadedModel, load_model_dir, model_kind, read_model_dir_config
-from endodistill.infer.teacher_model import OCCLUSION_METHOD
-from endodistill.utils import atomic_write_bytes, atomic_write_json, atomic_write_text, file_sha256
+from endodistill.infer.teacher_model import OCCLUSION_METHOD, clip_input, clip_png_bytes, occlusion_map
+from endodistill.utils import atomic_write_bytes, atomic_write_csv, atomic_write_json
 
 if TYPE_CHECKING:  # torch is imported where it is used: refused inputs and models fail fast
     import torch
 
-    from endodistill.config import Config
+
+# _LAZY: torch, safetensors, MONAI, ONNX, matplotlib, tqdm and the image libraries, and the modules that
+# import them (data.preprocess, infer.heatmap, models, train), are imported inside the functions that use
+# them. Refused inputs and model directories fail fast, before torch is imported.
 
 log = logging.getLogger(__name__)
 
@@ -133,14 +138,7 @@ def _stem(path: Path) -> str:
 
 def _looks_dicom(f: Path) -> bool:
     """DICOM by name (``.dcm``) or by the ``DICM`` magic after the 128-byte preamble."""
-    if f.name.lower().endswith(".dcm"):
-        return True
-    try:
-        with open(f, "rb") as fh:
-            head = fh.read(132)
-    except OSError:
-        return False
-    return len(head) == 132 and head[128:] == b"DICM"
+    return f.name.lower().endswith(".dcm") or is_dicom_file(f)
 
 
 def _has_dicom(folder: Path, recursive: bool) -> bool:
@@ -162,8 +160,6 @@ def _is_volume_file(p: Path) -> bool:
 
 
 def _manifest_cases(path: Path, cfg: Config, modality: str) -> list[Case]:
-    from endodistill.data.manifest import read_manifest
-
     manifest = read_manifest(path, restrict_paths=cfg.data.restrict_paths, num_classes=cfg.task.num_classes)
     records = manifest.select(modality=modality)
     if not records:
@@ -172,15 +168,11 @@ def _manifest_cases(path: Path, cfg: Config, modality: str) -> list[Case]:
 
 
 def _is_clip_file(p: Path) -> bool:
-    from endodistill.data.video import DICOM_SUFFIXES, VIDEO_SUFFIXES
-
     name = p.name.lower()
     return p.is_file() and (name.endswith(VIDEO_SUFFIXES + DICOM_SUFFIXES + (".npy",)) or _looks_dicom(p))
 
 
 def _is_frame_folder(p: Path) -> bool:
-    from endodistill.data.video import IMAGE_SUFFIXES
-
     return p.is_dir() and any(c.is_file() and c.suffix.lower() in IMAGE_SUFFIXES for c in p.iterdir())
 
 
@@ -219,7 +211,7 @@ def _expand_clips(inputs: Sequence[str | Path], cfg: Config, skip: Path | None) 
 def _dicom_is_ultrasound(f: Path) -> bool:
     """Whether a DICOM file's Modality is US (read without pixel data; the tag is not recorded anywhere)."""
     try:
-        import pydicom
+        import pydicom  # on use: see _LAZY
 
         ds = pydicom.dcmread(str(f), stop_before_pixels=True, specific_tags=["Modality"])
     except Exception:
@@ -268,10 +260,10 @@ def _expand_joint(inputs: Sequence[str | Path], cfg: Config, skip: Path | None) 
             if not any(c.path for c in cases):
                 raise InputError(p, "no rows of either modality to predict")
             continue
-        modality = _joint_modality(p, cfg)
-        if modality is not None:
-            stem = _stem(p) if modality == cfg.task.student_modality and p.is_file() else _clip_stem(p)
-            cases.append(Case(_safe_id(stem), p, modality=modality))
+        own = _joint_modality(p, cfg)
+        if own is not None:
+            stem = _stem(p) if own == cfg.task.student_modality and p.is_file() else _clip_stem(p)
+            cases.append(Case(_safe_id(stem), p, modality=own))
             continue
         if not p.is_dir():
             raise InputError(p, "neither an MRI volume nor a TVUS clip")
@@ -372,7 +364,7 @@ def forward_probabilities(model: torch.nn.Module, arr: np.ndarray) -> np.ndarray
     Returns:
         ``(K,)`` float64 softmax of the logits.
     """
-    import torch
+    import torch  # on use: see _LAZY
 
     x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None]
     with torch.inference_mode():
@@ -385,7 +377,7 @@ def heatmap_nifti_bytes(heat: np.ndarray, affine: np.ndarray) -> bytes:
 
     gzip's timestamp is fixed so that the same heatmap gives the same bytes.
     """
-    import nibabel as nib
+    import nibabel as nib  # on use: see _LAZY
 
     img = nib.Nifti1Image(np.asarray(heat, dtype=np.float32), np.asarray(affine, dtype=np.float64))
     img.header.set_xyzt_units("mm")
@@ -410,9 +402,9 @@ def sagittal_png_bytes(
     Returns:
         The PNG file content.
     """
-    import nibabel as nib
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    import nibabel as nib  # on use: see _LAZY
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # on use: see _LAZY
+    from matplotlib.figure import Figure  # on use: see _LAZY
 
     ornt = nib.orientations.io_orientation(affine)
     vol = nib.orientations.apply_orientation(volume, ornt)
@@ -478,12 +470,10 @@ def predict_one(
         The :class:`CaseResult` with per-step timings (``load``, ``preprocess``, ``forward``, ``heatmap``,
         ``write``).
     """
-    import torch
+    import torch  # on use: see _LAZY
 
-    from endodistill.data.fingerprint import check_input, volume_stats
-    from endodistill.data.mri import load_volume
-    from endodistill.data.preprocess import preprocess_volume, to_source_grid
-    from endodistill.infer.heatmap import heatmap_model_space
+    from endodistill.data.preprocess import preprocess_volume, to_source_grid  # on use: see _LAZY
+    from endodistill.infer.heatmap import heatmap_model_space  # on use: see _LAZY
 
     res = CaseResult(case)
     t = time.perf_counter()
@@ -552,10 +542,6 @@ def predict_clip(
         hash_input: compute the SHA-256 of the input's bytes.
     """
 
-    from endodistill.data.fingerprint import check_input, clip_stats
-    from endodistill.data.video import load_clip
-    from endodistill.infer.teacher_model import clip_input, clip_png_bytes, occlusion_map
-
     res = CaseResult(case)
     t = time.perf_counter()
     if hash_input and case.path.is_file():
@@ -605,7 +591,7 @@ def predict_clip(
 def _clip_model(lm: LoadedModel) -> torch.nn.Module:
     """The network that maps a clip to logits: the teacher itself, or a joint model's clip path."""
     if lm.kind == "joint":
-        from endodistill.models.joint import ClipPath
+        from endodistill.models.joint import ClipPath  # on use: see _LAZY
 
         return ClipPath(lm.model).eval()  # type: ignore[arg-type]
     return lm.model
@@ -631,8 +617,6 @@ def _predict_joint(
 
 
 def _row(lm: LoadedModel, r: CaseResult) -> dict[str, Any]:
-    from endodistill.data.fingerprint import synthetic_note
-
     ok = not r.error
     threshold = _threshold(lm, r)
     positive = ok and r.probability is not None and r.probability >= threshold
@@ -657,13 +641,8 @@ def _row(lm: LoadedModel, r: CaseResult) -> dict[str, Any]:
     return row
 
 
-def _csv_text(rows: list[dict[str, Any]], columns: Sequence[str] = CSV_COLUMNS) -> str:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n", extrasaction="ignore")
-    w.writeheader()
-    for row in rows:
-        w.writerow({k: ("" if row.get(k) is None else row[k]) for k in columns})
-    return buf.getvalue()
+def _blank_none(v: Any) -> Any:
+    return "" if v is None else v
 
 
 def predict_cases(
@@ -699,8 +678,8 @@ def predict_cases(
         InputError: an unusable model directory, a missing input path, an empty folder or a bad manifest
             (nothing is predicted then).
     """
-    from tqdm import tqdm
-    from tqdm.contrib.logging import logging_redirect_tqdm
+    from tqdm import tqdm  # on use: see _LAZY
+    from tqdm.contrib.logging import logging_redirect_tqdm  # on use: see _LAZY
 
     out = Path(out_dir)
     # Model metadata and inputs are checked before the weights are read and torch is imported, so that
@@ -790,7 +769,7 @@ def predict_cases(
         ],
     }
     columns = (*CSV_COLUMNS, "modality") if kind == "joint" else CSV_COLUMNS
-    atomic_write_text(out / "predictions.csv", _csv_text(rows, columns))
+    atomic_write_csv(out / "predictions.csv", rows, columns, cell=_blank_none, extrasaction="ignore")
     atomic_write_json(out / "predictions.json", report)
     log.info(
         "predicted %d case(s), %d failed -> %s", len(results) - n_failed, n_failed, out / "predictions.csv"

@@ -27,19 +27,26 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from endodistill.config import Config
+from endodistill.data.video import Clip
+from endodistill.infer.model_dir import save_model_dir
+
 if TYPE_CHECKING:
     import torch
 
-    from endodistill.config import Config
+
+# _LAZY: torch, safetensors, MONAI, ONNX, matplotlib, tqdm and the image libraries, and the modules that
+# import them (data.preprocess, infer.heatmap, models, train), are imported inside the functions that use
+# them. predict and export import this module on their torch-free paths.
 
 OCCLUSION_METHOD = "occlusion (each square frozen at its temporal mean; drop in P(positive))"
 
 
 def _ensemble_class() -> type:
-    import torch
-    from torch import nn
+    import torch  # on use: see _LAZY
+    from torch import nn  # on use: see _LAZY
 
-    from endodistill.models.teacher import normalise_clips
+    from endodistill.models.teacher import normalise_clips  # on use: see _LAZY
 
     class TeacherEnsemble(nn.Module):
         """Mean of the member teachers' softmax probabilities; returns log-probabilities as logits.
@@ -64,7 +71,7 @@ def _ensemble_class() -> type:
 
 def build_teacher_ensemble(cfg: Config, members: int) -> torch.nn.Module:
     """A freshly built ensemble of ``members`` teachers of ``cfg.teacher``'s architecture (eval mode)."""
-    from endodistill.models.teacher import build_teacher, teacher_in_channels
+    from endodistill.models.teacher import build_teacher, teacher_in_channels  # on use: see _LAZY
 
     # No Kinetics file is read: the member weights replace every parameter.
     tcfg = cfg.teacher.model_copy(update={"weights": None})
@@ -99,8 +106,7 @@ def save_teacher_model(
 
     The threshold is Youden's on the teacher's out-of-fold (or hold-out) predictions, 0.5 if undefined.
     """
-    from endodistill.infer.model_dir import save_model_dir
-    from endodistill.train.weights import load_weights
+    from endodistill.train.weights import load_weights  # on use: see _LAZY
 
     dirs = teacher_member_dirs(run_dir)
     if not dirs:
@@ -138,8 +144,8 @@ def clip_input(frames: np.ndarray, fps: float, cfg: Config) -> tuple[np.ndarray,
     model input is the same frames (C = 1) or, with ``teacher.motion: flow``, their displacement fields
     (C = 2) on the flow grid.
     """
+    # on use: see _LAZY
     from endodistill.data.preprocess import clip_displacement, preprocess_clip, sample_frames
-    from endodistill.data.video import Clip
 
     clip = Clip(frames=frames, fps=fps, source="", format="")
     rng = np.random.default_rng(0)  # unused: evaluation sampling is deterministic
@@ -158,7 +164,7 @@ def occlusion_map(model: torch.nn.Module, x: np.ndarray, positive: int, grid: in
     Squares of ``H/grid x W/grid`` pixels, stride half a square, each frozen at its temporal mean in
     every channel (grey level or displacement: either way the square stops moving).
     """
-    import torch
+    import torch  # on use: see _LAZY
 
     _, _t, h, w = x.shape
     ph, pw = max(1, h // grid), max(1, w // grid)
@@ -184,8 +190,8 @@ def occlusion_map(model: torch.nn.Module, x: np.ndarray, positive: int, grid: in
 
 def clip_png_bytes(clip: np.ndarray, heat: np.ndarray, title: str, n_frames: int = 3) -> bytes:
     """PNG of a few frames of the preprocessed clip with the occlusion map (any grid) overlaid."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # on use: see _LAZY
+    from matplotlib.figure import Figure  # on use: see _LAZY
 
     t = clip.shape[0]
     idx = sorted({round(float(f) * (t - 1)) for f in np.linspace(0.0, 1.0, n_frames)})

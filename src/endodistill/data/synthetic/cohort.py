@@ -10,7 +10,6 @@ last, so its presence marks a complete cohort.
 
 from __future__ import annotations
 
-import csv
 import gzip
 import io
 from collections import Counter
@@ -21,7 +20,6 @@ from typing import Any
 import av
 import nibabel as nib
 import numpy as np
-from sklearn.metrics import roc_auc_score
 
 from endodistill.data.synthetic.mri_render import render_mri
 from endodistill.data.synthetic.presets import Preset, get_preset, shifted_site
@@ -37,7 +35,8 @@ from endodistill.data.synthetic.signs import (
 )
 from endodistill.data.synthetic.tvus_render import render_tvus
 from endodistill.errors import InputError
-from endodistill.utils import atomic_write_bytes, atomic_write_json, atomic_write_text, thread_map
+from endodistill.evaluate.metrics import auc_score
+from endodistill.utils import atomic_write_bytes, atomic_write_csv, atomic_write_json, thread_map
 
 GENERATOR_VERSION = 1
 _GROUPS = {"L": 0, "U": 1, "T": 2}  # labelled MRI, unlabelled MRI, TVUS-only subjects
@@ -190,7 +189,7 @@ def _yuv_frame(gray: np.ndarray) -> av.VideoFrame:
     frame = av.VideoFrame(w, h, "yuv420p")
     luma = np.rint(16.0 + gray.astype(np.float32) * (219.0 / 255.0)).astype(np.uint8)
     for i, plane in enumerate(frame.planes):
-        buf = np.frombuffer(plane, dtype=np.uint8)
+        buf = np.frombuffer(plane, dtype=np.uint8)  # type: ignore[call-overload]  # a VideoPlane has the buffer protocol; av's stubs do not say so
         buf[:] = 128 if i else 16
         if i == 0:
             buf[: plane.line_size * h].reshape(h, plane.line_size)[:, :w] = luma
@@ -235,19 +234,9 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def _csv_text(columns: list[str], rows: list[dict[str, Any]]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({c: _fmt(row.get(c)) for c in columns})
-    return buf.getvalue()
-
-
 def _auc(labels: list[int], scores: list[float]) -> float | None:
-    if len(set(labels)) < 2:
-        return None
-    return round(float(roc_auc_score(labels, scores)), 6)
+    auc = auc_score(labels, scores)
+    return None if np.isnan(auc) else round(auc, 6)
 
 
 def generate_cohort(
@@ -362,8 +351,8 @@ def generate_cohort(
     latent_rows = [lat for _, lat in made if lat is not None]
     site_counts: Counter[str] = Counter(m["site"] for m in manifest_rows if m["modality"] == "mri")
 
-    atomic_write_text(out / "manifest.csv", _csv_text(MANIFEST_COLUMNS, manifest_rows))
-    atomic_write_text(out / "latents.csv", _csv_text(LATENT_COLUMNS, latent_rows))
+    atomic_write_csv(out / "manifest.csv", manifest_rows, MANIFEST_COLUMNS, cell=_fmt, extrasaction="ignore")
+    atomic_write_csv(out / "latents.csv", latent_rows, LATENT_COLUMNS, cell=_fmt, extrasaction="ignore")
 
     def labelled(modality: str) -> tuple[list[int], list[float]]:
         rows = [r for r in latent_rows if r["modality"] == modality]
