@@ -123,7 +123,7 @@ def _paper_student_and_optimiser() -> tuple[torch.nn.Module, torch.optim.Optimiz
 def save_weights(repeats: int, net: torch.nn.Module, tmp: Path) -> dict[str, Any]:
     from safetensors.torch import save as safetensors_bytes
 
-    from endodistill.train.weights import save_weights as ours_save
+    from endodistill.models.weights import save_weights as ours_save
 
     state = net.state_dict()
 

@@ -26,8 +26,8 @@ from endodistill.infer.model_dir import load_model_dir
 from endodistill.infer.predict import predict_cases
 from endodistill.infer.teacher_model import clip_input, occlusion_map, teacher_member_dirs
 from endodistill.models.teacher import build_teacher, teacher_in_channels
+from endodistill.models.weights import load_weights
 from endodistill.train.teacher import predict_probs
-from endodistill.train.weights import load_weights
 
 
 def _rows(out: Path) -> dict[str, dict[str, str]]:

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from endodistill.config import Config, load_config
+from endodistill.models.weights import load_weights, save_weights
 from endodistill.train.batches import PlannedBatches
 from endodistill.train.fit import HISTORY, FitPlan, FitSpec, run_fit
 from endodistill.train.module import StageModule
@@ -19,7 +20,6 @@ from endodistill.train.optim import adamw, param_groups
 from endodistill.train.seeding import seed_all
 from endodistill.train.trainer import TimingCallback
 from endodistill.train.units import DONE, LAST_CKPT
-from endodistill.train.weights import load_weights, save_weights
 
 
 class LineModule(StageModule):

@@ -9,9 +9,9 @@ import torch
 
 from endodistill.config import load_config
 from endodistill.models.student import build_mae, mae_encoder_state
+from endodistill.models.weights import save_weights
 from endodistill.train.probe import encoder_features, mae_probe, probe_oof
 from endodistill.train.seeding import seed_all
-from endodistill.train.weights import save_weights
 
 
 def _folds(n: int, k: int = 4) -> list[np.ndarray]:

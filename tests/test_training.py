@@ -112,7 +112,7 @@ def test_teacher_oof_targets_are_cross_fitted(tiny_cohort: Path, cache_dir: Path
 
 def test_mae_learns_and_loads_into_student(trained: dict) -> None:
     from endodistill.models.student import build_student, load_mae_encoder
-    from endodistill.train.weights import load_weights
+    from endodistill.models.weights import load_weights
 
     mae = trained["mae"]
     assert mae["loss_last"] < mae["loss_first"]

@@ -20,9 +20,9 @@ from endodistill.experiment import plan
 from endodistill.experiment.runner import echo, mae_encoder
 from endodistill.infer.model_dir import METADATA_FILE, save_model_dir
 from endodistill.infer.teacher_model import save_teacher_model, teacher_member_dirs
+from endodistill.models.weights import load_weights
 from endodistill.train.finetune import finetune
 from endodistill.train.joint import is_joint, joint_fit
-from endodistill.train.weights import load_weights
 
 CV_KEYS = ("auc", "auc_ci95", "fold_auc_mean", "fold_auc_std", "youden", "high_sensitivity", "brier", "ece")
 

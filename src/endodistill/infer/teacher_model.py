@@ -106,7 +106,7 @@ def save_teacher_model(
 
     The threshold is Youden's on the teacher's out-of-fold (or hold-out) predictions, 0.5 if undefined.
     """
-    from endodistill.train.weights import load_weights  # on use: see _LAZY
+    from endodistill.models.weights import load_weights  # on use: see _LAZY
 
     dirs = teacher_member_dirs(run_dir)
     if not dirs:

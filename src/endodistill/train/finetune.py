@@ -28,6 +28,7 @@ from endodistill.config import Config, MethodConfig
 from endodistill.errors import InputError
 from endodistill.evaluate.metrics import auc_score
 from endodistill.models.student import build_student, load_mae_encoder
+from endodistill.models.weights import load_weights, save_weights
 from endodistill.train.batches import PlannedBatches
 from endodistill.train.data import CohortData
 from endodistill.train.fit import FitPlan, FitSpec, run_fit
@@ -47,7 +48,6 @@ from endodistill.train.pretrain import augment_volumes
 from endodistill.train.seeding import seed_all
 from endodistill.train.teacher import TeacherOutputs
 from endodistill.train.trainer import TimingCallback
-from endodistill.train.weights import load_weights, save_weights
 from endodistill.utils import atomic_path
 
 log = logging.getLogger("endodistill")

@@ -23,6 +23,7 @@ from torch import Tensor
 from endodistill.config import Config
 from endodistill.errors import InputError
 from endodistill.models.student import MAE, build_mae, mae_encoder_state
+from endodistill.models.weights import save_weights
 from endodistill.train.batches import PlannedBatches
 from endodistill.train.data import CohortData
 from endodistill.train.fit import FitPlan, FitSpec, run_fit
@@ -30,7 +31,6 @@ from endodistill.train.module import StageModule
 from endodistill.train.optim import adamw, param_groups
 from endodistill.train.seeding import seed_all
 from endodistill.train.trainer import TimingCallback
-from endodistill.train.weights import save_weights
 
 log = logging.getLogger("endodistill")
 

@@ -28,8 +28,8 @@ from torch import Tensor
 from endodistill.config import Config
 from endodistill.evaluate.delong import delong_auc_ci
 from endodistill.models.student import build_mae, build_student, load_mae_encoder
+from endodistill.models.weights import load_weights
 from endodistill.train.seeding import seed_all
-from endodistill.train.weights import load_weights
 
 # Inner-CV grid of the probe's inverse regularisation strength (features are standardised first).
 PROBE_CS = tuple(float(c) for c in np.logspace(-3, 2, 8))

@@ -36,6 +36,7 @@ from endodistill.errors import InputError
 from endodistill.evaluate.metrics import auc_score, binary_metrics, multiclass_auc
 from endodistill.evaluate.stats import nan_to_none
 from endodistill.models.teacher import TeacherNet, build_teacher, normalise_clips, teacher_in_channels
+from endodistill.models.weights import load_weights, save_weights
 from endodistill.train.batches import PlannedBatches
 from endodistill.train.clip_baseline import GRID, clip_motion_features, features_name
 from endodistill.train.data import ClipSet, CohortData
@@ -49,7 +50,6 @@ from endodistill.train.seeding import fit_seed, seed_all
 from endodistill.train.speed import compile_if_enabled, teacher_channels_last
 from endodistill.train.trainer import TimingCallback
 from endodistill.train.units import prepare_unit, read_done, write_done
-from endodistill.train.weights import load_weights, save_weights
 from endodistill.utils import atomic_path, atomic_write_json
 
 log = logging.getLogger("endodistill")

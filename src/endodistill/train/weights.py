@@ -1,13 +1,11 @@
-"""Weights on disk: safetensors state dicts and Lightning checkpoints, written atomically, read safely.
+"""Lightning checkpoints written atomically and always read with ``weights_only=True``.
 
-* :func:`save_weights` / :func:`load_weights`: safetensors (no pickle) for every model file a run keeps.
-* :class:`AtomicCheckpointIO`: checkpoints are written atomically and always read with ``weights_only=True``.
+Model weights (safetensors) are :mod:`endodistill.models.weights`: inference reads them without train/.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import tempfile
 import time
@@ -16,11 +14,9 @@ from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from safetensors.torch import load_file, save_file
-from torch import Tensor
 
 from endodistill.errors import DiskFullError, InputError
-from endodistill.utils import NO_SPACE_ERRNOS, atomic_path
+from endodistill.utils import NO_SPACE_ERRNOS
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -71,43 +67,3 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return torch.load(p, map_location=map_location or "cpu", weights_only=True)
         except Exception as e:  # a truncated file or one needing arbitrary code
             raise InputError(p, f"unreadable checkpoint ({type(e).__name__}: {str(e)[:120]})") from None
-
-
-def save_weights(path: str | Path, state: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Save a state dict as safetensors, atomically (tensors made contiguous, shared storage split).
-
-    Written straight from the tensors (no copy of the state, no in-memory file): a ViT-B state (350 MB)
-    takes about 0.3 s instead of 1 s. A full disk is reported as the usual one-line error naming ``path``.
-    """
-    tensors: dict[str, Tensor] = {}
-    seen: set[int] = set()
-    for k, v in state.items():
-        t = v.detach().cpu().contiguous()
-        ptr = t.untyped_storage().data_ptr()
-        # safetensors refuses tensors sharing storage (tied weights, views): only those are copied.
-        tensors[k] = t.clone() if ptr in seen and t.numel() else t
-        seen.add(ptr)
-    with atomic_path(path) as tmp:
-        try:
-            save_file(tensors, str(tmp), metadata=metadata)
-        except OSError:
-            raise
-        except Exception as e:  # safetensors reports I/O errors as its own exception type
-            if "No space left" in str(e) or "os error 28" in str(e) or "StorageFull" in str(e):
-                raise OSError(errno.ENOSPC, "No space left on device") from e
-            raise
-
-
-def load_weights(path: str | Path) -> dict[str, Tensor]:
-    """Read a safetensors state dict.
-
-    Raises:
-        InputError: missing or unreadable file.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(p, "weights file not found")
-    try:
-        return load_file(str(p))
-    except Exception as e:
-        raise InputError(p, f"unreadable safetensors file ({type(e).__name__})") from None
