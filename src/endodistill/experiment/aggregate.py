@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -137,7 +137,7 @@ def write_examples(cfg: Config, data: Any, run_dir: Path) -> list[Path]:
     written = []
     names = cfg.task.class_names
 
-    def save(img: np.ndarray, title: str, name: str, origin: str) -> None:
+    def save(img: np.ndarray, title: str, name: str, origin: Literal["upper", "lower"]) -> None:
         fig = Figure(figsize=(2.6, 2.6), dpi=80)
         ax = fig.add_subplot()
         ax.imshow(img, cmap="gray", origin=origin)

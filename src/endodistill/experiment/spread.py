@@ -195,8 +195,8 @@ class Spread:
                 waiting = [
                     r
                     for r in waiting
-                    if not self._op(lambda s, r=r: s.check([f"ack/{r}"]))
-                    and (r == 0 or not self._op(lambda s, r=r: s.check([f"fits/{r}"])))
+                    if not self._op(lambda s: s.check([f"ack/{r}"]))
+                    and (r == 0 or not self._op(lambda s: s.check([f"fits/{r}"])))
                 ]
                 time.sleep(self.poll_s / 5)
         except SpreadError:
@@ -224,7 +224,7 @@ class Spread:
         beats: dict[int, tuple[int, float]] = {}
         while True:
             self.check_abort()
-            pending = [r for r in pending if not self._op(lambda s, r=r: s.check([f"{name}/{r}"]))]
+            pending = [r for r in pending if not self._op(lambda s: s.check([f"{name}/{r}"]))]
             if not pending:
                 return
             now = time.monotonic()
@@ -234,7 +234,7 @@ class Spread:
                 )
             if self._beat is not None:
                 for r in pending:
-                    n = int(self._op(lambda s, r=r: s.add(f"beat/{r}", 0)))
+                    n = int(self._op(lambda s: s.add(f"beat/{r}", 0)))
                     if r not in beats or beats[r][0] != n:
                         beats[r] = (n, now)
                     elif now - beats[r][1] > self.stale_s:
@@ -352,7 +352,7 @@ def start_spread(cfg: Config) -> Spread | None:
         env.pop(name, None)
     rz = sys.modules.get("lightning_utilities.core.rank_zero")
     if rz is not None:  # read from RANK when Lightning was imported: this process now logs as its own rank 0
-        rz.rank_zero_only.rank = 0  # type: ignore[attr-defined]
+        rz.rank_zero_only.rank = 0
     return Spread(dist.PrefixStore(prefix, store), rank, world)
 
 
@@ -369,7 +369,8 @@ def run_share(
     spread: Spread,
 ) -> None:
     """Run this rank's share of the fits, then record what it trained and arrive at the ``fits`` barrier."""
-    trained, skipped = [], []
+    trained: list[str] = []
+    skipped: list[str] = []
     fits = plan.cv_fits(len(splits), methods)
     progress = FitProgress(sum(1 for fit in fits if spread.owns(fit.index)), f"rank {spread.rank} fits")
     try:

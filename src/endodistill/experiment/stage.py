@@ -89,8 +89,9 @@ def _run_stage(
                 train_subjects = splits[fold]["train"]
             else:
                 train_subjects = list(data.labelled.subjects)
-        unit = plan.mae_unit(cfg, fold)
-        return pretrain_mae(cfg, data, out / unit, plan.mae_seed(cfg, fold), resume, train_subjects, echo)
+        return pretrain_mae(
+            cfg, data, out / plan.mae_unit(cfg, fold), plan.mae_seed(cfg, fold), resume, train_subjects, echo
+        )
     teacher = load_teacher_outputs(out)
     if fold is None:
         lab = data.labelled

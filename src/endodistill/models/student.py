@@ -110,7 +110,9 @@ def _set_stem(model: nn.Module, stem: str, stem_width: int) -> None:
     # flatten + position embedding (and the MAE's masking after it) are MONAI's own.
     if stem == "linear":
         return
-    pe = model.patch_embedding  # type: ignore[attr-defined]
+    pe: Any = (
+        model.patch_embedding
+    )  # MONAI's PatchEmbeddingBlock (nn.Module attributes type as Tensor | Module)
     conv = pe.patch_embeddings
     pe.patch_embeddings = PatchMLPStem(
         conv.in_channels, tuple(conv.kernel_size), conv.out_channels, stem_width
@@ -178,7 +180,8 @@ class StudentViT(ViT):
         self.pool = pool
         if pool == "flat":
             n_tokens = int(np.prod([i // p for i, p in zip(img_size, patch_size)]))
-            self.classification_head = nn.Linear(n_tokens * hidden_size, num_classes)
+            # MONAI annotates its head as nn.Sequential; a flat head is one Linear.
+            self.classification_head = nn.Linear(n_tokens * hidden_size, num_classes)  # type: ignore[assignment]
         _set_stem(self, stem, stem_width)
         _freeze_unused(self)
         if sdpa:
@@ -334,7 +337,7 @@ class MAE(MaskedAutoEncoderViT):
         m = mask.to(per_patch.dtype)
         return (per_patch * m).sum() / m.sum().clamp_min(1.0)
 
-    def forward(  # type: ignore[override]
+    def forward(
         self, x: Tensor, masking_ratio: float | None = None, generator: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Mask, encode the visible patches, reconstruct all of them.

@@ -15,6 +15,7 @@ Input is ``(B, C, T, H, W)``. Code paths avoid ``view`` so that ``channels_last_
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -147,6 +148,7 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
     if not path.is_file():
         raise InputError(path, "teacher weights file not found")
     try:
+        state: Any
         if path.suffix == ".safetensors":
             state = load_file(str(path))
         else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,7 @@ class VolumeSet:
     def __len__(self) -> int:
         return len(self.subjects)
 
-    def index(self, subjects: list[str] | set[str]) -> np.ndarray:
+    def index(self, subjects: Iterable[str]) -> np.ndarray:
         """Indices of the volumes of the given subjects (in dataset order)."""
         wanted = set(subjects)
         return np.array([i for i, s in enumerate(self.subjects) if s in wanted], dtype=np.int64)

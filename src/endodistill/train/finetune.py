@@ -82,6 +82,7 @@ class StudentModule(StageModule):
         self.method = method
         self.net = net
         self.val = val
+        self.class_weights: Tensor | None
         self.register_buffer("class_weights", class_weights, persistent=False)
         self.best_state: dict[str, Tensor] | None = None
         self.best: dict[str, Any] = {"auc": None, "loss": None, "epoch": None}

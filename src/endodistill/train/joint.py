@@ -147,6 +147,7 @@ class JointModule(StudentModule):
 
     def __init__(self, *args: Any, clip_class_weights: Tensor | None = None, **kw: Any) -> None:
         super().__init__(*args, **kw)
+        self.clip_class_weights: Tensor | None
         self.register_buffer("clip_class_weights", clip_class_weights, persistent=False)
 
     def kd_weight(self) -> float:
@@ -154,7 +155,7 @@ class JointModule(StudentModule):
         return 0.0
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        net = self.net
+        net: Any = self.net  # a JointViT (features, clip_features, classification_head)
         fm = net.features(batch["x"])
         fc = net.clip_features(batch["c"])
         lm = task_loss(net.classification_head(fm), batch["y"], self.class_weights)

@@ -20,8 +20,10 @@ SCHEDULES = ("exp", "constant", "linear", "cosine")
 
 
 class _Schedule(Protocol):
-    kind: str
-    alpha: float
+    @property
+    def kind(self) -> str: ...
+    @property
+    def alpha(self) -> float: ...
 
 
 def task_loss(logits: Tensor, labels: Tensor, class_weights: Tensor | None = None) -> Tensor:

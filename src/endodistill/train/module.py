@@ -124,7 +124,8 @@ class StageModule(pl.LightningModule):
         if not bool(torch.isfinite(loss.detach())):
             cb = self.trainer.checkpoint_callback if self._trainer is not None else None
             every_s = getattr(cb, "every_s", 0.0)
-            last = Path(cb.dirpath) / "last.ckpt" if cb is not None and cb.dirpath else None
+            dirpath = getattr(cb, "dirpath", None)  # a ModelCheckpoint; Lightning types it as the base class
+            last = Path(dirpath) / "last.ckpt" if dirpath else None
             if self.current_epoch == 0:
                 kept = "no checkpoint was written (first epoch)"
             elif every_s <= 0:
@@ -154,8 +155,8 @@ class StageModule(pl.LightningModule):
         if self._trainer is not None and self.trainer.world_size > 1:
             # Every rank calls this at its epoch end with the same keys: one all-reduce of sums and count.
             t = torch.tensor([*sums.values(), count], dtype=torch.float64, device=self.device)
-            t = self.trainer.strategy.reduce(t, reduce_op="sum").cpu().tolist()
-            sums, count = dict(zip(sums, t[:-1])), t[-1]
+            reduced: list[float] = self.trainer.strategy.reduce(t, reduce_op="sum").cpu().tolist()
+            sums, count = dict(zip(sums, reduced[:-1])), reduced[-1]
         return {k: v / max(1.0, count) for k, v in sums.items()}
 
     def end_epoch(self, row: dict[str, Any]) -> None:
@@ -170,7 +171,7 @@ class StageModule(pl.LightningModule):
     def lr(self) -> float:
         """The current learning rate of the first parameter group."""
         opt = self.optimizers()
-        optimizer = opt.optimizer if hasattr(opt, "optimizer") else opt
+        optimizer: Any = opt.optimizer if hasattr(opt, "optimizer") else opt  # LightningOptimizer wraps it
         return float(optimizer.param_groups[0]["lr"])
 
     def extra_state(self) -> dict[str, Any]:

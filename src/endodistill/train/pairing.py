@@ -91,13 +91,13 @@ def label_matched_pairs(
 
     for k in np.unique(y_mri[todo]):
         who = np.flatnonzero(todo & (y_mri == k))
-        cands = np.flatnonzero(y_tvus == k)
-        if cands.size == 0:
+        pool = np.flatnonzero(y_tvus == k)
+        if pool.size == 0:
             raise ValueError(
                 f"class {k}: {who.size} MRI case(s) but no TVUS case with this label to pair with"
             )
-        rounds = -(-who.size // cands.size)  # ceil
-        order = np.concatenate([rng.permutation(cands) for _ in range(rounds)])
+        rounds = -(-who.size // pool.size)  # ceil
+        order = np.concatenate([rng.permutation(pool) for _ in range(rounds)])
         out[who] = order[: who.size]
     return out
 

@@ -36,11 +36,11 @@ PROBE_CS = tuple(float(c) for c in np.logspace(-3, 2, 8))
 
 
 @torch.no_grad()
-def encoder_features(encoder: torch.nn.Module, x: Tensor, pool: str, batch_size: int = 64) -> np.ndarray:
+def encoder_features(encoder: Any, x: Tensor, pool: str, batch_size: int = 64) -> np.ndarray:
     """Pooled encoder features ``(N, F)`` of volumes.
 
     Args:
-        encoder: a module with ``encode(x) -> (B, N + 1, hidden)`` (the MAE or the student).
+        encoder: a module (duck-typed) with ``encode(x) -> (B, N + 1, hidden)`` (the MAE or the student).
         x: volumes ``(N, C, ...)``.
         pool: ``cls``, ``mean`` (of the patch tokens) or ``flat`` (all patch tokens, concatenated).
         batch_size: volumes per forward pass.

@@ -183,6 +183,7 @@ class TeacherModule(StageModule):
         self.net = net
         self.monitor = monitor
         self.channels_last = False
+        self.class_weights: Tensor | None
         self.register_buffer("class_weights", class_weights, persistent=False)
 
     def network(self) -> TeacherNet:

@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -224,7 +224,7 @@ def make_trainer(
         all_callbacks.append(_LeaveFalseBar())
     # deterministic=True makes torch raise on non-deterministic kernels; on GPUs some (SDPA backward,
     # scatter) have none, so there it only warns. CPU runs are bit-identical either way.
-    deterministic: bool | str = t.deterministic
+    deterministic: bool | Literal["warn"] = t.deterministic
     if t.deterministic and t.accelerator != "cpu":
         deterministic = "warn"
     return pl.Trainer(
