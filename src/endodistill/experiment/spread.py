@@ -133,6 +133,14 @@ class Spread:
             self._beat.start()
 
     # -- store access
+    def _check(self, key: str) -> bool:
+        """Whether ``key`` is set in the store."""
+        return bool(self._op(lambda s: s.check([key])))
+
+    def _add(self, key: str, n: int) -> int:
+        """Add ``n`` to the counter ``key`` and return its new value."""
+        return int(self._op(lambda s: s.add(key, n)))
+
     def _op(self, fn: Callable[[Store], T]) -> T:
         try:
             with self._lock:
@@ -195,8 +203,8 @@ class Spread:
                 waiting = [
                     r
                     for r in waiting
-                    if not self._op(lambda s: s.check([f"ack/{r}"]))
-                    and (r == 0 or not self._op(lambda s: s.check([f"fits/{r}"])))
+                    if not self._check(f"ack/{r}")
+                    and (r == 0 or not self._check(f"fits/{r}"))
                 ]
                 time.sleep(self.poll_s / 5)
         except SpreadError:
@@ -224,7 +232,7 @@ class Spread:
         beats: dict[int, tuple[int, float]] = {}
         while True:
             self.check_abort()
-            pending = [r for r in pending if not self._op(lambda s: s.check([f"{name}/{r}"]))]
+            pending = [r for r in pending if not self._check(f"{name}/{r}")]
             if not pending:
                 return
             now = time.monotonic()
@@ -234,7 +242,7 @@ class Spread:
                 )
             if self._beat is not None:
                 for r in pending:
-                    n = int(self._op(lambda s: s.add(f"beat/{r}", 0)))
+                    n = self._add(f"beat/{r}", 0)
                     if r not in beats or beats[r][0] != n:
                         beats[r] = (n, now)
                     elif now - beats[r][1] > self.stale_s:
