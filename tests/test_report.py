@@ -140,18 +140,26 @@ def test_report_on_fabricated_run(tmp_path: Path, run_files: RunFiles) -> None:
     assert "ceilings" in lines[-1]
 
 
-def test_report_minimal_results_only(tmp_path: Path) -> None:
+def test_report_minimal_results_only(tmp_path: Path, run_files: RunFiles) -> None:
     """A run that got no further than results.json still gets every section, with notes."""
     run = tmp_path / "run"
-    run.mkdir()
-    (run / "results.json").write_text(
-        json.dumps({"methods": {"scratch_ce": {"auc": None, "fold_aucs": [None]}}})
-    )
+    empty = {"n": 0, "auc": None, "fold_aucs": [None], "fold_auc_mean": None, "fold_auc_std": None}
+    run_files.results(run, methods={"scratch_ce": empty})
     html_path, md_path = write_report(run)
     text = html_path.read_text()
     _check_html(text)
     assert "oof_predictions.csv not found" in text
     assert "| scratch_ce | — |" in md_path.read_text()
+
+
+def test_report_refuses_a_results_json_outside_the_contract(tmp_path: Path, run_files: RunFiles) -> None:
+    """The report reads results.json through the run-directory contract: a made-up key is named."""
+    run = _fake_run(run_files, tmp_path)
+    results = json.loads((run / "results.json").read_text())
+    results["methods"]["mae_ce"]["auroc"] = 0.9
+    (run / "results.json").write_text(json.dumps(results))
+    with pytest.raises(InputError, match=r"results\.json.*methods\.mae_ce\.auroc"):
+        write_report(run)
 
 
 def _write_cohort(data: Path) -> None:
@@ -265,28 +273,31 @@ def test_templates_autoescape_html_and_keep_markdown_verbatim(tmp_path: Path, ru
     assert '"report/templates/*.j2"' in pyproject and '"jinja2' in pyproject
 
 
-def test_markdown_tables_hold_the_formatted_numbers(tmp_path: Path) -> None:
+def test_markdown_tables_hold_the_formatted_numbers(tmp_path: Path, run_files: RunFiles) -> None:
     run = tmp_path / "run"
-    run.mkdir()
+    # The contract's required fields (n, fold AUCs, thresholds) at "no value"; the table shows the rest.
+    none = {"n": 40, "auc": None, "fold_aucs": [], "fold_auc_mean": None, "fold_auc_std": None}
     m = {
+        **none,
         "auc": 0.81234,
         "auc_ci95": [0.70111, 0.90349],
         "fold_auc_mean": 0.8,
         "fold_auc_std": 0.05,
-        "youden": {"sensitivity": 0.85, "specificity": 0.7},
-        "high_sensitivity": {"target": 0.9, "sensitivity": 0.9, "specificity": 0.4},
+        "youden": {"threshold": 0.5, "sensitivity": 0.85, "specificity": 0.7},
+        "high_sensitivity": {"target": 0.9, "threshold": 0.3, "sensitivity": 0.9, "specificity": 0.4},
         "brier": 0.1620412,
         "ece": 0.05,
     }
-    comp = {"method_a": "mae_kd_ce", "method_b": "scratch_ce", "auc_a": 0.81234, "auc_b": 0.7, "diff": 0.11234,
-            "z": 2.2212, "p": 0.0004, "p_adjusted": 0.0421, "correction": "holm"}  # fmt: skip
-    results = {
-        "methods": {"scratch_ce": {"auc": 0.7}, "mae_kd_ce": m, "a|b": {}},
-        "comparisons": [comp],
-        "cohort": {"ceilings": {"mri": 0.88}},
-        "seed": 3,
-    }
-    (run / "results.json").write_text(json.dumps(results))
+    comp = {"method_a": "mae_kd_ce", "method_b": "scratch_ce", "n": 40, "n_pos": 12, "auc_a": 0.81234,
+            "auc_b": 0.7, "diff": 0.11234, "se": 0.05, "z": 2.2212, "p": 0.0004, "p_adjusted": 0.0421,
+            "correction": "holm"}  # fmt: skip
+    run_files.results(
+        run,
+        methods={"scratch_ce": {**none, "auc": 0.7}, "mae_kd_ce": m, "a|b": none},
+        comparisons=[comp],
+        cohort={"ceilings": {"mri": 0.88}},
+        seed=3,
+    )
     md = write_report(run)[1].read_text()
     lines = md.splitlines()
     assert lines[0] == "# endodistill: ablation"

@@ -36,11 +36,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError
 
 from endodistill.errors import InputError
-from endodistill.utils import atomic_write_json, atomic_write_text
+from endodistill.utils import atomic_write_json, atomic_write_text, json_default
 
 SCHEMA_VERSION = 1
 
@@ -260,6 +259,8 @@ class Results(_Fixed):
     fit_processes: int = 1
     tvus: dict[str, Any] | None = None
     baselines: dict[str, Any] | None = None
+    # Written by the user, never by the protocol: {method: name shown in the report} (`endodistill report`).
+    display_names: dict[str, str] | None = None
 
 
 class RunInfo(_Fixed):
@@ -337,19 +338,9 @@ class DoneInfo(_Open):
 
 
 # ---------------------------------------------------------------------------------------- read / write
-def _plain(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
 def plain_json(obj: Any) -> Any:
     """``obj`` as plain JSON values (NumPy scalars and arrays, paths converted)."""
-    return json.loads(json.dumps(obj, default=_plain))
+    return json.loads(json.dumps(obj, default=json_default))
 
 
 def read_json_object(path: Path) -> dict[str, Any] | None:
@@ -379,7 +370,7 @@ def _validated(model: type[BaseModel], obj: Any, path: Path) -> Any:
 def write_results(run_dir: Path, results: Results) -> dict[str, Any]:
     """Write ``results.json`` (methods in the configuration's order, not key-sorted); returns its content."""
     d = _dump(results)
-    atomic_write_text(Path(run_dir) / RESULTS, json.dumps(d, indent=2, default=_plain) + "\n")
+    atomic_write_text(Path(run_dir) / RESULTS, json.dumps(d, indent=2, default=json_default) + "\n")
     return d
 
 

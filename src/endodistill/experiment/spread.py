@@ -203,8 +203,7 @@ class Spread:
                 waiting = [
                     r
                     for r in waiting
-                    if not self._check(f"ack/{r}")
-                    and (r == 0 or not self._check(f"fits/{r}"))
+                    if not self._check(f"ack/{r}") and (r == 0 or not self._check(f"fits/{r}"))
                 ]
                 time.sleep(self.poll_s / 5)
         except SpreadError:

@@ -18,6 +18,7 @@ from typing import Any
 
 import jinja2
 
+from endodistill import rundir
 from endodistill.errors import InputError
 from endodistill.evaluate.fmt import fmt_auc
 from endodistill.report import figures, load, tables
@@ -247,7 +248,7 @@ def rebuild_report(run_dir: str | Path) -> tuple[Path, Path]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise InputError(run_dir, "not a run directory (no such folder)")
-    path = run_dir / "results.json"
+    path = run_dir / rundir.RESULTS
     if not path.is_file():
         raise InputError(run_dir, "not a finished run directory (no results.json)")
     if not isinstance(load.read_results(run_dir).get("methods"), dict):

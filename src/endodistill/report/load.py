@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from endodistill import rundir
 from endodistill.errors import InputError
 from endodistill.evaluate.fmt import num
 from endodistill.evaluate.stats import read_oof_csv
@@ -44,21 +45,13 @@ _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def read_results(run_dir: Path) -> dict[str, Any]:
-    """``RUN/results.json`` as a dict.
+    """``RUN/results.json``, read through the run-directory contract (:class:`endodistill.rundir.Results`),
+    as the plain JSON dict the tables and templates format.
 
     Raises:
-        InputError: missing, not JSON, or not an object whose ``methods`` (when present) is an object.
+        InputError: missing, not JSON, or not of the contract's shape (the first wrong key is named).
     """
-    path = run_dir / "results.json"
-    if not path.is_file():
-        raise InputError(path, "not found (has the run finished?)")
-    try:
-        results = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(path, f"not valid JSON ({e})") from None
-    if not isinstance(results, dict) or not isinstance(results.get("methods", {}), dict):
-        raise InputError(path, "expected an object with a 'methods' object")
-    return results
+    return rundir.read_results(run_dir).model_dump(mode="json", exclude_unset=True)
 
 
 def _group(rows: list[dict[str, Any]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -77,7 +70,7 @@ def read_oof_groups(run_dir: Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarr
         ``({method: (labels, probs)}, note)``: the note is empty when the file was read, else says why
         there are no groups (missing, unreadable).
     """
-    path = run_dir / "oof_predictions.csv"
+    path = run_dir / rundir.OOF
     if not path.is_file():
         return {}, "oof_predictions.csv not found"
     try:
@@ -88,7 +81,7 @@ def read_oof_groups(run_dir: Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarr
 
 def read_teacher_predictions(run_dir: Path) -> tuple[np.ndarray, np.ndarray] | None:
     """``RUN/teacher/predictions.csv`` (columns label, prob; rows without both numbers skipped), or None."""
-    path = run_dir / "teacher" / "predictions.csv"
+    path = run_dir / rundir.TEACHER / rundir.PREDICTIONS
     if not path.is_file():
         return None
     with open(path, newline="", encoding="utf-8") as fh:
@@ -145,7 +138,7 @@ def training_panels(run_dir: str | Path) -> dict[str, dict[str, list[tuple[str, 
         inner = rel[:-1]
         if "logs" in inner:  # <unit>/logs/version_N/metrics.csv
             inner = inner[: inner.index("logs")]
-        if len(rel) >= 4 and rel[0] == "folds":
+        if len(rel) >= 4 and rel[0] == rundir.FOLDS:
             fig, panel, label = CV_TRAINING, rel[2], rel[1].replace("fold_", "fold ")
         else:
             fig, panel = OTHER_TRAINING, rel[0] if len(rel) > 1 else "run"
@@ -164,7 +157,7 @@ def read_example_pngs(run_dir: Path) -> list[tuple[str, bytes]]:
     """``RUN/examples/*.png`` (written by the protocol), sorted by name, at most :data:`MAX_EXAMPLES`:
     ``[(file name, PNG bytes)]``; files that are not PNGs are skipped."""
     out = []
-    for f in sorted((run_dir / "examples").glob("*.png"))[:MAX_EXAMPLES]:
+    for f in sorted((run_dir / rundir.EXAMPLES).glob("*.png"))[:MAX_EXAMPLES]:
         data = f.read_bytes()
         if data[:8] == _PNG_MAGIC:
             out.append((f.name, data))
@@ -176,19 +169,15 @@ def read_config_text(results: Mapping[str, Any], run_dir: Path) -> str | None:
     cfg = results.get("config")
     if isinstance(cfg, Mapping) and cfg:
         return yaml.safe_dump(json.loads(json.dumps(cfg, default=str)), sort_keys=False, allow_unicode=True)
-    f = run_dir / "config.yaml"
+    f = run_dir / rundir.CONFIG
     return f.read_text(encoding="utf-8") if f.is_file() else None
 
 
 def read_versions(results: Mapping[str, Any], run_dir: Path) -> Mapping[str, Any]:
-    """Package versions: ``results["versions"]``, else ``RUN/run.json``'s ``versions``; ``{}`` if neither."""
-    v = results.get("versions")
-    if isinstance(v, Mapping) and v:
-        return v
-    f = run_dir / "run.json"
+    """Package versions from ``RUN/run.json`` (the contract's :class:`endodistill.rundir.RunInfo`); ``{}``
+    when it is absent or unreadable."""
     try:
-        run = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        info = rundir.read_run_info(run_dir)
+    except InputError:
         return {}
-    v = run.get("versions") if isinstance(run, dict) else None
-    return v if isinstance(v, Mapping) else {}
+    return {} if info is None else dict(info.versions)

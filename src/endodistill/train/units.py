@@ -3,30 +3,28 @@
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 from typing import Any
 
-from endodistill.utils import atomic_write_json
+from endodistill import rundir
 
 LAST_CKPT = "checkpoints/last.ckpt"
-DONE = "done.json"
+DONE = rundir.DONE
 
 
 def read_done(unit_dir: Path) -> dict[str, Any] | None:
-    """The done marker of a finished unit (teacher, mae, a fold x method fit, final), or None."""
-    p = Path(unit_dir) / DONE
-    if not p.is_file():
-        return None
-    try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None  # a damaged marker: the unit is redone
+    """The done marker of a finished unit (teacher, mae, a fold x method fit, final), or None.
+
+    Read through the run-directory contract (:class:`endodistill.rundir.DoneInfo`); a damaged marker reads as
+    None, so the unit is redone. The contract's ``schema_version`` is not part of the returned info.
+    """
+    info = rundir.read_done_info(Path(unit_dir))
+    return None if info is None else info.model_dump(exclude={"schema_version"}, exclude_unset=True)
 
 
 def write_done(unit_dir: Path, info: dict[str, Any]) -> None:
-    """Mark a unit finished (written last, after all its outputs, atomically)."""
-    atomic_write_json(Path(unit_dir) / DONE, info)
+    """Mark a unit finished (written last, after all its outputs, atomically), through the contract."""
+    rundir.write_done_info(Path(unit_dir), info)
 
 
 def prepare_unit(unit_dir: Path, resume: bool) -> Path | None:
