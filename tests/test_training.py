@@ -339,7 +339,7 @@ def test_checkpoint_interval_skips_saves_without_changing_the_fit(trained: dict,
 def test_save_weights_round_trips_shared_tensors_and_names_a_full_disk(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import endodistill.train.weights as common
+    import endodistill.models.weights as common
     from endodistill.errors import DiskFullError
 
     w = torch.randn(4, 3)

@@ -25,8 +25,9 @@ from monai.networks.blocks.selfattention import SABlock
 from monai.networks.nets import MaskedAutoEncoderViT, ViT
 from torch import Tensor, nn
 
-from endodistill.config import Config
+from endodistill.config import Config, student_vit_spec
 from endodistill.errors import ConfigError, InputError
+from endodistill.utils import state_dict_mismatch
 
 _DROPOUT_ATTR = "_endodistill_attn_dropout"
 
@@ -213,19 +214,7 @@ class StudentViT(ViT):
 
 def _encoder_kwargs(cfg: Config) -> dict[str, Any]:
     """Encoder hyper-parameters the classifier and the MAE must share (so MAE weights load into the ViT)."""
-    s = cfg.student
-    return {
-        "in_channels": 1,
-        "img_size": tuple(cfg.mri.size),
-        "patch_size": tuple(s.patch_size),
-        "hidden_size": s.hidden_size,
-        "mlp_dim": s.mlp_dim,
-        "num_layers": s.num_layers,
-        "num_heads": s.num_heads,
-        "qkv_bias": s.qkv_bias,
-        "stem": s.stem,
-        "stem_width": s.stem_width,
-    }
+    return {**student_vit_spec(cfg), "stem": cfg.student.stem, "stem_width": cfg.student.stem_width}
 
 
 def build_student(cfg: Config) -> StudentViT:
@@ -470,20 +459,15 @@ def load_mae_encoder(
         except ValueError as e:
             raise InputError(where, str(e)) from None
     own = student.state_dict()
-    expected = {k for k in own if not k.startswith(skip)}
-    missing = sorted(expected - state.keys())
-    unexpected = sorted(state.keys() - expected)
-    if missing:
-        raise InputError(where, f"missing key {missing[0]!r} ({len(missing)} missing): architectures differ")
-    if unexpected:
-        raise InputError(
-            where, f"unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected): architectures differ"
-        )
-    for k in sorted(expected):
-        if tuple(state[k].shape) != tuple(own[k].shape):
+    expected = {k: v for k, v in own.items() if not k.startswith(skip)}
+    diff = state_dict_mismatch(state, expected)
+    if diff is not None:
+        kind, k, n = diff
+        if kind == "shape":
             raise InputError(
                 where, f"key {k!r} has shape {tuple(state[k].shape)}, the student needs {tuple(own[k].shape)}"
             )
+        raise InputError(where, f"{kind} key {k!r} ({n} {kind}): architectures differ")
     merged = dict(own)
     merged.update({k: state[k].to(dtype=own[k].dtype) for k in expected})
     student.load_state_dict(merged, strict=True)

@@ -25,6 +25,7 @@ from torchvision.models.video.resnet import BasicBlock, Conv2Plus1D, VideoResNet
 
 from endodistill.config import Config, TeacherConfig
 from endodistill.errors import InputError
+from endodistill.utils import state_dict_mismatch
 
 # Kinetics-400 normalisation of torchvision's video weights, collapsed to one grey channel (mean of RGB):
 # use these when Kinetics weights are loaded, so the grey input has the statistics the stem expects.
@@ -187,17 +188,18 @@ def load_pretrained(teacher: TeacherNet, path: str | Path) -> None:
     if "stem.0.weight" in state:
         state["stem.0.weight"] = adapt_stem_weight(state["stem.0.weight"], teacher.in_channels)
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    missing = sorted(k for k in own if k not in state and not k.startswith("fc."))
-    unexpected = sorted(k for k in state if k not in own)
-    if missing:
-        raise InputError(path, f"missing key {missing[0]!r} ({len(missing)} missing) for arch {teacher.arch}")
-    if unexpected:
-        raise InputError(path, f"unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected)")
-    for k, v in state.items():
-        if tuple(v.shape) != tuple(own[k].shape):
+    diff = state_dict_mismatch(state, {k: v for k, v in own.items() if not k.startswith("fc.")})
+    if diff is not None:
+        kind, k, n = diff
+        if kind == "shape":
             raise InputError(
-                path, f"key {k!r} has shape {tuple(v.shape)}, arch {teacher.arch} needs {tuple(own[k].shape)}"
+                path,
+                f"key {k!r} has shape {tuple(state[k].shape)}, arch {teacher.arch} needs {tuple(own[k].shape)}",
             )
+        raise InputError(
+            path,
+            f"{kind} key {k!r} ({n} {kind})" + (f" for arch {teacher.arch}" if kind == "missing" else ""),
+        )
     own.update({k: v.to(own[k].dtype) for k, v in state.items()})
     teacher.backbone.load_state_dict(own, strict=True)
 

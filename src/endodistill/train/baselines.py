@@ -36,13 +36,13 @@ from monai.networks.nets import Classifier
 from scipy.special import expit
 from scipy.stats import rankdata
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold
 from torch import Tensor
 
 from endodistill.config import CNN3DBaselineConfig, Config, LogRegBaselineConfig
 from endodistill.data.synthetic.signs import MRI_SIGNS
 from endodistill.errors import InputError, TrainingDivergedError
+from endodistill.evaluate.metrics import auc_score
 from endodistill.evaluate.stats import adjust_pvalues, compare_methods, read_oof_csv, summarise_method
 from endodistill.train.batches import PlannedBatches
 from endodistill.train.data import CohortData
@@ -359,9 +359,9 @@ def _write_rows(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
 
 
 def _auc(y: np.ndarray, p: np.ndarray) -> float | None:
-    if np.unique(y).size < 2:
-        return None
-    return float(roc_auc_score(y, p))
+    """:func:`endodistill.evaluate.metrics.auc_score` of 0/1 labels, None (JSON null) for one class."""
+    a = auc_score(y, p)
+    return None if math.isnan(a) else a
 
 
 # ------------------------------------------------------------------------------------------------- runner

@@ -12,7 +12,6 @@ modalities) are left out of the pairing pool.
 from __future__ import annotations
 
 import csv
-import io
 import logging
 import math
 from collections.abc import Callable
@@ -48,7 +47,7 @@ from endodistill.train.pretrain import augment_volumes
 from endodistill.train.seeding import seed_all
 from endodistill.train.teacher import TeacherOutputs
 from endodistill.train.trainer import TimingCallback
-from endodistill.utils import atomic_path
+from endodistill.utils import atomic_write_csv
 
 log = logging.getLogger("endodistill")
 
@@ -278,13 +277,11 @@ def _write_predictions(
 ) -> None:
     k = probs.shape[1]
     fields = ["subject_id", "label", "prob"] + ([f"prob_{c}" for c in range(k)] if k > 2 else [])
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(fields)
-    for s, lab, p in zip(subjects, labels, probs):
-        w.writerow([s, int(lab), repr(float(p[pos])), *([repr(float(v)) for v in p] if k > 2 else [])])
-    with atomic_path(path) as tmp:
-        tmp.write_text(buf.getvalue(), encoding="utf-8")
+    rows = [
+        dict(zip(fields, [s, int(lab), float(p[pos]), *([float(v) for v in p] if k > 2 else [])]))
+        for s, lab, p in zip(subjects, labels, probs)
+    ]
+    atomic_write_csv(path, rows, fields)  # floats as repr: they read back exactly
 
 
 def read_predictions(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:

@@ -17,8 +17,6 @@ Adding a stage is one module: a :class:`~endodistill.train.module.StageModule` s
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import time
 from abc import ABC, abstractmethod
@@ -31,7 +29,7 @@ from endodistill.train.batches import PlannedBatches, make_loader
 from endodistill.train.module import StageModule
 from endodistill.train.trainer import TimingCallback, fit, make_trainer
 from endodistill.train.units import prepare_unit, read_done, write_done
-from endodistill.utils import atomic_path
+from endodistill.utils import atomic_write_csv
 
 HISTORY = "history.csv"
 
@@ -117,13 +115,7 @@ def write_history(path: Path, history: list[dict[str, Any]]) -> None:
     keys: list[str] = []
     for row in history:
         keys.extend(k for k in row if k not in keys)
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
-    w.writeheader()
-    for row in history:
-        w.writerow({k: _fmt(row.get(k)) for k in keys})
-    with atomic_path(path) as tmp:
-        tmp.write_text(buf.getvalue(), encoding="utf-8")
+    atomic_write_csv(path, history, keys, cell=_fmt)
 
 
 def _fmt(v: Any) -> Any:

@@ -32,7 +32,6 @@ Design (ours; the follow-up paper's details are not public, see :mod:`endodistil
 from __future__ import annotations
 
 import csv
-import io
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -65,7 +64,7 @@ from endodistill.train.pretrain import augment_volumes
 from endodistill.train.seeding import seed_all
 from endodistill.train.teacher import clip_batch_fn, teacher_inputs
 from endodistill.train.trainer import TimingCallback
-from endodistill.utils import atomic_path
+from endodistill.utils import atomic_write_csv
 
 CLIP_PREDICTIONS = "clip_predictions.csv"
 
@@ -173,12 +172,7 @@ class JointModule(StudentModule):
 
 
 def _write_clip_predictions(path: Path, rows: list[dict[str, Any]]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=["subject_id", "label", "prob", "path"], lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
-    with atomic_path(path) as tmp:
-        tmp.write_text(buf.getvalue(), encoding="utf-8")
+    atomic_write_csv(path, rows, ["subject_id", "label", "prob", "path"], cell=lambda v: v)
 
 
 def read_clip_predictions(path: Path) -> list[dict[str, Any]]:

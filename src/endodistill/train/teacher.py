@@ -15,9 +15,7 @@ Distillation reads these files only; the video network never runs again.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import json
 import logging
 import time
@@ -50,7 +48,7 @@ from endodistill.train.seeding import fit_seed, seed_all
 from endodistill.train.speed import compile_if_enabled, teacher_channels_last
 from endodistill.train.trainer import TimingCallback
 from endodistill.train.units import prepare_unit, read_done, write_done
-from endodistill.utils import atomic_path, atomic_write_json
+from endodistill.utils import atomic_write_csv, atomic_write_json
 
 log = logging.getLogger("endodistill")
 
@@ -354,12 +352,8 @@ def fit_teacher(
 
 
 def _write_predictions(path: Path, rows: list[dict[str, Any]]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=["subject_id", "label", "prob", "fold", "path"], lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
-    with atomic_path(path) as tmp:
-        tmp.write_text(buf.getvalue(), encoding="utf-8")
+    # Cells as the csv module writes them (the rows hold Python floats already).
+    atomic_write_csv(path, rows, ["subject_id", "label", "prob", "fold", "path"], cell=lambda v: v)
 
 
 def _prediction_rows(
