@@ -13,6 +13,7 @@ import pytest
 
 from endodistill.config import Config, load_config
 from endodistill.errors import ConfigError, InputError
+from endodistill.evaluate.metrics import auc_score
 
 METHODS = ("scratch_ce", "mae_ce", "scratch_kd_ce", "mae_kd", "mae_kd_ce")
 
@@ -91,6 +92,11 @@ def test_all_outputs_present_and_schema(run: tuple[Path, dict]) -> None:
             assert key in m, key
         assert len(m["fold_aucs"]) == 3 and len(m["auc_ci95"]) == 2
     assert isinstance(results["teacher"]["auc"], float)
+    # The teacher's reported AUC is that of its stored predictions (out-of-fold over the labelled clips).
+    with open(out / "teacher" / "predictions.csv", newline="") as fh:
+        t_rows = list(csv.DictReader(fh))
+    t_auc = auc_score([int(r["label"]) for r in t_rows], [float(r["prob"]) for r in t_rows])
+    assert results["teacher"]["auc"] == pytest.approx(t_auc, abs=1e-12)
     assert results["comparisons"] and all(c["correction"] == "holm" for c in results["comparisons"])
     assert {"ceilings", "manifest"} <= set(results["cohort"])
     assert results["seed"] == 0 and results["config"]["name"] == "tiny"
