@@ -320,7 +320,8 @@ def test_markdown_tables_hold_the_formatted_numbers(tmp_path: Path, run_files: R
 
 
 def test_study_report_escapes_html_and_writes_the_markdown_table(tmp_path: Path) -> None:
-    from endodistill.experiment.study import SettingResult, StudyResult, format_study_table, write_study
+    from endodistill.experiment.study_results import SettingResult, StudyResult, write_study
+    from endodistill.report.study import format_study_table
 
     settings = [
         SettingResult(name="ref", value="0.5", run="r0", auc=0.8123, auc_ci95=[0.7, 0.9], fold_aucs=[0.8],

@@ -22,6 +22,10 @@ Layout of ``DIR``::
     runs/<run>/          one ordinary run directory per group of settings (report, results, folds)
     shared/<unit>-<key>/ teacher and MAE units shared between runs
     cohorts/<key>/       synthetic cohorts (one per distinct cohort setting)
+    .locks/              locks the shards of a sharded study take turns on (``--shard I/N``)
+
+The plans are :mod:`~endodistill.experiment.study_plan`, the statistics and outputs
+:mod:`~endodistill.experiment.study_results`; this module runs a study (in one process or in shards).
 """
 
 from __future__ import annotations
@@ -29,294 +33,38 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import itertools
 import json
 import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import numpy as np
-import yaml
-from pydantic import BaseModel, Field
 
 from endodistill import rundir
 from endodistill.config import Config, MethodConfig
 from endodistill.data.cache import content_hash
 from endodistill.data.manifest import read_manifest
 from endodistill.errors import ConfigError, InputError
-from endodistill.evaluate.stats import compare_methods, nan_to_none, read_oof_csv, summarise_method
+from endodistill.evaluate.stats import read_oof_csv
 from endodistill.experiment.plan import cv_fits, needs_mae
 from endodistill.experiment.protocol import run_experiment
 from endodistill.experiment.stage import run_stage
-from endodistill.report.study import format_study_table, render_study
+from endodistill.experiment.study_plan import STUDIES, Setting, StudyPlan, merge_dicts, plan_study
+from endodistill.experiment.study_results import StudyResult, summarise_study, write_study
+from endodistill.report.study import format_study_table
 from endodistill.train.data import ensure_manifest
-from endodistill.utils import atomic_write_json, atomic_write_text
+from endodistill.utils import atomic_write_json
+
+__all__ = ["STUDIES", "StudyResult", "parse_shard", "plan_study", "run_study", "run_study_shard"]
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-STUDIES = ("alpha", "mask_ratio", "kd_controls", "pairing", "pool", "grid")
 _SHARED_UNITS = ("teacher", "mae")
-# Severity coupling of the pairing study's cohorts: MRI population ceiling 0.816 (0.872 uncoupled), TVUS
-# 0.980 unchanged (population_ceilings).
-PAIRING_COUPLING = 0.5
-
-
-@dataclass
-class Setting:
-    """One setting of a study.
-
-    Attributes:
-        name: the setting's name (a method name in its run, a row of every table).
-        value: what the study varies, as shown on the figure's x axis.
-        method: the fine-tuned method of this setting.
-        overrides: nested config overrides outside ``protocol.methods`` (empty: the study's base config).
-    """
-
-    name: str
-    value: str
-    method: MethodConfig
-    overrides: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class StudyPlan:
-    """What a study runs: its settings, the reference they are compared with, and how to read them."""
-
-    name: str
-    question: str
-    settings: list[Setting]
-    reference: str
-    varied: str
-
-
-class SettingResult(BaseModel):
-    """One setting's figures in ``study.json``."""
-
-    name: str
-    value: str
-    run: str
-    auc: float | None
-    auc_ci95: list[float | None]
-    fold_aucs: list[float | None]
-    fold_auc_mean: float | None
-    fold_auc_std: float | None
-    teacher_auc: float | None = None
-    mae_probe_auc: float | None = None
-    mae_random_probe_auc: float | None = None
-    config: dict[str, Any]
-
-
-class StudyResult(BaseModel):
-    """``study.json``."""
-
-    schema_version: int = SCHEMA_VERSION
-    study: str
-    question: str
-    varied: str
-    reference: str
-    seed: int
-    folds: int
-    n_subjects: int
-    settings: list[SettingResult]
-    comparisons: list[dict[str, Any]]
-    verdict: str
-    min_detectable_auc_difference: float | None = Field(
-        None, description="2.8 x the median DeLong SE of the differences: 80% power at two-sided 0.05"
-    )
-    shared_units: dict[str, dict[str, Any]] = Field(
-        description="shared unit -> the run that trained it and the runs that use it"
-    )
-    wall_seconds: float
-
-
-# ------------------------------------------------------------------------------------------- plans
-
-
-def _full(cfg: Config) -> MethodConfig:
-    return cfg.protocol.methods[cfg.protocol.full_method]
-
-
-def _upd(m: MethodConfig, **kw: Any) -> MethodConfig:
-    """``m`` with fields replaced (nested dicts merged), validated."""
-    return MethodConfig.model_validate(_merge(m.model_dump(mode="json"), kw))
-
-
-def _num(v: float) -> str:
-    return f"{v:g}"
-
-
-def _parse_value(text: str) -> Any:
-    """A ``--vary`` value: YAML scalar rules (numbers, booleans, null), else the string."""
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-    if isinstance(value, str):  # PyYAML reads "3e-3" as a string (YAML 1.1 floats need a dot)
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
-
-
-def _nested(dotted: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in dotted.items():
-        d = out
-        parts = key.split(".")
-        for p in parts[:-1]:
-            d = d.setdefault(p, {})
-        d[parts[-1]] = value
-    return out
-
-
-def plan_study(name: str, cfg: Config, vary: Sequence[str] = ()) -> StudyPlan:
-    """The settings of a built-in study (or of ``grid`` over ``vary``) on top of ``cfg``.
-
-    Args:
-        name: one of :data:`STUDIES`.
-        cfg: the base configuration; its full method is the method every setting varies.
-        vary: ``KEY=V1,V2,...`` (``grid`` only): the cartesian product of the values is the grid.
-
-    Raises:
-        ConfigError: an unknown study, or ``grid`` without ``vary`` / with a malformed one.
-    """
-    full = _full(cfg)
-    if name == "alpha":
-        alphas = (0.5, 0.7, 0.85, 0.95, 0.99)
-        settings = [
-            Setting(f"exp_{_num(a)}", f"exp {_num(a)}", _upd(full, schedule={"kind": "exp", "alpha": a}))
-            for a in alphas
-        ]
-        settings += [
-            Setting("constant_0.5", "constant 0.5", _upd(full, schedule={"kind": "constant", "alpha": 0.5})),
-            Setting(
-                "linear", "linear", _upd(full, schedule={"kind": "linear", "alpha": full.schedule.alpha})
-            ),
-            Setting(
-                "cosine", "cosine", _upd(full, schedule={"kind": "cosine", "alpha": full.schedule.alpha})
-            ),
-        ]
-        ref = f"exp_{_num(full.schedule.alpha)}" if full.schedule.alpha in alphas else settings[0].name
-        return StudyPlan(
-            name,
-            "How does the KD weight schedule alpha**epoch (and its shape) change the full method?",
-            settings,
-            ref,
-            "KD weight schedule",
-        )
-    if name == "mask_ratio":
-        ratios = (0.3, 0.5, 0.75, 0.9)
-        settings = [Setting(f"mask_{_num(r)}", _num(r), full, {"mae": {"mask_ratio": r}}) for r in ratios]
-        ref_r = cfg.mae.mask_ratio if cfg.mae.mask_ratio in ratios else ratios[0]
-        return StudyPlan(
-            name,
-            "Which MAE mask ratio pre-trains the best encoder (linear probe) and the best fine-tuned student?",
-            settings,
-            f"mask_{_num(ref_r)}",
-            "MAE mask ratio",
-        )
-    if name == "kd_controls":
-        settings = [
-            Setting("full", "teacher outputs", full),
-            Setting("class_mean", "(a) class-mean targets", _upd(full, kd_target="class_mean")),
-            Setting(
-                "label_smoothing", "(b) matched label smoothing", _upd(full, kd_target="smoothed_labels")
-            ),
-            Setting("permuted", "(c) permuted within class", _upd(full, kd_target="permuted")),
-            Setting(
-                "shuffled_teacher", "(d) shuffled-label teacher", full, {"teacher": {"shuffle_labels": True}}
-            ),
-        ]
-        return StudyPlan(
-            name,
-            "Does distillation from unpaired, label-matched clips carry more than the label "
-            "(class-wise label smoothing)?",
-            settings,
-            "full",
-            "KD target",
-        )
-    if name == "pairing":
-        # Every setting on a cohort with the planted severity (PAIRING_COUPLING): a paired subject's clip
-        # then says how severe its MRI case is, which no label-matched clip can.
-        planted = {"severity_coupling": PAIRING_COUPLING}
-        settings = [
-            Setting(
-                f"noise_{_num(f)}",
-                f"label noise {_num(f)}",
-                _upd(full, pairing_noise=f),
-                {"data": {"synth": dict(planted)}},
-            )
-            for f in (0.0, 0.1, 0.3)
-        ]
-        settings += [
-            Setting(
-                f"paired_{_num(p)}",
-                f"paired {_num(p)}",
-                _upd(full, pairing="paired"),
-                {"data": {"synth": {**planted, "paired_fraction": p}}},
-            )
-            for p in (0.25, 0.5, 1.0)
-        ]
-        return StudyPlan(
-            name,
-            "What does imperfect label matching cost, and what does real pairing (a subject's own clip) add?",
-            settings,
-            "noise_0",
-            "pairing",
-        )
-    if name == "pool":
-        settings = [
-            Setting(f"pool_{_num(f)}", f"{round(100 * f)}% of the pool", full, {"mae": {"pool_fraction": f}})
-            for f in (0.25, 0.5, 1.0)
-        ]
-        settings.append(
-            Setting("pool_shifted", "shifted-site pool", full, {"data": {"synth": {"pool_shift": True}}})
-        )
-        return StudyPlan(
-            name,
-            "How much do the size and the domain of the unlabelled MRI pool matter?",
-            settings,
-            "pool_1",
-            "unlabelled pool",
-        )
-    if name == "grid":
-        if not vary:
-            raise ConfigError("study grid", "needs at least one --vary KEY=V1,V2,...")
-        axes: list[tuple[str, list[Any]]] = []
-        for v in vary:
-            if "=" not in v:
-                raise ConfigError(v, "--vary must look like KEY=V1,V2,...")
-            key, values = v.split("=", 1)
-            axes.append((key.strip(), [_parse_value(x.strip()) for x in values.split(",") if x.strip()]))
-        settings = []
-        for combo in itertools.product(*(vals for _, vals in axes)):
-            dotted = {k: val for (k, _), val in zip(axes, combo)}
-            label = ", ".join(f"{k.split('.')[-1]}={val}" for k, val in dotted.items())
-            nm = "_".join(f"{k.split('.')[-1]}-{val}" for k, val in dotted.items())
-            method_keys = {k: val for k, val in dotted.items() if k.startswith("method.")}
-            other = {k: val for k, val in dotted.items() if not k.startswith("method.")}
-            m = _upd(full, **_nested({k[len("method.") :]: val for k, val in method_keys.items()}))
-            settings.append(Setting(nm, label, m, _nested(other)))
-        return StudyPlan(
-            name, "Grid over " + ", ".join(k for k, _ in axes), settings, settings[0].name, label
-        )
-    raise ConfigError(name, f"unknown study (choose from {', '.join(STUDIES)})")
 
 
 # ------------------------------------------------------------------------------------------ running
-
-
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def _key(obj: Any) -> str:
@@ -325,7 +73,7 @@ def _key(obj: Any) -> str:
 
 def _setting_config(cfg: Config, overrides: dict[str, Any], methods: dict[str, MethodConfig]) -> Config:
     """The run config of a group of settings: overrides applied, the settings as its only methods."""
-    d = _merge(cfg.model_dump(mode="json"), overrides)
+    d = merge_dicts(cfg.model_dump(mode="json"), overrides)
     d["protocol"]["methods"] = {n: m.model_dump(mode="json") for n, m in methods.items()}
     d["protocol"]["full_method"] = next(iter(methods))
     d["protocol"]["final_model"] = False
@@ -648,102 +396,3 @@ def run_study(
     write_study(out, result, plan)
     echo(format_study_table(result))
     return result
-
-
-# ------------------------------------------------------------------------------------------ results
-
-
-def summarise_study(
-    plan: StudyPlan,
-    rows: list[dict[str, Any]],
-    per_setting: dict[str, dict[str, Any]],
-    cfg: Config,
-    shared_use: dict[str, dict[str, Any]],
-    wall: float,
-) -> StudyResult:
-    """Per-setting metrics, paired tests against the reference, the verdict (no setting called best)."""
-    names = [s.name for s in plan.settings]
-    settings = []
-    for s in plan.settings:
-        m = nan_to_none(summarise_method(rows, s.name))
-        extra = per_setting.get(s.name, {})
-        settings.append(
-            SettingResult(
-                name=s.name,
-                value=s.value,
-                run=extra.get("run", ""),
-                auc=m.get("auc"),
-                auc_ci95=m.get("auc_ci95") or [None, None],
-                fold_aucs=m.get("fold_aucs") or [],
-                fold_auc_mean=m.get("fold_auc_mean"),
-                fold_auc_std=m.get("fold_auc_std"),
-                teacher_auc=extra.get("teacher_auc"),
-                mae_probe_auc=extra.get("mae_probe_auc"),
-                mae_random_probe_auc=extra.get("mae_random_probe_auc"),
-                config=extra.get("config", {}),
-            )
-        )
-    ordered = [r for n in names for r in rows if r["method"] == n]
-    # full="": only the settings against the reference (no second family of full-vs-others pairs).
-    comps = nan_to_none(compare_methods(ordered, reference=plan.reference, full=""))
-    for c in comps:  # the size of each difference with its CI (DeLong's SE of the paired difference)
-        ok = c.get("se") is not None and c.get("diff") is not None
-        c["diff_ci95"] = [c["diff"] - 1.96 * c["se"], c["diff"] + 1.96 * c["se"]] if ok else [None, None]
-    ses = [c["se"] for c in comps if c.get("se")]
-    mde = round(2.8 * float(np.median(ses)), 4) if ses else None
-    n_subj = len({r["subject_id"] for r in rows})
-    return StudyResult(
-        study=plan.name,
-        question=plan.question,
-        varied=plan.varied,
-        reference=plan.reference,
-        seed=cfg.seed,
-        folds=cfg.protocol.folds,
-        n_subjects=n_subj,
-        settings=settings,
-        comparisons=comps,
-        verdict=verdict(plan, comps, mde),
-        min_detectable_auc_difference=mde,
-        shared_units=shared_use,
-        wall_seconds=round(wall, 1),
-    )
-
-
-def _cmp(comps: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
-    return next((c for c in comps if c["method_a"] == name), None)
-
-
-def verdict(plan: StudyPlan, comps: list[dict[str, Any]], mde: float | None) -> str:
-    """One sentence on what the paired tests say (``kd_controls``: whether KD acts as label smoothing)."""
-    sens = f" (the study detects AUC differences of about {mde:.3f} at 80% power)" if mde else ""
-    if plan.name == "kd_controls":
-        a, b = _cmp(comps, "class_mean"), _cmp(comps, "label_smoothing")
-        if a is None or b is None:
-            return "controls missing"
-        same = all((c["p_adjusted"] is not None and c["p_adjusted"] >= 0.05) for c in (a, b))
-        txt = (
-            f"class-mean targets {a['diff']:+.3f} (Holm p {a['p_adjusted']:.2f}), matched label smoothing "
-            f"{b['diff']:+.3f} (Holm p {b['p_adjusted']:.2f}) against the full method"
-        )
-        if same:
-            return (
-                f"On these data KD acts as class-wise label smoothing: {txt}; the controls cannot be told "
-                f"apart from the teacher's outputs{sens}."
-            )
-        return f"KD differs from class-wise label smoothing on these data: {txt}{sens}."
-    sig = [c for c in comps if c["p_adjusted"] is not None and c["p_adjusted"] < 0.05]
-    if not sig:
-        return (
-            f"No setting differs from the reference {plan.reference} after Holm's correction "
-            f"({len(comps)} paired DeLong tests){sens}."
-        )
-    parts = ", ".join(f"{c['method_a']} {c['diff']:+.3f} (Holm p {c['p_adjusted']:.3f})" for c in sig)
-    return f"Different from the reference {plan.reference} after Holm's correction: {parts}{sens}."
-
-
-def write_study(out: Path, r: StudyResult, plan: StudyPlan) -> None:
-    """``study.json``, ``study.md`` and a self-contained ``study.html`` (figure embedded), atomically."""
-    atomic_write_json(out / "study.json", r.model_dump(mode="json"))
-    html, md = render_study(r)
-    atomic_write_text(out / "study.html", html)
-    atomic_write_text(out / "study.md", md)
