@@ -364,7 +364,7 @@ def _validated(model: type[BaseModel], obj: Any, path: Path) -> Any:
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(x) for x in err["loc"]) or "top level"
-        raise InputError(path, f"not a valid {path.name} ({where}: {err['msg']})") from None
+        raise InputError(path, f"not a valid {path.name} ('{where}': {err['msg']})") from None
 
 
 def write_results(run_dir: Path, results: Results) -> dict[str, Any]:
