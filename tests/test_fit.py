@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from endodistill import rundir
 from endodistill.config import Config, load_config
 from endodistill.models.weights import load_weights, save_weights
 from endodistill.train.batches import PlannedBatches
@@ -99,9 +100,12 @@ def test_run_fit_owns_history_checkpoint_timing_and_done(cfg: Config, tmp_path: 
     spec = LineFit(cfg, seed=4, epochs=3)
     info = run_fit(tmp_path / "unit", spec, resume=False)
     unit = tmp_path / "unit"
-    # The stage's own keys first, then the template's timing; done.json holds exactly what was returned.
+    # The stage's own keys first, then the template's timing; done.json holds exactly what was returned,
+    # plus the run-directory contract's schema_version.
     assert list(info) == ["seed", "epochs", "timing"] and info["epochs"] == 3
-    assert json.loads((unit / DONE).read_text()) == json.loads(json.dumps(info))
+    on_disk = json.loads((unit / DONE).read_text())
+    assert on_disk.pop("schema_version") == rundir.SCHEMA_VERSION
+    assert on_disk == json.loads(json.dumps(info))
     assert info["timing"]["steps"] == 3 * 4 and info["timing"]["wall"] > 0
     rows = (unit / HISTORY).read_text().splitlines()
     assert rows[0] == "epoch,train_loss,lr" and [r.split(",")[0] for r in rows[1:]] == ["0", "1", "2"]
