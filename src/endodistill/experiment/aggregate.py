@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from endodistill import rundir
 from endodistill.config import Config
 from endodistill.evaluate.metrics import multiclass_auc
-from endodistill.evaluate.stats import compare_methods, summarise_method
+from endodistill.evaluate.stats import compare_methods, fold_spread, summarise_method
 from endodistill.experiment import plan
 from endodistill.train.finetune import read_predictions
 from endodistill.utils import atomic_path, atomic_write_csv
@@ -73,13 +73,11 @@ def method_metrics(cfg: Config, rows: list[dict[str, Any]], methods: list[str]) 
             for f in folds:
                 sel = [i for i, r in enumerate(mrows) if r["fold"] == f]
                 fold_aucs.append(multiclass_auc(y[sel], p[sel])["macro"])
-            defined = [a for a in fold_aucs if np.isfinite(a)]
             out[m] = {
                 "auc": mc["macro"],
                 "per_class_auc": mc["per_class"],
                 "fold_aucs": fold_aucs,
-                "fold_auc_mean": float(np.mean(defined)) if defined else float("nan"),
-                "fold_auc_std": float(np.std(defined, ddof=1)) if len(defined) > 1 else float("nan"),
+                **fold_spread(fold_aucs),
                 "n": len(mrows),
             }
     return out

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -55,7 +54,7 @@ from endodistill.experiment.study_plan import STUDIES, Setting, StudyPlan, merge
 from endodistill.experiment.study_results import StudyResult, summarise_study, write_study
 from endodistill.report.study import format_study_table
 from endodistill.train.data import ensure_manifest
-from endodistill.utils import atomic_write_json
+from endodistill.utils import atomic_write_json, stable_hash
 
 __all__ = ["STUDIES", "StudyResult", "parse_shard", "plan_study", "run_study", "run_study_shard"]
 
@@ -68,7 +67,7 @@ _SHARED_UNITS = ("teacher", "mae")
 
 
 def _key(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return stable_hash(obj)  # the same hash for the same settings, whatever their key order
 
 
 def _setting_config(cfg: Config, overrides: dict[str, Any], methods: dict[str, MethodConfig]) -> Config:
