@@ -11,7 +11,7 @@ import pytest
 from nibabel.processing import resample_from_to
 
 from endodistill.config import ClipPreprocessConfig, MRIPreprocessConfig, load_config
-from endodistill.data.mri import Volume, load_volume
+from endodistill.data.mri import load_volume
 from endodistill.data.preprocess import (
     Geometry,
     orientation_matrix,
@@ -23,6 +23,7 @@ from endodistill.data.preprocess import (
     to_source_grid,
 )
 from endodistill.data.video import Clip, load_clip
+from endodistill.data.volume import Volume
 
 PROSTATEX = "prostatex_t2_pelvis/ProstateX-0000_t2_tse_sag"
 

@@ -22,7 +22,8 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, RLELossless, UltrasoundMultiFrameImageStorage
 
-from endodistill.data.mri import describe_series, load_volume
+from endodistill.data.dicom import describe_series
+from endodistill.data.mri import load_volume
 from endodistill.data.video import load_clip
 from endodistill.errors import InputError
 

@@ -8,13 +8,8 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from endodistill.data.mri import (
-    describe_series,
-    dicom_file_kind,
-    load_volume,
-    supported_formats,
-    volume_format,
-)
+from endodistill.data.dicom import describe_series, dicom_file_kind
+from endodistill.data.mri import load_volume, supported_formats, volume_format
 from endodistill.data.video import IMAGE_SUFFIXES, clip_format, load_clip
 from endodistill.errors import InputError
 

@@ -23,8 +23,8 @@ from nibabel.orientations import axcodes2ornt
 from scipy import ndimage
 
 from endodistill.config import ClipPreprocessConfig, MRIPreprocessConfig
-from endodistill.data.mri import Volume
 from endodistill.data.video import Clip
+from endodistill.data.volume import Volume
 
 _RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 

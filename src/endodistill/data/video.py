@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from endodistill.data.mri import dicom_description, dicom_kind, is_dicom_file, one_line
+from endodistill.data.dicom import dicom_description, dicom_kind, is_dicom_file
+from endodistill.data.volume import one_line
 from endodistill.errors import InputError
 
 # _LAZY: the format libraries (PyAV, pydicom, Pillow) are imported inside the reader that needs them.

@@ -46,9 +46,10 @@ import numpy as np
 import endodistill
 from endodistill import rundir
 from endodistill.config import Config, clip_input_shape
+from endodistill.data.dicom import is_dicom_file
 from endodistill.data.fingerprint import check_input, clip_stats, synthetic_note, volume_stats
 from endodistill.data.manifest import read_manifest
-from endodistill.data.mri import VOLUME_SUFFIXES, file_sha256, is_dicom_file, load_volume
+from endodistill.data.mri import VOLUME_SUFFIXES, file_sha256, load_volume
 from endodistill.data.video import DICOM_SUFFIXES, IMAGE_SUFFIXES, VIDEO_SUFFIXES, load_clip
 from endodistill.errors import EndodistillError, InputError
 from endodistill.infer.model_dir import LoadedModel, load_model_dir, model_kind, read_model_dir_config
