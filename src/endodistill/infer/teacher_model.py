@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from endodistill import rundir
 from endodistill.config import Config
 from endodistill.data.video import Clip
 from endodistill.infer.model_dir import save_model_dir
@@ -82,15 +83,15 @@ def build_teacher_ensemble(cfg: Config, members: int) -> torch.nn.Module:
 def teacher_member_dirs(run_dir: Path) -> list[Path]:
     """The fit units whose weights make the deployable teacher (``full`` if trained, else the CV folds)."""
     tdir = Path(run_dir) / "teacher"
-    if (tdir / "full" / "model.safetensors").is_file():
+    if (tdir / "full" / rundir.WEIGHTS).is_file():
         return [tdir / "full"]
     folds = sorted(
-        (p for p in tdir.glob("fold_*") if (p / "model.safetensors").is_file()),
+        (p for p in tdir.glob("fold_*") if (p / rundir.WEIGHTS).is_file()),
         key=lambda p: int(p.name.split("_")[1]),
     )
     if folds:
         return folds
-    if (tdir / "holdout" / "model.safetensors").is_file():
+    if (tdir / "holdout" / rundir.WEIGHTS).is_file():
         return [tdir / "holdout"]
     return []
 
@@ -113,7 +114,7 @@ def save_teacher_model(
         return None
     state: dict[str, Any] = {}
     for i, d in enumerate(dirs):
-        for k, v in load_weights(d / "model.safetensors").items():
+        for k, v in load_weights(d / rundir.WEIGHTS).items():
             state[f"members.{i}.{k}"] = v
     youden = (metrics.get("youden") or {}).get("threshold")
     threshold = float(youden) if youden is not None and np.isfinite(youden) else 0.5

@@ -39,6 +39,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 from torch import Tensor
 
+from endodistill import rundir
 from endodistill.config import CNN3DBaselineConfig, Config, LogRegBaselineConfig
 from endodistill.data.synthetic.signs import MRI_SIGNS
 from endodistill.errors import InputError, TrainingDivergedError
@@ -57,7 +58,7 @@ from endodistill.utils import atomic_write_csv
 log = logging.getLogger("endodistill")
 
 BASELINES = ("logreg", "cnn3d", "oracle")
-UNIT = "baselines"
+UNIT = rundir.BASELINES
 _LOGREG_TOL = 1e-6
 _LOGREG_MAX_ITER = 5000
 

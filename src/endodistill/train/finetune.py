@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from endodistill import rundir
 from endodistill.config import Config, MethodConfig
 from endodistill.errors import InputError
 from endodistill.evaluate.metrics import auc_score
@@ -331,7 +332,7 @@ def selected_network(
     if module.best_state is not None:
         net.load_state_dict(module.best_state)
     net.eval()
-    save_weights(unit_dir / "model.safetensors", net.state_dict())
+    save_weights(unit_dir / rundir.WEIGHTS, net.state_dict())
     dev = inference_device(cfg)
     net.to(dev)
     return net, dev
@@ -445,7 +446,7 @@ class StudentFit(FitSpec):
         with timing.section():
             probs, test_auc = predict_test(net, lab.x[torch.from_numpy(te)], lab.labels[te], self.cfg, dev)
         _write_predictions(
-            unit_dir / "predictions.csv", [lab.subjects[i] for i in te], lab.labels[te], probs, pos
+            unit_dir / rundir.PREDICTIONS, [lab.subjects[i] for i in te], lab.labels[te], probs, pos
         )
         best = module.best
         return {

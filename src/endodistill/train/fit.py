@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from endodistill import rundir
 from endodistill.config import Config
 from endodistill.train.batches import PlannedBatches, make_loader
 from endodistill.train.module import StageModule
@@ -56,7 +57,7 @@ class FitSpec(ABC):
     """
 
     cfg: Config
-    artefact: ClassVar[str] = "model.safetensors"
+    artefact: ClassVar[str] = rundir.WEIGHTS
 
     def reuse(self, unit_dir: Path, done: dict[str, Any]) -> None:
         """Take up a finished unit (e.g. load its weights); :func:`run_fit` then returns ``done``."""

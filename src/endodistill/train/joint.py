@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from endodistill import rundir
 from endodistill.config import Config, MethodConfig
 from endodistill.data.splits import stratified_group_folds
 from endodistill.errors import InputError
@@ -302,7 +303,7 @@ class JointFit(FitSpec):
                 cprobs = clip_probs(net, x_clip, cfg.finetune.batch_size, dev)
                 clip_auc = auc_score(tv.labels[clip_te], cprobs, pos)
         _write_predictions(
-            unit_dir / "predictions.csv", [lab.subjects[i] for i in te], lab.labels[te], probs, pos
+            unit_dir / rundir.PREDICTIONS, [lab.subjects[i] for i in te], lab.labels[te], probs, pos
         )
         _write_clip_predictions(
             unit_dir / CLIP_PREDICTIONS,
@@ -397,10 +398,10 @@ def tvus_summary(
     rows: list[dict[str, Any]] = []
     for m in joint:
         for f in range(n_folds):
-            for r in read_clip_predictions(run_dir / "folds" / f"fold_{f}" / m / CLIP_PREDICTIONS):
+            for r in read_clip_predictions(rundir.fit_dir(run_dir, f, m) / CLIP_PREDICTIONS):
                 rows.append({"subject_id": r["subject_id"], "fold": f, "method": m, **r})
     teacher: dict[tuple[str, str], float] = {}
-    tpath = run_dir / "teacher" / "predictions.csv"
+    tpath = run_dir / rundir.TEACHER / rundir.PREDICTIONS
     if tpath.is_file():
         with open(tpath, newline="", encoding="utf-8") as fh:
             teacher = {(r["subject_id"], r["path"]): float(r["prob"]) for r in csv.DictReader(fh)}

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from endodistill import rundir
 from endodistill.config import Config
 from endodistill.errors import InputError
 from endodistill.models.student import MAE, build_mae, mae_encoder_state
@@ -98,15 +99,13 @@ class MAEModule(StageModule):
 
 def mae_unit(cfg: Config, fold: int | None) -> str:
     """The MAE unit a fit uses: ``mae`` (shared), or ``mae/fold_K`` / ``mae/all`` with labelled training data."""
-    if not cfg.mae.use_labelled_train:
-        return "mae"
-    return "mae/all" if fold is None else f"mae/fold_{fold}"
+    return rundir.mae_unit_name(cfg.mae.use_labelled_train, fold)
 
 
 class MAEFit(FitSpec):
     """One MAE pre-training fit (see :func:`pretrain_mae`)."""
 
-    artefact = "encoder.safetensors"
+    artefact = rundir.ENCODER
 
     def __init__(
         self,

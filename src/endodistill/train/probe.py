@@ -94,6 +94,9 @@ def probe_oof(
             cv=StratifiedKFold(inner, shuffle=True, random_state=seed),
             scoring="roc_auc",
             max_iter=5000,
+            # The L2 path scikit-learn 1.10 makes the default, said explicitly (same fit, no FutureWarning).
+            l1_ratios=(0.0,),
+            use_legacy_attributes=False,
         )
         clf.fit((features[train] - mu) / sd, y)
         oof[test] = clf.predict_proba((features[test] - mu) / sd)[:, 1]

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from endodistill import rundir
 from endodistill.config import Config
 from endodistill.data.preprocess import sample_frames
 from endodistill.data.splits import holdout_split, stratified_group_folds
@@ -442,7 +443,7 @@ def train_teacher(
             seed = fit_seed(cfg.seed, "teacher", f, "cv")
             t1 = time.perf_counter()
             net, info = fit_teacher(
-                cfg, fit_data, tr, out / f"fold_{f}", seed, f"teacher fold {f}", resume, te
+                cfg, fit_data, tr, out / rundir.fold_name(f), seed, f"teacher fold {f}", resume, te
             )
             logits, feats = teacher_forward(net, x_eval[te], cfg)
             if oof_feats is None:
@@ -455,7 +456,7 @@ def train_teacher(
                 unl_logits.append(lu)
                 unl_feats.append(fu)
             a = auc_score(tv.labels[te], heldout_probs[te], pos)
-            fits[f"fold_{f}"] = {
+            fits[rundir.fold_name(f)] = {
                 **{kk: v for kk, v in info.items() if kk != "history"},
                 "test_subjects": sorted(test_set),
             }
@@ -575,7 +576,7 @@ def train_teacher(
             "class_names": cfg.task.class_names,
         },
     )
-    _write_predictions(out / "predictions.csv", rows)
+    _write_predictions(out / rundir.PREDICTIONS, rows)
     atomic_write_json(out / "metrics.json", metrics)
     timing = {
         "wall": round(time.perf_counter() - t0, 4),
