@@ -139,7 +139,7 @@ def save_weights(repeats: int, net: torch.nn.Module, tmp: Path) -> dict[str, Any
 
 
 def checkpoint(repeats: int, net: torch.nn.Module, opt: torch.optim.Optimizer, tmp: Path) -> dict[str, Any]:
-    from endodistill.train.weights import AtomicCheckpointIO
+    from endodistill.train.checkpoint_io import AtomicCheckpointIO
 
     ckpt = {"state_dict": net.state_dict(), "optimizer_states": [opt.state_dict()]}
     io_ = AtomicCheckpointIO()

@@ -20,7 +20,6 @@ from endodistill.train.module import StageModule
 from endodistill.train.optim import adamw, param_groups
 from endodistill.train.seeding import seed_all
 from endodistill.train.trainer import TimingCallback
-from endodistill.train.units import DONE, LAST_CKPT
 
 
 class LineModule(StageModule):
@@ -103,14 +102,14 @@ def test_run_fit_owns_history_checkpoint_timing_and_done(cfg: Config, tmp_path: 
     # The stage's own keys first, then the template's timing; done.json holds exactly what was returned,
     # plus the run-directory contract's schema_version.
     assert list(info) == ["seed", "epochs", "timing"] and info["epochs"] == 3
-    on_disk = json.loads((unit / DONE).read_text())
+    on_disk = json.loads((unit / rundir.DONE).read_text())
     assert on_disk.pop("schema_version") == rundir.SCHEMA_VERSION
     assert on_disk == json.loads(json.dumps(info))
     assert info["timing"]["steps"] == 3 * 4 and info["timing"]["wall"] > 0
     rows = (unit / HISTORY).read_text().splitlines()
     assert rows[0] == "epoch,train_loss,lr" and [r.split(",")[0] for r in rows[1:]] == ["0", "1", "2"]
     assert float(rows[-1].split(",")[1]) < float(rows[1].split(",")[1])  # it learns
-    assert torch.load(unit / LAST_CKPT, weights_only=True)["epoch"] == 2
+    assert torch.load(unit / rundir.LAST_CKPT, weights_only=True)["epoch"] == 2
     assert set(load_weights(unit / "line.safetensors")) == {"weight", "bias"}
     assert spec.after_calls == 1 and spec.reused is None
 

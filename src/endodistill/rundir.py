@@ -51,6 +51,7 @@ FINGERPRINT = "fingerprint.json"  # = endodistill.data.fingerprint.FILE_NAME
 RESULTS = "results.json"
 TIMINGS = "timings.json"
 DONE = "done.json"
+LAST_CKPT = "checkpoints/last.ckpt"  # a fit's resumable Lightning checkpoint
 OOF = "oof_predictions.csv"
 OOF_TVUS = "oof_tvus_predictions.csv"
 LOCK = ".lock"

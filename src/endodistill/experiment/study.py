@@ -66,10 +66,6 @@ _SHARED_UNITS = ("teacher", "mae")
 # ------------------------------------------------------------------------------------------ running
 
 
-def _key(obj: Any) -> str:
-    return stable_hash(obj)  # the same hash for the same settings, whatever their key order
-
-
 def _setting_config(cfg: Config, overrides: dict[str, Any], methods: dict[str, MethodConfig]) -> Config:
     """The run config of a group of settings: overrides applied, the settings as its only methods."""
     d = merge_dicts(cfg.model_dump(mode="json"), overrides)
@@ -96,7 +92,7 @@ def _unit_key(unit: str, cfg: Config, manifest: Path) -> str:
         sections["protocol"] = {"folds": d["protocol"]["folds"]}
         rows = m.select(cfg.task.student_modality)
     files = sorted((r.subject_id, r.label, content_hash(r.path)) for r in rows)
-    return _key({"unit": unit, "sections": sections, "inputs": files})
+    return stable_hash({"unit": unit, "sections": sections, "inputs": files})
 
 
 def _link_shared(run_dir: Path, shared: Path, unit: str, key: str) -> bool:
@@ -137,7 +133,7 @@ def _cohort_manifest(cfg: Config, out: Path, overrides: dict[str, Any]) -> Path:
                 "run it on the synthetic cohort (no data.manifest)",
             )
         return Path(cfg.data.manifest).resolve()
-    key = _key(cfg.data.synth.model_dump(mode="json"))
+    key = stable_hash(cfg.data.synth.model_dump(mode="json"))
     return ensure_manifest(cfg, out / "cohorts" / key)
 
 
@@ -195,7 +191,7 @@ def _run_groups(plan: StudyPlan) -> list[list[Setting]]:
     """Settings with the same non-method config run as methods of one run (in the plan's order)."""
     groups: dict[str, list[Setting]] = {}
     for s in plan.settings:
-        groups.setdefault(_key(s.overrides), []).append(s)
+        groups.setdefault(stable_hash(s.overrides), []).append(s)
     return list(groups.values())
 
 

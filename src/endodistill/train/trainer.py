@@ -24,7 +24,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch.utils.data import DataLoader
 
 from endodistill.config import Config
-from endodistill.train.weights import AtomicCheckpointIO
+from endodistill.train.checkpoint_io import AtomicCheckpointIO
 
 
 class TimingCallback(Callback):

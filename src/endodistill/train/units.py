@@ -8,9 +8,6 @@ from typing import Any
 
 from endodistill import rundir
 
-LAST_CKPT = "checkpoints/last.ckpt"
-DONE = rundir.DONE
-
 
 def read_done(unit_dir: Path) -> dict[str, Any] | None:
     """The done marker of a finished unit (teacher, mae, a fold x method fit, final), or None.
@@ -38,12 +35,12 @@ def prepare_unit(unit_dir: Path, resume: bool) -> Path | None:
         The checkpoint to resume from, or None for a fresh fit.
     """
     unit_dir = Path(unit_dir)
-    last = unit_dir / LAST_CKPT
+    last = unit_dir / rundir.LAST_CKPT
     if resume and last.is_file():
         return last
     if not resume:
         # A fresh fit must not pick up a stale checkpoint or marker of an earlier attempt.
-        for stale in (last, unit_dir / DONE):
+        for stale in (last, rundir.done_path(unit_dir)):
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
     unit_dir.mkdir(parents=True, exist_ok=True)
