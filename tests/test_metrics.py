@@ -193,6 +193,15 @@ def test_compare_methods_structure() -> None:
         compare_methods([r for r in rows if not (r["method"] == "mae_ce" and r["subject_id"] == "s005")])
     with pytest.raises(ValueError, match="reference"):
         compare_methods(rows, reference="nope")
+    # Explicit pairs replace the reference / full family; Holm over those pairs only.
+    chosen = [("mae_ce", "scratch_ce"), ("mae_kd_ce", "scratch_kd_ce")]
+    paired = compare_methods(rows, pairs=chosen)
+    assert [(c["method_a"], c["method_b"]) for c in paired] == chosen
+    by_pair = {(c["method_a"], c["method_b"]): c for c in comps}
+    assert paired[0]["p"] == pytest.approx(by_pair[chosen[0]]["p"])
+    assert [c["p_adjusted"] for c in paired] == pytest.approx(adjust_pvalues([c["p"] for c in paired]))
+    with pytest.raises(ValueError, match="'nope' has no predictions"):
+        compare_methods(rows, pairs=[("nope", "scratch_ce")])
 
 
 def test_mcnemar_against_a_hand_computation() -> None:

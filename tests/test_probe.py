@@ -46,6 +46,25 @@ def test_probe_test_predictions_do_not_depend_on_test_labels() -> None:
     np.testing.assert_array_equal(a[folds[0]], b[folds[0]])
 
 
+def test_probe_trains_only_on_the_given_training_parts() -> None:
+    rng = np.random.default_rng(2)
+    y = np.tile([0, 1], 30)
+    x = np.c_[y + rng.normal(size=60), rng.normal(size=(60, 3))]
+    folds = _folds(60, 3)
+    rest = [np.setdiff1d(np.arange(60), f) for f in folds]
+    np.testing.assert_array_equal(probe_oof(x, y, folds, trains=rest), probe_oof(x, y, folds))
+    # Fewer training cases (protocol.train_fraction): cases in no training part cannot change a prediction
+    # of another case, however their features change.
+    dropped = np.arange(0, 60, 3)
+    trains = [np.setdiff1d(r, dropped) for r in rest]
+    a = probe_oof(x, y, folds, trains=trains)
+    x2 = x.copy()
+    x2[dropped] = rng.normal(size=(len(dropped), 4)) * 100
+    kept = np.setdiff1d(np.arange(60), dropped)
+    np.testing.assert_array_equal(a[kept], probe_oof(x2, y, folds, trains=trains)[kept])
+    assert not np.array_equal(a, probe_oof(x, y, folds))  # and it did train on fewer cases
+
+
 def test_mae_probe_compares_against_the_same_shaped_untrained_encoder(tmp_path: Path) -> None:
     cfg = load_config("tiny")
     seed = 123

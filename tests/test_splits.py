@@ -116,6 +116,24 @@ def test_make_cv_splits_and_roundtrip(tmp_path: Path) -> None:
         check_splits_subjects(splits, set(ids) - {"s00"}, path)
 
 
+def test_train_fraction_keeps_the_test_folds_and_subsamples_training_stratified() -> None:
+    ids, labels = cohort(80, 24)
+    full = make_cv_splits(ids, labels, k=4, seed=3)
+    half = make_cv_splits(ids, labels, k=4, seed=3, train_fraction=0.5)
+    lab = dict(zip(ids, labels, strict=True))
+    for f, h in zip(full, half, strict=True):
+        assert h["test"] == f["test"]  # runs at different shares are compared case by case
+        assert set(h["train"]) < set(f["train"]) and not set(h["train"]) & set(h["test"])
+        assert len(h["train"]) == round(0.5 * len(f["train"]))
+        pos_full = sum(lab[s] for s in f["train"]) / len(f["train"])
+        pos_half = sum(lab[s] for s in h["train"]) / len(h["train"])
+        assert abs(pos_half - pos_full) < 0.05  # stratified by label
+    assert make_cv_splits(ids, labels, k=4, seed=3, train_fraction=0.5) == half  # seeded
+    assert make_cv_splits(ids, labels, k=4, seed=3, train_fraction=1.0) == full
+    with pytest.raises(InputError, match="train fraction"):
+        make_cv_splits(ids, labels, k=4, seed=3, train_fraction=0.0)
+
+
 def test_load_accepts_nnunet_style_train_val_only(tmp_path: Path) -> None:
     path = tmp_path / "splits.json"
     path.write_text(json.dumps([{"train": ["a", "b"], "val": ["c"]}, {"train": ["c", "b"], "val": ["a"]}]))

@@ -53,6 +53,19 @@ def test_plans_of_the_built_in_studies() -> None:
     assert pool.reference == "pool_1" and pool.settings[-1].overrides == {
         "data": {"synth": {"pool_shift": True}}
     }
+    labels = plan_study("labels", cfg)
+    assert [s.name for s in labels.settings] == [
+        "mae_0.25",
+        "scratch_0.25",
+        "mae_0.5",
+        "scratch_0.5",
+        "mae_1",
+        "scratch_1",
+    ]
+    assert labels.pairs == [("mae_0.25", "scratch_0.25"), ("mae_0.5", "scratch_0.5"), ("mae_1", "scratch_1")]
+    for s in labels.settings:  # the task loss alone, the init the name says, the share as a run override
+        assert s.method.init == s.name.split("_")[0] and s.method.schedule.alpha == 0.0
+        assert s.overrides == {"protocol": {"train_fraction": float(s.name.split("_")[1])}}
     grid = plan_study("grid", cfg, ["method.schedule.alpha=0.7,0.9", "finetune.lr=1e-3,3e-3"])
     assert len(grid.settings) == 4 and grid.reference == grid.settings[0].name
     assert grid.settings[1].method.schedule.alpha == 0.7 and grid.settings[1].overrides == {

@@ -332,6 +332,10 @@ class ProtocolConfig(_Strict):
     """The cross-validated experiment."""
 
     folds: int = Field(5, ge=2)
+    # Share of each fold's labelled training subjects the fits may use (stratified, seeded per fold; the
+    # test folds are unchanged, so runs at different shares are compared case by case). The label-count
+    # question of the `labels` study: does MAE pre-training help more when labels are few?
+    train_fraction: float = Field(1.0, gt=0, le=1)
     methods: dict[str, MethodConfig] = Field(default_factory=default_methods)
     full_method: str = "mae_kd_ce"
     high_sensitivity: float = Field(0.9, gt=0, lt=1)

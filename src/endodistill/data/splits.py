@@ -150,7 +150,12 @@ def inner_val_split(
 
 
 def make_cv_splits(
-    subject_ids: Sequence[str], labels: Sequence[int], k: int, seed: int, val_fraction: float = 0.0
+    subject_ids: Sequence[str],
+    labels: Sequence[int],
+    k: int,
+    seed: int,
+    val_fraction: float = 0.0,
+    train_fraction: float = 1.0,
 ) -> list[dict[str, list[str]]]:
     """Full cross-validation splits: test folds, and a stratified validation set inside each training part.
 
@@ -160,16 +165,23 @@ def make_cv_splits(
         k: number of folds.
         seed: seed of the folds; fold ``f``'s validation split uses ``seed + f``.
         val_fraction: share of each training part kept for validation (0: none).
+        train_fraction: share of each training part kept at all (stratified, seed ``seed + k + f``); the
+            others are in no list of that fold. The test folds do not depend on it.
 
     Returns:
         ``[{"train": [...], "val": [...], "test": [...]}, ...]``, one dict per fold (checked leak-free).
     """
+    if not 0 < train_fraction <= 1:
+        raise InputError(None, f"train fraction must be in (0, 1], got {train_fraction}")
     per_subject = subject_labels(subject_ids, labels)
     folds = stratified_group_folds(list(per_subject), list(per_subject.values()), k, seed)
     splits = []
     for f, test in enumerate(folds):
         held = set(test)
         rest = [s for s in per_subject if s not in held]
+        if train_fraction < 1 and len(rest) > 1:
+            # A seed apart from the validation split's, so the kept subjects do not follow its draw.
+            _, rest = holdout_split(rest, [per_subject[s] for s in rest], train_fraction, seed + k + f)
         train, val = inner_val_split(rest, [per_subject[s] for s in rest], val_fraction, seed + f)
         splits.append({"train": train, "val": val, "test": list(test)})
     check_splits(splits)

@@ -169,6 +169,7 @@ def compare_methods(
     reference: str = "scratch_ce",
     full: str = "mae_kd_ce",
     correction: str = "holm",
+    pairs: Sequence[tuple[str, str]] | None = None,
 ) -> list[dict[str, Any]]:
     """DeLong tests of every method against ``reference`` and of ``full`` against every other method.
 
@@ -177,6 +178,7 @@ def compare_methods(
         reference: the baseline every method is compared with.
         full: the full method, compared with every other method (the full-vs-reference pair once).
         correction: multiple-comparison correction over the whole family (see :func:`adjust_pvalues`).
+        pairs: ``(a, b)`` pairs to test instead of the reference / full family (b is a's reference).
 
     Returns:
         One dict per comparison: ``method_a, method_b, n, n_pos, auc_a, auc_b, diff (a - b), se, z, p,
@@ -191,13 +193,19 @@ def compare_methods(
     if correction not in CORRECTIONS:
         raise ValueError(f"unknown correction {correction!r} (choose from {CORRECTIONS})")
     methods = _methods_in_order(oof_rows)
-    if reference not in methods:
-        raise ValueError(f"reference method {reference!r} has no predictions (methods: {methods})")
-    pairs = [(m, reference) for m in methods if m != reference]
-    if full in methods:
-        pairs += [(full, m) for m in methods if m not in (full, reference)]
+    if pairs is not None:
+        unknown = sorted({m for pair in pairs for m in pair} - set(methods))
+        if unknown:
+            raise ValueError(f"compared method {unknown[0]!r} has no predictions (methods: {methods})")
+        family = list(pairs)
+    else:
+        if reference not in methods:
+            raise ValueError(f"reference method {reference!r} has no predictions (methods: {methods})")
+        family = [(m, reference) for m in methods if m != reference]
+        if full in methods:
+            family += [(full, m) for m in methods if m not in (full, reference)]
     results: list[dict[str, Any]] = []
-    for a, b in pairs:
+    for a, b in family:
         y, pa, pb = _paired(oof_rows, a, b)
         t = delong_test(y, pa, pb)
         mc: dict[str, Any] | None = None

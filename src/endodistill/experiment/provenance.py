@@ -186,6 +186,13 @@ def load_or_make_splits(
         if missing:
             raise InputError(path, f"subject {missing[0]!r} is in no test fold ({len(missing)} missing)")
         return splits
-    splits = make_cv_splits(subjects, labels, cfg.protocol.folds, cfg.seed, cfg.finetune.val_fraction)
+    splits = make_cv_splits(
+        subjects,
+        labels,
+        cfg.protocol.folds,
+        cfg.seed,
+        cfg.finetune.val_fraction,
+        cfg.protocol.train_fraction,
+    )
     save_splits(path, splits)
     return splits

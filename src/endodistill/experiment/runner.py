@@ -173,7 +173,8 @@ def mae_diagnostic(
     lab = data.labelled
     y = (lab.labels == cfg.task.positive_class).astype(np.int64)
     folds = [lab.index(f["test"]) for f in splits]
-    info = mae_probe(cfg, lab.x, y, folds, encoder, plan.probe_seed(cfg))
+    trains = [lab.index([*f["train"], *f.get("val", [])]) for f in splits]
+    info = mae_probe(cfg, lab.x, y, folds, encoder, plan.probe_seed(cfg), trains)
     done = rundir.read_done_info(run_dir / rundir.MAE) or rundir.DoneInfo()
     info.update(
         n_volumes=done.get("n_volumes"),

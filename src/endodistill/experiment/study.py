@@ -90,6 +90,10 @@ def _unit_key(unit: str, cfg: Config, manifest: Path) -> str:
         # The MAE reads the unlabelled pool; its probe (mae/probe.json) the labelled volumes and folds.
         sections = {k: d[k] for k in ("mae", "student", "mri", "task", "seed", "protocol") if k in d}
         sections["protocol"] = {"folds": d["protocol"]["folds"]}
+        if d["protocol"]["train_fraction"] != 1:
+            # The probe trains on the folds' training parts; only when they shrink, so the keys of units
+            # shared before the option existed stay valid.
+            sections["protocol"]["train_fraction"] = d["protocol"]["train_fraction"]
         rows = m.select(cfg.task.student_modality)
     files = sorted((r.subject_id, r.label, content_hash(r.path)) for r in rows)
     return stable_hash({"unit": unit, "sections": sections, "inputs": files})

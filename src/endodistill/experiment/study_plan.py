@@ -16,7 +16,10 @@ import yaml
 from endodistill.config import Config, MethodConfig
 from endodistill.errors import ConfigError
 
-STUDIES = ("alpha", "mask_ratio", "kd_controls", "pairing", "pool", "grid")
+STUDIES = ("alpha", "mask_ratio", "kd_controls", "pairing", "pool", "labels", "grid")
+
+# The shares of each fold's labelled training subjects in the `labels` study.
+LABEL_FRACTIONS = (0.25, 0.5, 1.0)
 # Severity coupling of the pairing study's cohorts: MRI population ceiling 0.816 (0.872 uncoupled), TVUS
 # 0.980 unchanged (population_ceilings).
 PAIRING_COUPLING = 0.5
@@ -48,6 +51,8 @@ class StudyPlan:
     settings: list[Setting]
     reference: str
     varied: str
+    # (a, b) pairs tested instead of every setting against `reference` (b is a's reference).
+    pairs: list[tuple[str, str]] | None = None
 
 
 def merge_dicts(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -208,6 +213,32 @@ def plan_study(name: str, cfg: Config, vary: Sequence[str] = ()) -> StudyPlan:
             settings,
             "pool_1",
             "unlabelled pool",
+        )
+    if name == "labels":
+        # MAE-initialised and scratch fine-tuning on the task loss alone, at each label count: the pairs
+        # say what pre-training adds with few labels (the paper's premise), on the same test folds.
+        ce = {"kind": "constant", "alpha": 0.0}
+        settings = []
+        pairs = []
+        for f in LABEL_FRACTIONS:
+            pct = f"{round(100 * f)}% of the labels"
+            over = {"protocol": {"train_fraction": f}}
+            settings.append(
+                Setting(f"mae_{_num(f)}", f"MAE, {pct}", _upd(full, init="mae", schedule=ce), over)
+            )
+            settings.append(
+                Setting(
+                    f"scratch_{_num(f)}", f"scratch, {pct}", _upd(full, init="scratch", schedule=ce), over
+                )
+            )
+            pairs.append((f"mae_{_num(f)}", f"scratch_{_num(f)}"))
+        return StudyPlan(
+            name,
+            "How much does MAE pre-training add to fine-tuning as the labelled training cases get fewer?",
+            settings,
+            "scratch_1",
+            "labelled training cases",
+            pairs,
         )
     if name == "grid":
         if not vary:

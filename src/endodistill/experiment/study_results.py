@@ -95,7 +95,7 @@ def summarise_study(
         )
     ordered = [r for n in names for r in rows if r["method"] == n]
     # full="": only the settings against the reference (no second family of full-vs-others pairs).
-    comps = nan_to_none(compare_methods(ordered, reference=plan.reference, full=""))
+    comps = nan_to_none(compare_methods(ordered, reference=plan.reference, full="", pairs=plan.pairs))
     for c in comps:  # the size of each difference with its CI (DeLong's SE of the paired difference)
         ok = c.get("se") is not None and c.get("diff") is not None
         c["diff_ci95"] = [c["diff"] - 1.96 * c["se"], c["diff"] + 1.96 * c["se"]] if ok else [None, None]
@@ -141,6 +141,13 @@ def verdict(plan: StudyPlan, comps: list[dict[str, Any]], mde: float | None) -> 
                 f"apart from the teacher's outputs{sens}."
             )
         return f"KD differs from class-wise label smoothing on these data: {txt}{sens}."
+    if plan.pairs is not None:
+        parts = ", ".join(
+            f"{c['method_a']} {c['diff']:+.3f} (Holm p {c['p_adjusted']:.2f}) against {c['method_b']}"
+            for c in comps
+            if c["p_adjusted"] is not None
+        )
+        return f"Each setting against its pair: {parts}{sens}."
     sig = [c for c in comps if c["p_adjusted"] is not None and c["p_adjusted"] < 0.05]
     if not sig:
         return (

@@ -26,8 +26,9 @@ def format_study_table(r: Any) -> str:
         diff = "ref" if c is None else f"{c['diff']:+.3f}"
         p_adj = "" if c is None else fmt_p(c["p_adjusted"])
         p_mc = "" if not mc else fmt_p(mc.get("p_adjusted"))
+        vs = "" if c is None or c["method_b"] == r.reference else f"  vs {c['method_b']}"
         lines.append(
-            f"{s.name:<18} {s.value[:30]:<30} {ci:<22} {fmt_auc(s.fold_auc_std):>7} {diff:>8} {p_adj:>7} {p_mc:>9}"
+            f"{s.name:<18} {s.value[:30]:<30} {ci:<22} {fmt_auc(s.fold_auc_std):>7} {diff:>8} {p_adj:>7} {p_mc:>9}{vs}"
         )
     lines.append(r.verdict)
     lines.append(f"wall time {r.wall_seconds:.1f} s")
@@ -61,7 +62,8 @@ def study_table_rows(r: Any) -> tuple[list[str], list[list[str]]]:
                 f"{fmt_auc(s.fold_auc_mean)} ± {fmt_auc(s.fold_auc_std)}",
                 "reference"
                 if c is None
-                else f"{c['diff']:+.3f} [{fmt_auc(c['diff_ci95'][0])}, {fmt_auc(c['diff_ci95'][1])}]",
+                else f"{c['diff']:+.3f} [{fmt_auc(c['diff_ci95'][0])}, {fmt_auc(c['diff_ci95'][1])}]"
+                + ("" if c["method_b"] == r.reference else f" vs {c['method_b']}"),
                 "" if c is None else f"{fmt_p(c['p'])} ({fmt_p(c['p_adjusted'])})",
                 "" if not mc else f"{fmt_p(mc.get('p'))} ({fmt_p(mc.get('p_adjusted'))})",
             ]

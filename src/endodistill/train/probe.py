@@ -64,7 +64,11 @@ def encoder_features(encoder: Any, x: Tensor, pool: str, batch_size: int = 64) -
 
 
 def probe_oof(
-    features: np.ndarray, labels: np.ndarray, folds: Sequence[np.ndarray], seed: int = 0
+    features: np.ndarray,
+    labels: np.ndarray,
+    folds: Sequence[np.ndarray],
+    seed: int = 0,
+    trains: Sequence[np.ndarray] | None = None,
 ) -> np.ndarray:
     """Out-of-fold probabilities of an L2 logistic-regression probe, every choice made on training parts.
 
@@ -73,6 +77,8 @@ def probe_oof(
         labels: ``(N,)`` binary labels.
         folds: the test indices of each fold (together a partition of ``range(N)``).
         seed: seed of the inner stratified folds.
+        trains: the training indices of each fold (default: every case outside its test fold); fewer
+            under ``protocol.train_fraction``.
 
     Returns:
         ``(N,)`` probability of class 1, each from the probe fitted without its fold.
@@ -83,8 +89,8 @@ def probe_oof(
     are subject-level here.
     """
     oof = np.full(len(labels), np.nan)
-    for test in folds:
-        train = np.setdiff1d(np.arange(len(labels)), test)
+    for f, test in enumerate(folds):
+        train = np.setdiff1d(np.arange(len(labels)), test) if trains is None else np.asarray(trains[f])
         mu = features[train].mean(0)
         sd = features[train].std(0) + 1e-8
         y = labels[train]
@@ -115,6 +121,7 @@ def mae_probe(
     folds: Sequence[np.ndarray],
     encoder_path: Path,
     mae_seed: int,
+    trains: Sequence[np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Linear-probe AUC of the pre-trained MAE encoder against the same encoder before pre-training.
 
@@ -125,6 +132,7 @@ def mae_probe(
         folds: test indices of the run's folds.
         encoder_path: ``encoder.safetensors`` of the MAE (ViT key names).
         mae_seed: the MAE fit's seed (its initial weights are the random encoder's).
+        trains: training indices of the run's folds (default: all cases outside each test fold).
 
     Returns:
         ``probe_auc``, ``probe_auc_ci95``, ``random_probe_auc``, ``random_probe_auc_ci95``, ``features``.
@@ -140,7 +148,8 @@ def mae_probe(
     }
     for name, enc in (("probe", student), ("random_probe", random_encoder)):
         for prefix, pool in (("", "mean"), ("flat_", "flat")):
-            oof = probe_oof(encoder_features(enc, labelled_x, pool), y, folds, seed=mae_seed % 2**31)
+            feats = encoder_features(enc, labelled_x, pool)
+            oof = probe_oof(feats, y, folds, seed=mae_seed % 2**31, trains=trains)
             out[f"{prefix}{name}_auc"], out[f"{prefix}{name}_auc_ci95"] = _auc_ci(y, oof)
     out["gain"] = out["probe_auc"] - out["random_probe_auc"]
     return out
