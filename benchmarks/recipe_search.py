@@ -1,9 +1,11 @@
 """The recipe search of issue 12: student / MAE settings scored on a cohort's own 5 folds, outside the protocol.
 
 Run: ``.venv/bin/python -m benchmarks.recipe_search '{"student.pool": "flat"}' COHORT_DIR[,COHORT_DIR...] MODE``
-with MODE ``scratch`` (scratch_ce only), ``mae`` (MAE + probes + mae_ce), ``both`` or ``probe``; the JSON
+with MODE ``scratch`` (scratch_ce only), ``mae`` (MAE + probes + mae_ce), ``both``, ``probe`` or ``cnn3d``
+(the cnn3d baseline, ``baselines.cnn3d`` and ``finetune.translate``); the JSON
 holds ``--set``-style overrides of the demo preset (``"_pool": N`` pre-trains on the first N unlabelled
-volumes). Each cohort is a synthetic cohort directory (``endodistill synth --seed 10 ...``): choose on seeds
+volumes, ``"_labels": N`` trains each fold on N of its labelled training cases, stratified, the same for both
+methods, ``"_fitseeds": K`` averages K training seeds per fold). Each cohort is a synthetic cohort directory (``endodistill synth --seed 10 ...``): choose on seeds
 you do not report. It uses the package's own networks, augmentation, optimiser groups and schedule in a
 plain loop (no Lightning, no KD: the task-loss methods only), the run's split rule, and prints pooled
 out-of-fold AUCs per cohort and their mean. This is how the numbers in configs/demo.yaml were measured.
@@ -68,7 +70,7 @@ def train_mae(cfg, u, seed):
         perm = rng.permutation(n)
         el = 0
         for i in range(0, n, bs):
-            xb = augment_volumes(u[torch.from_numpy(perm[i : i + bs])], rng)
+            xb = augment_volumes(u[torch.from_numpy(perm[i : i + bs])], rng, m.translate)
             loss, _, _ = mae(xb, generator=g)
             opt.zero_grad()
             loss.backward()
@@ -102,6 +104,8 @@ def probe(fx, y, folds):
             cv=StratifiedKFold(3, shuffle=True, random_state=0),
             scoring="roc_auc",
             max_iter=2000,
+            l1_ratios=(0.0,),  # the L2 path, said explicitly (no scikit-learn FutureWarning)
+            use_legacy_attributes=False,
         )
         clf.fit((fx[tr] - mu) / sd, y[tr])
         oof[te] = clf.predict_proba((fx[te] - mu) / sd)[:, 1]
@@ -129,7 +133,7 @@ def fit_student(cfg, x, y, seed, enc_state=None, ls=0.0):
         el = 0
         for i in range(0, n, bs):
             idx = torch.from_numpy(perm[i : i + bs])
-            xb = augment_volumes(x[idx], rng)
+            xb = augment_volumes(x[idx], rng, f.translate)
             loss = F.cross_entropy(net(xb), yt[idx], weight=cw, label_smoothing=ls)
             opt.zero_grad()
             loss.backward()
@@ -141,7 +145,34 @@ def fit_student(cfg, x, y, seed, enc_state=None, ls=0.0):
     return net, losses
 
 
-def cv(cfg, D, fitseed=0, enc_state=None, ls=0.0):
+def label_subset(y, tr, n, seed):
+    """``n`` of the training rows ``tr`` (a boolean mask), stratified by label, seeded: the label-count curve."""
+    if n is None or n >= int(tr.sum()):
+        return tr
+    rng = np.random.default_rng(seed)
+    keep = np.zeros_like(tr)
+    idx = np.flatnonzero(tr)
+    for c in (0, 1):
+        ic = idx[y[idx] == c]
+        k = max(2, round(n * len(ic) / len(idx)))
+        keep[rng.choice(ic, size=min(k, len(ic)), replace=False)] = True
+    return keep
+
+
+def cv_cnn3d(cfg, D, fitseed=0):
+    """The cnn3d baseline (the package's train_cnn3d) on the cohort's folds: pooled out-of-fold AUC."""
+    from endodistill.train.baselines import train_cnn3d
+
+    x = torch.from_numpy(D["x"])
+    y = D["y"]
+    oof = np.zeros(len(y))
+    for f in range(5):
+        tr, te = D["folds"] != f, D["folds"] == f
+        oof[te] = train_cnn3d(cfg, x[tr], y[tr], x[te], fitseed * 100 + f)[:, 1]
+    return roc_auc_score(y, oof)
+
+
+def cv(cfg, D, fitseed=0, enc_state=None, ls=0.0, n_labels=None):
     x = torch.from_numpy(D["x"])
     y = D["y"]
     folds = D["folds"]
@@ -149,7 +180,7 @@ def cv(cfg, D, fitseed=0, enc_state=None, ls=0.0):
     t = time.time()
     L = []
     for f in range(5):
-        tr, te = folds != f, folds == f
+        tr, te = label_subset(y, folds != f, n_labels, 7 + f), folds == f
         net, losses = fit_student(cfg, x[tr], y[tr], fitseed * 100 + f, enc_state, ls)
         with torch.no_grad():
             oof[te] = net(x[te]).softmax(1)[:, 1].numpy()
@@ -162,6 +193,14 @@ if __name__ == "__main__":
     seeds = sys.argv[2].split(",")
     what = sys.argv[3] if len(sys.argv) > 3 else "scratch"  # scratch | mae | both | probe
     pool_n = over.pop("_pool", None)
+    # "_labels": N labelled training cases per fold (stratified subsample, the same for both methods);
+    # "_fitseeds": K training seeds per fold, their pooled AUCs averaged (one seed is not evidence).
+    n_labels = over.pop("_labels", None)
+    n_fitseeds = over.pop("_fitseeds", 1)
+    # "_translate": V sets mae.translate and finetune.translate (random translations of up to V voxels).
+    translate = over.pop("_translate", 0)
+    if translate:
+        over.update({"mae.translate": translate, "finetune.translate": translate})
     cfg = cfg_of(over)
     out = []
     for s in seeds:
@@ -182,15 +221,19 @@ if __name__ == "__main__":
                 r[f"probe_{kind}"] = round(probe(feats(mae, x, kind), D["y"], D["folds"]), 3)
                 r[f"rand_{kind}"] = round(probe(feats(rnd, x, kind), D["y"], D["folds"]), 3)
             enc = mae_encoder_state(mae)
+        if what == "cnn3d":
+            r["cnn3d"] = round(float(np.mean([cv_cnn3d(cfg, D, k) for k in range(n_fitseeds)])), 3)
         if what in ("scratch", "both"):
-            a, tf, loss_last = cv(cfg, D)
-            r["scratch"] = round(a, 3)
-            r["s_per_fit"] = round(tf, 1)
-            r["s_loss"] = round(loss_last, 3)
+            res = [cv(cfg, D, k, n_labels=n_labels) for k in range(n_fitseeds)]
+            r["scratch"] = round(float(np.mean([q[0] for q in res])), 3)
+            r["s_per_fit"] = round(float(np.mean([q[1] for q in res])), 1)
+            r["s_loss"] = round(float(np.mean([q[2] for q in res])), 3)
         if what in ("mae", "both"):
-            a, tf, loss_last = cv(cfg, D, enc_state=enc)
-            r["mae_ce"] = round(a, 3)
-            r["m_loss"] = round(loss_last, 3)
+            res = [cv(cfg, D, k, enc_state=enc, n_labels=n_labels) for k in range(n_fitseeds)]
+            r["mae_ce"] = round(float(np.mean([q[0] for q in res])), 3)
+            r["m_loss"] = round(float(np.mean([q[2] for q in res])), 3)
+        if what == "both":
+            r["gain"] = round(r["mae_ce"] - r["scratch"], 3)
         out.append(r)
     keys = [k for k in out[0] if k not in ("cohort", "mae_loss")]
     summ = {
@@ -198,6 +241,10 @@ if __name__ == "__main__":
     }
     if pool_n:
         over["_pool"] = pool_n
+    if n_labels:
+        over["_labels"] = n_labels
+    if n_fitseeds != 1:
+        over["_fitseeds"] = n_fitseeds
     print(
         json.dumps(over),
         what,

@@ -1,7 +1,8 @@
 """The teacher recipe search of issue 12: the demo teacher's 5-fold CV on a cohort's clips, outside the protocol.
 
 Run: ``.venv/bin/python -m benchmarks.teacher_search '{"teacher.motion": "flow"}' COHORT_DIR[,COHORT_DIR...]``
-where the JSON holds ``--set``-style overrides of the demo preset and each cohort is a synthetic cohort
+where the JSON holds ``--set``-style overrides of the demo preset (``"_clips": N``: only the cohort's first N
+clips, for the clip-count curve) and each cohort is a synthetic cohort
 directory (``endodistill synth --preset demo --seed 10 --out ...``): choose on seeds you do not report.
 It reads only the TVUS rows (through the package's cache, so flow fields are computed and timed as in a run),
 calls the package's own :func:`endodistill.train.teacher.train_teacher` (the demo's folds, fits, clip
@@ -51,7 +52,28 @@ def load_clips(cfg, cohort, cache_dir):
     return CohortData(manifest=manifest, labelled=empty, unlabelled=empty, tvus=tv, cohort={}, files=[])
 
 
+def first_clips(data: CohortData, n: int) -> CohortData:
+    """The cohort's first ``n`` clips (subjects are independent draws): the clip-count curve."""
+    tv = data.tvus
+    k = slice(0, n)
+    flows = None if tv.flows is None else tv.flows[k]
+    sub = ClipSet(
+        clips=tv.clips[k], labels=tv.labels[k], subjects=tv.subjects[k], paths=tv.paths[k], flows=flows
+    )
+    return CohortData(
+        manifest=data.manifest,
+        labelled=data.labelled,
+        unlabelled=data.unlabelled,
+        tvus=sub,
+        cohort={},
+        files=[],
+    )
+
+
 def main(overrides: dict, cohorts: list[str]) -> None:
+    # "_clips": N trains and scores on the first N clips of each cohort (generate cohorts with more clips
+    # than the demo's 120 to see whether the clip count limits the teacher).
+    n_clips = overrides.pop("_clips", None)
     cfg = load_config("demo", [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
     configure_torch(cfg)
     rows = []
@@ -60,6 +82,8 @@ def main(overrides: dict, cohorts: list[str]) -> None:
             t0 = time.perf_counter()
             data = load_clips(cfg, cohort, Path(tmp) / "cache")
             t_pre = time.perf_counter() - t0
+            if n_clips:
+                data = first_clips(data, int(n_clips))
             t0 = time.perf_counter()
             m = train_teacher(cfg, data, Path(tmp) / "run", echo=lambda s: None)
             t_fit = time.perf_counter() - t0
@@ -71,6 +95,8 @@ def main(overrides: dict, cohorts: list[str]) -> None:
             flush=True,
         )
     a = np.array(rows, dtype=float)
+    if n_clips:
+        overrides["_clips"] = n_clips
     print(
         f"{json.dumps(overrides)} mean teacher {a[:, 0].mean():.3f} baseline {a[:, 1].mean():.3f}", flush=True
     )

@@ -356,3 +356,26 @@ def test_save_weights_round_trips_shared_tensors_and_names_a_full_disk(
         common.save_weights(tmp_path / "w.safetensors", {"a": torch.ones(2)})
     assert torch.equal(common.load_weights(tmp_path / "w.safetensors")["b"], state["b"])  # old file intact
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_volume_augmentation_translates_without_changing_other_draws() -> None:
+    from endodistill.train.pretrain import augment_volumes
+
+    x = torch.arange(2 * 6 * 7 * 8, dtype=torch.float32).reshape(2, 1, 6, 7, 8)
+    a = augment_volumes(x.clone(), np.random.default_rng(0))
+    b = augment_volumes(x.clone(), np.random.default_rng(0), translate=0)
+    torch.testing.assert_close(a, b)  # translate 0: the same batch as before the option existed
+    rng = np.random.default_rng(4)
+    out = augment_volumes(x.clone(), rng, translate=1)
+    ref_rng = np.random.default_rng(4)  # replay the draws: flips, scale, shift, then the translations
+    flip = ref_rng.random(2) < 0.5
+    scale = ref_rng.uniform(0.9, 1.1, size=2)
+    shift = ref_rng.uniform(-0.05, 0.05, size=2)
+    d = ref_rng.integers(0, 3, size=(2, 3))
+    for k in range(2):
+        v = x[k, 0].flip(0) if flip[k] else x[k, 0]
+        padded = torch.nn.functional.pad(v[None, None], (1,) * 6, mode="replicate")[0, 0]
+        i, j, m = d[k]
+        moved = padded[i : i + 6, j : j + 7, m : m + 8]
+        torch.testing.assert_close(out[k, 0], (moved * float(scale[k]) + float(shift[k])).float())
+    assert not torch.equal(out, augment_volumes(x.clone(), np.random.default_rng(4)))

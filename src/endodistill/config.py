@@ -224,6 +224,8 @@ class MAEConfig(_Strict):
     lr: float = Field(1.5e-3, gt=0)
     weight_decay: float = Field(0.05, ge=0)
     mask_ratio: float = Field(0.5, gt=0, lt=1)
+    # Random translation of each pre-training volume by up to this many voxels per axis; 0: none.
+    translate: int = Field(0, ge=0)
     norm_pix_loss: bool = False
     decoder_hidden_size: int = Field(48, ge=6)
     decoder_layers: int = Field(1, ge=1)
@@ -295,6 +297,9 @@ class FinetuneConfig(_Strict):
     val_fraction: float = Field(0.2, ge=0, lt=1)
     class_balance: Literal["weights", "sampler", "none"] = "weights"
     augment: bool = True
+    # Random translation of each training volume by up to this many voxels per axis (edge-replicated), in
+    # the fine-tuning, joint and cnn3d batches alike (with `augment`); 0: none.
+    translate: int = Field(0, ge=0)
 
 
 class JointConfig(_Strict):

@@ -293,7 +293,7 @@ def train_cnn3d(cfg: Config, x_train: Tensor, y_train: np.ndarray, x_test: Tenso
     ``(seed, epoch, batch)`` (:class:`~endodistill.train.batches.PlannedBatches`), so CPU reruns are identical.
 
     Args:
-        cfg: the run configuration (``baselines.cnn3d``, ``finetune.class_balance``, ``task``).
+        cfg: the run configuration (``baselines.cnn3d``, ``finetune.class_balance``/``translate``, ``task``).
         x_train: ``(n, 1, D, H, W)`` training volumes.
         y_train: their labels (0..K-1).
         x_test: ``(m, 1, D, H, W)`` test volumes.
@@ -315,7 +315,8 @@ def train_cnn3d(cfg: Config, x_train: Tensor, y_train: np.ndarray, x_test: Tenso
     def make(idx: np.ndarray, rng: np.random.Generator, epoch: int) -> tuple[Tensor, Tensor]:
         it = torch.from_numpy(idx)
         xb = x_train[it]
-        return (augment_volumes(xb, rng) if b.augment else xb), y_t[it]
+        # The student's translation too (finetune.translate): the same augmentation rules.
+        return (augment_volumes(xb, rng, cfg.finetune.translate) if b.augment else xb), y_t[it]
 
     batches = PlannedBatches(len(y_t), b.batch_size, seed, make, sample_weights=sw)
     batches.prefetch = False

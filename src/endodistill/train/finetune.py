@@ -219,6 +219,7 @@ def student_batch_fn(
     seed: int,
     num_classes: int,
     augment: bool,
+    translate: int = 0,
 ) -> Callable[[np.ndarray, np.random.Generator, int], dict[str, Tensor]]:
     """Training batches: volumes, labels and the KD target of each case's TVUS partner of this epoch.
 
@@ -232,6 +233,7 @@ def student_batch_fn(
         seed: the fit's seed (pairs are a function of ``(seed, epoch)``).
         num_classes: K.
         augment: flips and intensity jitter.
+        translate: random translation in voxels (:func:`~endodistill.train.pretrain.augment_volumes`).
     """
     pool_labels = teacher.labels[pool]
     pool_logits = control_targets(
@@ -264,7 +266,7 @@ def student_batch_fn(
         it = torch.from_numpy(idx)
         xb = x[it]
         return {
-            "x": augment_volumes(xb, rng) if augment else xb,
+            "x": augment_volumes(xb, rng, translate) if augment else xb,
             "y": y_t[it],
             "t": targets(epoch)[it],
             "i": it,
@@ -409,6 +411,7 @@ class StudentFit(FitSpec):
             seed,
             k,
             f.augment,
+            f.translate,
         )
         batches = PlannedBatches(tr.size, f.batch_size, seed, make, sample_weights=sw)
         self.val = (lab.x[torch.from_numpy(va)], lab.labels[va]) if va.size else None

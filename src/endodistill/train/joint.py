@@ -129,7 +129,7 @@ def joint_batch_fn(
     def make(idx: np.ndarray, rng: np.random.Generator, epoch: int) -> dict[str, Tensor]:
         it = torch.from_numpy(idx)
         xb = x[it]
-        xb = augment_volumes(xb, rng) if cfg.finetune.augment else xb
+        xb = augment_volumes(xb, rng, cfg.finetune.translate) if cfg.finetune.augment else xb
         ci = rng.choice(n_clips, size=len(idx), replace=len(idx) > n_clips)
         cb = clips(ci, rng, epoch)
         return {"x": xb, "y": y_t[it], "c": cb["x"], "yc": cb["y"], "i": it}
