@@ -234,3 +234,24 @@ def test_shard_option_and_slurm_array() -> None:
     for bad in ("4/4", "1", "a/b", "-1/2"):
         with pytest.raises(ConfigError, match="--shard"):
             parse_shard(bad, env={})
+
+
+def test_a_study_in_pairs_tests_each_setting_against_its_partner() -> None:
+    from endodistill.experiment.study_results import summarise_study
+    from endodistill.report.study import format_study_table, render_study
+
+    cfg = load_config("tiny")
+    plan = plan_study("labels", cfg)
+    rng = np.random.default_rng(0)
+    y = np.tile([0, 1], 30)
+    rows = [
+        {"subject_id": f"s{i:02d}", "fold": i % 3, "method": s.name, "label": int(y[i]), "prob": float(p)}
+        for k, s in enumerate(plan.settings)
+        for i, p in enumerate(1 / (1 + np.exp(-(rng.normal(size=60) + 0.3 * k * (2 * y - 1)))))
+    ]
+    r = summarise_study(plan, rows, {}, cfg, {}, 1.0)
+    assert [(c["method_a"], c["method_b"]) for c in r.comparisons] == plan.pairs
+    assert r.verdict.startswith("Each setting against its pair: mae_0.25")
+    html, md = render_study(r)
+    assert "against its pair" in html and "vs scratch_0.25" in html and "against its pair" in md
+    assert "vs scratch_0.5" in format_study_table(r)

@@ -80,5 +80,7 @@ def render_study(r: Any) -> tuple[str, str]:
     head, body = study_table_rows(r)
     png = base64.b64encode(study_figure_png(r)).decode()
     env = environment()
-    ctx = {"r": r, "head": head, "body": body, "png": png}
+    # A study tested in pairs (``labels``) compares each setting with its own partner, not one reference.
+    paired = any(c["method_b"] != r.reference for c in r.comparisons)
+    ctx = {"r": r, "head": head, "body": body, "png": png, "paired": paired}
     return env.get_template("study.html.j2").render(ctx), env.get_template("study.md.j2").render(ctx)
