@@ -14,6 +14,11 @@ from endodistill.report.build import environment
 from endodistill.report.figures import study_figure_png
 
 
+def _partner(c: dict[str, Any] | None, r: Any) -> str:
+    """The setting a comparison tests against when it is not the study's reference (studies in pairs)."""
+    return "" if c is None or c["method_b"] == r.reference else c["method_b"]
+
+
 def format_study_table(r: Any) -> str:
     """The terminal table: one row per setting, its paired test against the reference."""
     comps = {c["method_a"]: c for c in r.comparisons}
@@ -26,7 +31,7 @@ def format_study_table(r: Any) -> str:
         diff = "ref" if c is None else f"{c['diff']:+.3f}"
         p_adj = "" if c is None else fmt_p(c["p_adjusted"])
         p_mc = "" if not mc else fmt_p(mc.get("p_adjusted"))
-        vs = "" if c is None or c["method_b"] == r.reference else f"  vs {c['method_b']}"
+        vs = f"  vs {_partner(c, r)}" if _partner(c, r) else ""
         lines.append(
             f"{s.name:<18} {s.value[:30]:<30} {ci:<22} {fmt_auc(s.fold_auc_std):>7} {diff:>8} {p_adj:>7} {p_mc:>9}{vs}"
         )
@@ -63,7 +68,7 @@ def study_table_rows(r: Any) -> tuple[list[str], list[list[str]]]:
                 "reference"
                 if c is None
                 else f"{c['diff']:+.3f} [{fmt_auc(c['diff_ci95'][0])}, {fmt_auc(c['diff_ci95'][1])}]"
-                + ("" if c["method_b"] == r.reference else f" vs {c['method_b']}"),
+                + (f" vs {_partner(c, r)}" if _partner(c, r) else ""),
                 "" if c is None else f"{fmt_p(c['p'])} ({fmt_p(c['p_adjusted'])})",
                 "" if not mc else f"{fmt_p(mc.get('p'))} ({fmt_p(mc.get('p_adjusted'))})",
             ]
@@ -81,6 +86,6 @@ def render_study(r: Any) -> tuple[str, str]:
     png = base64.b64encode(study_figure_png(r)).decode()
     env = environment()
     # A study tested in pairs (``labels``) compares each setting with its own partner, not one reference.
-    paired = any(c["method_b"] != r.reference for c in r.comparisons)
+    paired = any(_partner(c, r) for c in r.comparisons)
     ctx = {"r": r, "head": head, "body": body, "png": png, "paired": paired}
     return env.get_template("study.html.j2").render(ctx), env.get_template("study.md.j2").render(ctx)
