@@ -125,21 +125,26 @@ def test_ddp_two_cpu_processes_match_one_process(tiny_cohort: Path, tmp_path: Pa
 
     # Tolerance: DDP all-reduces gradients (a sum of 2 partial gradients, then / 2) and each rank's
     # forward runs on 3 or 2 cases instead of 5, so float32 sums are added in another order. Observed:
-    # weights within 3e-8 and probabilities within 1e-7 after 3 epochs; we allow 1e-5. One exception:
-    # the attention's key bias has an exactly zero gradient (softmax ignores a constant added to every
-    # score), so its gradient is pure rounding noise, which AdamW's normalisation turns into steps of up
-    # to lr: it is compared with the bound lr * steps instead (observed 9e-5).
+    # weights within 3e-8 and probabilities within 1e-7 after 3 epochs; we allow 1e-5. The exception is a
+    # weight whose gradient is zero, or cancels to nearly zero, so that its gradient is mostly rounding
+    # noise, which AdamW's normalisation turns into steps of up to lr: such weights are held to the bound lr
+    # * steps instead. The attention's key bias always is one (softmax ignores a constant added to every
+    # score; observed 9e-5); elsewhere it happens by chance (one of the joint model's 3072 clip-tubelet
+    # weights differed by 1.4e-4, the next by 7e-7), so at most 1 in 1000 weights may need the bound.
     w1, w2 = load_file(str(unit_1 / "model.safetensors")), load_file(str(unit_2 / "model.safetensors"))
     assert w1.keys() == w2.keys()
     hidden = cfg.student.hidden_size
-    diffs = {k: (w1[k] - w2[k]).abs() for k in w1}
-    key_bias = [k for k in diffs if k.endswith("attn.qkv.bias")]
-    for k in key_bias:
-        steps_bound = cfg.finetune.epochs * len(one["train_subjects"])  # >= optimiser steps
-        assert float(diffs[k][hidden : 2 * hidden].max()) < cfg.finetune.lr * steps_bound
+    adam_bound = cfg.finetune.lr * cfg.finetune.epochs * len(one["train_subjects"])  # lr * (>= steps)
+    diffs = {k: (w1[k] - w2[k]).abs().flatten() for k in w1}
+    for k in [k for k in diffs if k.endswith("attn.qkv.bias")]:
+        assert float(diffs[k][hidden : 2 * hidden].max()) < adam_bound
         diffs[k] = torch.cat([diffs[k][:hidden], diffs[k][2 * hidden :]])
-    weight_diff = max(float(d.max()) for d in diffs.values())
-    assert weight_diff < 1e-5, weight_diff
+    every = torch.cat(list(diffs.values()))
+    assert float(every.max()) < adam_bound
+    noisy = int((every >= 1e-5).sum())
+    assert noisy <= every.numel() // 1000, sorted(
+        ((float(d.max()), k) for k, d in diffs.items()), reverse=True
+    )[:3]
     p1, p2 = _probs(unit_1 / "predictions.csv"), _probs(unit_2 / "predictions.csv")
     assert p1.keys() == p2.keys() and len(p1) > 0
     assert max(abs(p1[s] - p2[s]) for s in p1) < 1e-5

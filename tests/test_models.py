@@ -8,12 +8,14 @@ import pytest
 import torch
 from einops import rearrange
 from monai.networks.blocks.selfattention import SABlock
+from monai.networks.nets import ViT
 from safetensors.torch import load_file, save_file
 
-from endodistill.config import TeacherConfig, load_config
+from endodistill.config import TeacherConfig, load_config, student_vit_spec
 from endodistill.errors import ConfigError, InputError
 from endodistill.models.student import (
     MAE,
+    PatchConv3d,
     StudentViT,
     build_mae,
     build_student,
@@ -164,6 +166,38 @@ def test_patchify_matches_conv_patch_embedding_order(cfg3) -> None:
     w = rearrange(conv.weight, "o c p0 p1 p2 -> o (p0 p1 p2 c)")
     torch.testing.assert_close(m.patchify(x) @ w.T + conv.bias, tokens, rtol=1e-4, atol=1e-5)
     assert torch.equal(m.unpatchify(m.patchify(x)), x)
+
+
+@pytest.mark.parametrize("in_channels", [1, 2])
+def test_patch_conv_equals_the_strided_convolution(in_channels: int) -> None:
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(in_channels, 6, (4, 2, 4), stride=(4, 2, 4))
+    fast = PatchConv3d(in_channels, 6, (4, 2, 4), stride=(4, 2, 4))
+    fast.load_state_dict(conv.state_dict())  # same parameters and keys
+    x = torch.randn(3, in_channels, 8, 6, 12, requires_grad=True)
+    a, b = conv(x), fast(x)
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    ga = torch.autograd.grad(a.square().sum(), [x, conv.weight, conv.bias])
+    gb = torch.autograd.grad(b.square().sum(), [x, fast.weight, fast.bias])
+    for u, v in zip(ga, gb, strict=True):
+        torch.testing.assert_close(v, u, rtol=1e-4, atol=1e-4)
+
+
+def test_students_and_maes_embed_patches_by_matrix_product(cfg3) -> None:
+    # The default stem runs as PatchConv3d in every network (the joint model's clip tubelets too), and its
+    # weights still load into MONAI's ViT.
+    from endodistill.models.joint import build_joint
+
+    student, mae = build_student(cfg3), build_mae(cfg3)
+    assert isinstance(student.patch_embedding.patch_embeddings, PatchConv3d)
+    assert isinstance(mae.patch_embedding.patch_embeddings, PatchConv3d)
+    joint = build_joint(cfg3)
+    assert isinstance(joint.patch_embedding.patch_embeddings, PatchConv3d)
+    assert isinstance(joint.clip_embedding.proj, PatchConv3d)
+    plain = ViT(**student_vit_spec(cfg3), proj_type="conv", spatial_dims=3, classification=True)
+    state = {k: v for k, v in student.state_dict().items() if not k.startswith("classification_head")}
+    missing, unexpected = plain.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.startswith("classification_head") for k in missing)
 
 
 def test_mae_loss_counts_only_masked_patches(cfg3) -> None:

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from endodistill.config import Config, clip_input_shape, joint_clip_frames
-from endodistill.models.student import StudentViT, _encoder_kwargs, load_mae_encoder
+from endodistill.models.student import PatchConv3d, StudentViT, _encoder_kwargs, load_mae_encoder
 from endodistill.models.teacher import normalise_clips
 
 CLIP_PREFIX = "clip_embedding."
@@ -64,7 +64,8 @@ class ClipTokenizer(nn.Module):
         grid = (frames // tubelet[0], size[0] // tubelet[1], size[1] // tubelet[2])
         self.grid = grid
         self.n_tokens = int(np.prod(grid))
-        self.proj = nn.Conv3d(in_channels, hidden_size, kernel_size=tubelet, stride=tubelet)
+        # Kernel == stride: one matrix product per tubelet, as the MRI patch embedding (PatchConv3d).
+        self.proj = PatchConv3d(in_channels, hidden_size, kernel_size=tubelet, stride=tubelet)
         self.norm = nn.LayerNorm(hidden_size)
         self.position_embeddings = nn.Parameter(torch.zeros(1, int(np.prod(grid)), hidden_size))
         nn.init.trunc_normal_(self.position_embeddings, std=0.02)

@@ -106,15 +106,46 @@ class PatchMLPStem(nn.Module):
         return tokens.permute(0, 4, 1, 2, 3)
 
 
+class PatchConv3d(nn.Conv3d):
+    """MONAI's patch embedding (a ``Conv3d`` whose kernel equals its stride) computed as one matrix product.
+
+    Same parameters, state-dict keys and output as the convolution it replaces, to rounding. With kernel ==
+    stride every output voxel is the dot product of one non-overlapping patch with the kernel, so a reshape
+    and one ``linear`` do the work. On the CPU oneDNN's backward of this strided convolution cost about 4 ms
+    of a 20 ms demo student step (``benchmarks/bench_speedups.py``). Hand-written: neither PyTorch nor MONAI
+    picks the matrix product for this case. The output is a permuted view of the ``linear`` result, so
+    MONAI's ``flatten(2).transpose(-1, -2)`` after it copies nothing.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, C, D0, D1, D2)`` -> ``(B, out_channels, g0, g1, g2)``, as ``nn.Conv3d``."""
+        p0, p1, p2 = self.kernel_size
+        # The kernel's own order (c p0 p1 p2), so the weight is used as stored.
+        patches = rearrange(x, "b c (g0 p0) (g1 p1) (g2 p2) -> b g0 g1 g2 (c p0 p1 p2)", p0=p0, p1=p1, p2=p2)
+        tokens = nn.functional.linear(patches, self.weight.flatten(1), self.bias)
+        return tokens.permute(0, 4, 1, 2, 3)
+
+
 def _set_stem(model: nn.Module, stem: str, stem_width: int) -> None:
     # The stem replaces MONAI's `patch_embeddings` inside its PatchEmbeddingBlock, so the block's
     # flatten + position embedding (and the MAE's masking after it) are MONAI's own.
-    if stem == "linear":
-        return
     pe: Any = (
         model.patch_embedding
     )  # MONAI's PatchEmbeddingBlock (nn.Module attributes type as Tensor | Module)
     conv = pe.patch_embeddings
+    if stem == "linear":
+        if tuple(conv.kernel_size) != tuple(conv.stride) or any(int(p) != 0 for p in conv.padding):
+            return
+        fast = PatchConv3d(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            bias=conv.bias is not None,
+        )
+        fast.load_state_dict(conv.state_dict())
+        pe.patch_embeddings = fast
+        return
     pe.patch_embeddings = PatchMLPStem(
         conv.in_channels, tuple(conv.kernel_size), conv.out_channels, stem_width
     )
