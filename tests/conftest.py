@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -41,6 +43,20 @@ def tiny_run_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "ENDODISTILL_TEST_KILL_AT"}
     env.update(OMP_NUM_THREADS="1", ENDODISTILL_CACHE=str(tmp_path_factory.mktemp("cli_cache")))
     return env
+
+
+@pytest.fixture
+def sigint_raises() -> Iterator[None]:
+    """Ctrl-C raises KeyboardInterrupt in this process, however pytest was started.
+
+    A command started with ``&`` by a non-interactive shell inherits SIGINT as ignored, and Python then
+    installs no handler: a test that signals itself would see nothing happen.
+    """
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture(scope="session")

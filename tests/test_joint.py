@@ -188,6 +188,7 @@ def test_a_folds_test_subjects_never_enter_its_training(
     assert all_clips == int((tv.labels >= 0).sum())  # every labelled clip predicted once
 
 
+@pytest.mark.usefixtures("sigint_raises")
 def test_resume_is_exact(tiny_cohort: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from endodistill.data.splits import make_cv_splits
     from endodistill.train.joint import clip_folds, joint_fit
