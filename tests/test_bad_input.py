@@ -542,6 +542,27 @@ def test_run_with_broken_config(name: str, tmp_path: Path) -> None:
     assert not any((tmp_path / "cwd").iterdir())
 
 
+@pytest.mark.parametrize("command", ["run", "demo"])
+def test_out_that_is_a_file(command: str, tmp_path: Path) -> None:
+    out = tmp_path / "results.txt"
+    out.write_text("a user's file\n")
+    before = snapshot(out)
+    extra = ["--config", "tiny"] if command == "run" else []
+    # --processes 2: refused before torchrun starts any process (else every rank would say it).
+    r = cli(command, *extra, "--out", out, "--processes", "2", cwd=tmp_path / "cwd")
+    assert_clean_failure(r, rc=2, names=str(out), says="not a directory")
+    assert snapshot(out) == before
+
+
+def test_processes_with_a_data_parallel_trainer(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    r = cli(
+        "run", "--config", "tiny", "--out", out, "--processes", "2", "--devices", "2", cwd=tmp_path / "cwd"
+    )
+    assert_clean_failure(r, rc=2, names="--processes 2", says="trainer.devices=2")
+    assert not out.exists()
+
+
 # ------------------------------------------------------------------------------ MRI, DICOM and clips
 
 

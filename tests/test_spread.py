@@ -46,7 +46,9 @@ def spread_run(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("spread") / "run"
-    cmd = [*TORCHRUN, "-m", "endodistill", "run", *tiny_run_args, "--set", "trainer.spread_fits=true"]
+    # `--processes 2` starts torchrun itself (what `endodistill demo` does on 2 cores); the resume test below
+    # goes through torchrun's own command line.
+    cmd = [sys.executable, "-m", "endodistill", "run", *tiny_run_args, "--processes", "2"]
     proc = subprocess.run(
         [*cmd, "--out", str(out)], env=tiny_run_env, capture_output=True, text=True, timeout=400
     )

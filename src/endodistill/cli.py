@@ -13,11 +13,14 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from endodistill.errors import EXIT_INTERRUPTED, EndodistillError, InputError
+
+if TYPE_CHECKING:
+    from endodistill.config import Config
 
 app = typer.Typer(
     add_completion=False,
@@ -48,6 +51,15 @@ StrategyOpt = Annotated[
     typer.Option("--strategy", help="Lightning strategy, e.g. ddp (= --set trainer.strategy=...)."),
 ]
 NodesOpt = Annotated[int | None, typer.Option("--num-nodes", help="Nodes (= --set trainer.num_nodes=...).")]
+ProcessesOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--processes",
+        min=1,
+        help="Spread the cross-validation fits over N processes on this machine (torchrun; same results). "
+        "Default: 1; for demo, 2 on a CPU run with at least 2 cores.",
+    ),
+]
 
 
 def _with_hardware(
@@ -68,6 +80,46 @@ def _with_hardware(
         if value is not None:
             out.append(f"trainer.{key}={value}")
     return out
+
+
+def _argv_without(option: str) -> list[str]:
+    """This command line's arguments without ``option`` and its value (``--opt N`` or ``--opt=N``)."""
+    out: list[str] = []
+    skip = False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == option:
+            skip = True
+        elif not arg.startswith(option + "="):
+            out.append(arg)
+    return out
+
+
+def _spread_here(cfg: Config, out: Path, processes: int | None, default: int) -> None:
+    """Re-run this command in ``processes`` local processes (fits spread), unless it is one of them already.
+
+    What every rank would refuse (an output path that is a file, a data-parallel trainer) is refused here
+    first, in one line, before any process starts.
+
+    Raises:
+        typer.Exit: with the launched processes' exit code, once they are done.
+    """
+    from endodistill.rundir import check_out_dir
+
+    check_out_dir(out)
+    n = default if processes is None else processes
+    if n <= 1:
+        return
+    from endodistill.errors import ConfigError
+    from endodistill.experiment.spread import launch_local, launched, spread_conflict
+
+    if launched():
+        return
+    conflict = spread_conflict(cfg)
+    if conflict:
+        raise ConfigError(f"--processes {n} (trainer.spread_fits)", conflict)
+    raise typer.Exit(launch_local(n, _argv_without("--processes")))
 
 
 @app.callback()
@@ -140,13 +192,17 @@ def demo(
     devices: DevicesOpt = None,
     strategy: StrategyOpt = None,
     num_nodes: NodesOpt = None,
+    processes: ProcessesOpt = None,
 ) -> None:
     """Generate the synthetic demo cohort (when absent) and run the whole protocol on it."""
     from endodistill.config import load_config
-    from endodistill.experiment.protocol import run_experiment
+    from endodistill.experiment.spread import cpu_processes
 
     set_ = _with_hardware(set_, accelerator, devices, strategy, num_nodes)
     cfg = load_config(config, set_)
+    _spread_here(cfg, out, processes, cpu_processes(cfg))
+    from endodistill.experiment.protocol import run_experiment
+
     run_experiment(cfg, out, resume=resume)
 
 
@@ -162,6 +218,7 @@ def run(
     devices: DevicesOpt = None,
     strategy: StrategyOpt = None,
     num_nodes: NodesOpt = None,
+    processes: ProcessesOpt = None,
 ) -> None:
     """Run the whole experiment: teacher, MAE, 5-fold ablation, final model, report."""
     from endodistill.config import load_config
@@ -172,6 +229,7 @@ def run(
         from endodistill.experiment.provenance import load_run_config
 
         cfg = load_run_config(resume, set_)
+        _spread_here(cfg, resume, processes, 1)
         run_experiment(cfg, resume, resume=True)
         return
     if out is None or config is None:
@@ -182,6 +240,7 @@ def run(
 
         # A structurally broken manifest fails here too: before torch is imported and RUN_DIR exists.
         read_manifest(cfg.data.manifest, cfg.data.restrict_paths, cfg.task.num_classes)
+    _spread_here(cfg, out, processes, 1)
     from endodistill.experiment.protocol import run_experiment
 
     fresh = not out.exists()

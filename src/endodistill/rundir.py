@@ -134,6 +134,17 @@ def is_run_dir(path: Path) -> bool:
     )
 
 
+def check_out_dir(path: str | Path) -> None:
+    """Refuse an output path that exists and is not a folder (before anything is written or launched).
+
+    Raises:
+        InputError: naming the path.
+    """
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise InputError(p, "exists and is not a directory: give a new or an existing run directory")
+
+
 def shared_unit_dir(study_dir: Path, unit: str, key: str) -> Path:
     """``STUDY/shared/<unit>-<key>``: a unit shared between the runs of a study."""
     return Path(study_dir) / SHARED / f"{unit}-{key}"
@@ -309,6 +320,9 @@ class SpreadInfo(_Fixed):
     assignment: str | None = None
     trained_by_rank: dict[str, list[str]] | None = None
     skipped_by_rank: dict[str, list[str]] | None = None
+    # Wall-clock seconds from the start of the spread fits to the last rank's end (the stage timings add up the
+    # fits' own times instead).
+    wall_seconds: float | None = None
 
 
 class Timings(_Fixed):

@@ -23,6 +23,7 @@ offer no "wait for rank 0, then split a list" primitive without a process group 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import threading
@@ -273,27 +274,31 @@ class Spread:
             self.close()
 
 
+def spread_conflict(cfg: Config) -> str | None:
+    """Why the fits of ``cfg`` cannot be spread one per process (a data-parallel trainer), or None."""
+    t = cfg.trainer
+    if str(t.devices).strip() not in ("1", "auto"):
+        return (
+            f"runs each fit in one process on one device: it cannot be combined with trainer.devices={t.devices}"
+            " (DDP); set trainer.devices=1, or trainer.spread_fits=false"
+        )
+    if t.num_nodes != 1 or t.strategy not in ("auto", "single_device"):
+        return (
+            f"runs each fit in one process: it cannot be combined with trainer.strategy={t.strategy} / "
+            f"trainer.num_nodes={t.num_nodes}; torchrun's --nnodes spreads the fits over nodes"
+        )
+    return None
+
+
 def check_spread_config(cfg: Config) -> None:
     """Refuse ``trainer.spread_fits`` with a data-parallel trainer (one fit per process, one device each).
 
     Raises:
         ConfigError: devices other than 1, several nodes, or a multi-process strategy.
     """
-    t = cfg.trainer
-    if not t.spread_fits:
-        return
-    if str(t.devices).strip() not in ("1", "auto"):
-        raise ConfigError(
-            "trainer.spread_fits",
-            f"runs each fit in one process on one device: it cannot be combined with trainer.devices={t.devices}"
-            " (DDP); set trainer.devices=1, or trainer.spread_fits=false",
-        )
-    if t.num_nodes != 1 or t.strategy not in ("auto", "single_device"):
-        raise ConfigError(
-            "trainer.spread_fits",
-            f"runs each fit in one process: it cannot be combined with trainer.strategy={t.strategy} / "
-            f"trainer.num_nodes={t.num_nodes}; torchrun's --nnodes spreads the fits over nodes",
-        )
+    conflict = spread_conflict(cfg) if cfg.trainer.spread_fits else None
+    if conflict:
+        raise ConfigError("trainer.spread_fits", conflict)
 
 
 def _pin_device(cfg: Config, local_rank: int) -> None:
@@ -426,3 +431,71 @@ def run_worker(cfg: Config, run_dir: Path, resume: bool, spread: Spread) -> dict
         flush=True,
     )
     return {"rank": spread.rank, **done}
+
+
+# ------------------------------------------------------------------------------- launching on one machine
+def launched() -> bool:
+    """Whether this process is one of several that a launcher (torchrun) started."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def cpu_processes(cfg: Config) -> int:
+    """The demo's default process count: 2 for a one-device CPU run on 2 or more cores, else 1.
+
+    The CPU fits use one thread each (``trainer.threads``), so a second process uses the second core: the
+    demo's fits took 1.5-1.7x less wall time in 2 processes (``benchmarks/bench_spread.py``). Not more than
+    2 by default: each process holds its own torch and cohort (a peak RSS of about 1.3 GiB at demo size).
+    """
+    plain = spread_conflict(cfg) is None
+    return 2 if cfg.trainer.accelerator == "cpu" and plain and usable_cores() >= 2 else 1
+
+
+def launch_local(processes: int, argv: list[str]) -> int:
+    """Run the command line ``argv`` in ``processes`` processes on this machine with the fits spread over them.
+
+    The same as ``torchrun --standalone --nproc-per-node N -m endodistill ARGV --set trainer.spread_fits=true``,
+    started from Python: torchrun is the engine (rendezvous on a free local port, one process per rank). Every
+    process prints its own one-line error; torchrun's own failure report (a traceback of its agent) is not
+    shown, and this process exits with the failed rank's code.
+
+    Args:
+        processes: how many processes (at least 2).
+        argv: the ``endodistill`` arguments (global options, command, its options).
+
+    Returns:
+        The exit code: 0, or the code of the first rank that failed.
+
+    Raises:
+        SpreadError: torchrun could not start the processes.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser
+    from torch.distributed.run import run as torchrun
+
+    # torchrun warns when it sets OMP_NUM_THREADS=1 itself; each fit sets its own threads (trainer.threads).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    launcher = ["--standalone", "--nproc-per-node", str(int(processes)), "-m", "endodistill"]
+    args = get_args_parser().parse_args([*launcher, *argv, "--set", "trainer.spread_fits=true"])
+    # The agent logs every start, stop and failure (with its traceback) at INFO / ERROR; the ranks say what
+    # matters themselves.
+    quiet = logging.getLogger("torch.distributed")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
+    try:
+        torchrun(args)
+    except ChildFailedError as e:
+        codes = [f.exitcode for _, f in sorted(e.failures.items()) if f.exitcode]
+        return int(codes[0]) if codes and codes[0] > 0 else 1
+    except Exception as e:
+        raise SpreadError(f"could not start {processes} processes with torchrun ({one_line(e)})") from None
+    finally:
+        quiet.setLevel(level)
+    return 0
