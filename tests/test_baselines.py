@@ -14,6 +14,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
 from endodistill.config import Config, load_config
+from endodistill.data.synthetic.signs import population_ceilings
 from endodistill.train.baselines import (
     BASELINES,
     compute_baselines,
@@ -150,6 +151,13 @@ def test_oracle_and_sign_probes_match_the_latents(tmp_path: Path) -> None:
     assert got["sign_visibility"]["retroflexion"] > 0.95
     assert abs(got["sign_visibility"]["strands"] - 0.5) < 0.2
     assert set(got["timing"]) == {"logreg", "oracle", "sign_visibility"}
+    # Only the sign the voxels hold counts as shown; its ceiling is the posterior from it alone.
+    assert got["visible_ceiling"] == {
+        "threshold": 0.65,
+        "signs": ["retroflexion"],
+        "auc": population_ceilings(signs=["retroflexion"])["mri"],
+        "all_signs_auc": population_ceilings()["mri"],
+    }
     oracle_rows = [r for r in got["rows"] if r["method"] == "oracle"]
     assert len(oracle_rows) == n and {r["fold"] for r in oracle_rows} == {0, 1, 2}
     y = data.labelled.labels
@@ -230,8 +238,14 @@ def test_tiny_run_has_the_baselines(tiny_reference_run: Path, tiny_cohort: Path)
 
     table = format_ablation_table(results)
     assert "Reference baselines" in table and "Sign visibility" in table
+    vc = b["visible_ceiling"]
+    assert vc["signs"] == [s for s, v in b["sign_visibility"].items() if v is not None and v >= 0.65]
+    assert vc["auc"] == population_ceilings(signs=vc["signs"])["mri"] <= vc["all_signs_auc"]
+    line = f"Population AUC ceiling from the {len(vc['signs'])} of 6 signs this grid shows"
+    assert line in table
     html = (tiny_reference_run / "report.html").read_text()
     assert "Reference baselines" in html and "which signs the chosen resolution can show" in html
+    assert line in html and line in (tiny_reference_run / "report.md").read_text()
 
 
 @pytest.mark.slow

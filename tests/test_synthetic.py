@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 from pathlib import Path
 
@@ -241,6 +242,21 @@ def test_ceilings_are_what_the_latents_give(tiny_cohort: Path) -> None:
     assert 0.8 <= pop["mri"] <= 0.92 and pop["tvus"] >= 0.97
     # Each MRI sign occurs in only some positives and also in some negatives.
     assert all(0 < p_neg < p_pos < 1 for p_pos, p_neg in MRI_SIGNS.values())
+
+
+@pytest.mark.parametrize("coupling", [0.0, 0.6])
+def test_ceiling_of_a_subset_of_signs(coupling: float) -> None:
+    full = population_ceilings(coupling)
+    assert population_ceilings(coupling, signs=list(MRI_SIGNS)) == full
+    if coupling == 0:
+        assert population_ceilings(signs=["retroflexion"])["mri"] == pytest.approx(0.70)  # 0.55 vs 0.15
+    # Each sign taken away can only lower the ceiling (the posterior of fewer signs is a coarser score).
+    names = list(MRI_SIGNS)
+    ceilings = [population_ceilings(coupling, signs=names[:k])["mri"] for k in range(len(names) + 1)]
+    assert ceilings[0] == 0.5 and ceilings[-1] == full["mri"]
+    assert all(a <= b + 1e-9 for a, b in itertools.pairwise(ceilings))
+    with pytest.raises(ValueError, match="unknown MRI signs"):
+        population_ceilings(coupling, signs=["retroflexion", "tilt"])
 
 
 def test_motion_separates_tvus_better_than_intensity_separates_mri(tmp_path: Path) -> None:

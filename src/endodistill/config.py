@@ -405,6 +405,15 @@ class BaselinesConfig(_Strict):
     # Synthetic cohorts only (latents.csv beside the manifest); absent without it.
     oracle: bool = True
     sign_visibility: bool = True
+    visible_auc: float = Field(
+        0.65,
+        gt=0.5,
+        lt=1.0,
+        description=(
+            "A latent sign counts as shown by the preprocessing grid when its probe AUC (sign_visibility) "
+            "reaches this; the run reports the population AUC ceiling of the posterior from those signs alone."
+        ),
+    )
 
 
 class TrainerConfig(_Strict):

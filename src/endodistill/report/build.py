@@ -95,6 +95,7 @@ def report_context(results: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         "baseline_descriptions": tables.baseline_descriptions(results),
         "sign_visibility": _table(["Latent sign", "Probe AUC"], tables.sign_visibility_rows(results)),
         "sign_visibility_sentence": tables.SIGN_VISIBILITY_SENTENCE,
+        "visible_ceiling_line": tables.visible_ceiling_line(results),
         "mae_line": next((ln for ln in diag if ln.startswith("MAE")), None),
         "teacher_cv_line": next((ln for ln in diag if ln.startswith("Teacher")), None),
         "diagnostics": diag,
@@ -183,6 +184,7 @@ def markdown_context(results: dict[str, Any]) -> dict[str, Any]:
         "baseline_descriptions": tables.baseline_descriptions(results),
         "sign_visibility": _table(["Latent sign", "Probe AUC"], tables.sign_visibility_rows(results)),
         "sign_visibility_sentence": tables.SIGN_VISIBILITY_SENTENCE,
+        "visible_ceiling_line": tables.visible_ceiling_line(results),
         "diagnostics": tables.diagnostic_lines(results),
         "ceilings": {k: fmt_auc(v) for k, v in tables.ceilings(results).items()},
         "comparisons": (

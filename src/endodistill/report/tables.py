@@ -214,6 +214,20 @@ def sign_visibility(results: Mapping[str, Any]) -> dict[str, Any]:
     return {str(k): v for k, v in sv.items()} if isinstance(sv, Mapping) else {}
 
 
+def visible_ceiling_line(results: Mapping[str, Any]) -> str | None:
+    """One sentence on the population ceiling from the signs the grid shows (None when not computed)."""
+    vc = baselines_of(results).get("visible_ceiling")
+    if not isinstance(vc, Mapping) or vc.get("auc") is None:
+        return None
+    signs = list(vc.get("signs") or [])
+    n_all = len(sign_visibility(results)) or len(signs)
+    return (
+        f"Population AUC ceiling from the {len(signs)} of {n_all} signs this grid shows (probe AUC >= "
+        f"{float(vc['threshold']):.2f}: {', '.join(signs) or 'none'}): {fmt_auc(vc['auc'])}, against "
+        f"{fmt_auc(vc.get('all_signs_auc'))} from all signs"
+    )
+
+
 def sign_visibility_rows(results: Mapping[str, Any]) -> Rows:
     return [[k, fmt_auc(v)] for k, v in sign_visibility(results).items()]
 
@@ -471,6 +485,9 @@ def format_ablation_table(results: Mapping[str, Any]) -> str:
             "Sign visibility (probe AUC per latent sign on the preprocessed grid): "
             + ", ".join(f"{k} {fmt_auc(v)}" for k, v in sv.items())
         )
+    vc = visible_ceiling_line(results)
+    if vc:
+        lines.append(vc)
     lines += diagnostic_lines(results)
     ceil = ceilings(results)
     if ceil:

@@ -10,7 +10,10 @@ the methods (pooled out-of-fold AUC with DeLong CI, per-fold AUCs, operating poi
 - ``oracle`` (synthetic cohorts only, from ``latents.csv`` next to the manifest): the exact posterior from the
   generator's latent signs, the ceiling of any model;
 - ``sign_visibility`` (synthetic only): the out-of-fold AUC of a logistic-regression probe per latent MRI sign
-  on the same voxels: which signs the chosen resolution can show at all.
+  on the same voxels: which signs the chosen resolution can show at all;
+- ``visible_ceiling`` (synthetic only): the population AUC of the exact posterior from only the signs whose
+  probe reaches ``baselines.visible_auc``: what a model that reads those signs perfectly, and sees nothing
+  of the others, reaches. The gap from it to the methods is how imperfectly they read what the grid shows.
 
 The training part of a fold is every subject outside its test set (the student's ``train`` and ``val``
 subjects): the baselines make their own choices on it (inner CV, fixed schedule), never on the test set.
@@ -41,7 +44,7 @@ from torch import Tensor
 
 from endodistill import rundir
 from endodistill.config import CNN3DBaselineConfig, Config, LogRegBaselineConfig
-from endodistill.data.synthetic.signs import MRI_SIGNS
+from endodistill.data.synthetic.signs import MRI_SIGNS, population_ceilings
 from endodistill.errors import InputError, TrainingDivergedError
 from endodistill.evaluate.metrics import auc_score
 from endodistill.evaluate.stats import adjust_pvalues, compare_methods, read_oof_csv, summarise_method
@@ -477,6 +480,7 @@ def compute_baselines(
     for s in signs:
         done = np.isfinite(sign_oof[s])
         visibility[s] = _auc(sign_y[s][done], sign_oof[s][done])
+    visible = visible_ceiling(visibility, bc.visible_auc, float(data.cohort.get("severity_coupling") or 0.0))
     enabled = {
         "logreg": bc.logreg.enabled,
         "cnn3d": bc.cnn3d.enabled,
@@ -486,8 +490,33 @@ def compute_baselines(
     return {
         "rows": rows,
         "sign_visibility": visibility,
+        **({"visible_ceiling": visible} if visible is not None else {}),
         "logreg_c": logreg_c,
         "timing": {k: round(v, 3) for k, v in timing.items() if enabled[k]},
+    }
+
+
+def visible_ceiling(
+    visibility: Mapping[str, float | None], threshold: float, coupling: float = 0.0
+) -> dict[str, Any] | None:
+    """The population ceiling from the signs the grid shows: ``{"threshold", "signs", "auc", "all_signs_auc"}``.
+
+    Args:
+        visibility: ``{sign: probe AUC}`` (None: undefined in this cohort).
+        threshold: the probe AUC from which a sign counts as shown.
+        coupling: the cohort's severity coupling (``cohort.json``).
+
+    Returns:
+        None without sign probes.
+    """
+    if not visibility:
+        return None
+    shown = [s for s, v in visibility.items() if v is not None and v >= threshold]
+    return {
+        "threshold": float(threshold),
+        "signs": shown,
+        "auc": population_ceilings(coupling, signs=shown)["mri"],
+        "all_signs_auc": population_ceilings(coupling)["mri"],
     }
 
 
@@ -523,6 +552,8 @@ def baseline_metrics(
         out["logreg"]["c_per_fold"] = list(computed.get("logreg_c") or [])
     if computed.get("sign_visibility"):
         out["sign_visibility"] = dict(computed["sign_visibility"])
+    if computed.get("visible_ceiling"):
+        out["visible_ceiling"] = dict(computed["visible_ceiling"])
     full = cfg.protocol.full_method
     full_rows = [{**r, "label": int(int(r["label"]) == pos)} for r in method_rows if r["method"] == full]
     comps = []

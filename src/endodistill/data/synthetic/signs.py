@@ -63,17 +63,23 @@ def draw_mri_signs(
     return {name: int(u[i] < p[0 if label else 1]) for i, (name, p) in enumerate(MRI_SIGNS.items())}
 
 
-def _sign_probs(label: int, coupling: float) -> np.ndarray:
-    """``P(sign present | y, z)`` at the quadrature nodes: ``(n_signs, n_nodes)``."""
-    p = np.array([v[0 if label else 1] for v in MRI_SIGNS.values()])
+def _sign_probs(label: int, coupling: float, names: list[str] | None = None) -> np.ndarray:
+    """``P(sign present | y, z)`` at the quadrature nodes: ``(n_signs, n_nodes)`` (``names``: those signs)."""
+    p = np.array([MRI_SIGNS[n][0 if label else 1] for n in (MRI_SIGNS if names is None else names)])
     if coupling <= 0:
         return np.repeat(p[:, None], _GH_Z.size, axis=1)
     return stats.norm.cdf((stats.norm.ppf(p)[:, None] + coupling * _GH_Z[None, :]) / np.sqrt(1 - coupling**2))
 
 
-def _pattern_likelihood(present: np.ndarray, label: int, coupling: float) -> np.ndarray:
-    """``P(signs | y)`` of sign patterns ``(n_patterns, n_signs)`` bool, severity integrated out."""
-    q = _sign_probs(label, coupling)  # (S, G)
+def _pattern_likelihood(
+    present: np.ndarray, label: int, coupling: float, names: list[str] | None = None
+) -> np.ndarray:
+    """``P(signs | y)`` of sign patterns ``(n_patterns, n_signs)`` bool, severity integrated out.
+
+    With ``names``, the patterns are of those signs only: the others, independent of them given ``(y, z)``,
+    are summed out.
+    """
+    q = _sign_probs(label, coupling, names)  # (S, G)
     per = np.where(present[:, :, None], q[None], 1 - q[None])  # (N, S, G)
     return per.prod(axis=1) @ _GH_W
 
@@ -123,18 +129,26 @@ def tvus_oracle(sliding: float, prevalence: float) -> float:
     return float(1.0 / (1.0 + np.exp(-log_odds)))
 
 
-def population_ceilings(coupling: float = 0.0) -> dict[str, float]:
+def population_ceilings(coupling: float = 0.0, signs: list[str] | None = None) -> dict[str, float]:
     """The oracle AUC over the whole population (infinite cohort), for MRI and TVUS.
 
     MRI: exact, by enumerating every sign pattern (severity integrated out when coupled). TVUS: the
     likelihood ratio is monotone in ``f``, so AUC = P(f_neg > f_pos) = integral of pdf_0(f) * CDF_1(f)
     (the coupling keeps the Beta marginals, so it does not change).
+
+    Args:
+        coupling: the cohort's severity coupling.
+        signs: the MRI ceiling of the posterior from only these signs (default: all), e.g. those a
+            preprocessing grid shows (``baselines.sign_visibility``): what a model that reads them perfectly,
+            and sees nothing of the others, reaches.
     """
-    names = list(MRI_SIGNS)
+    names = list(MRI_SIGNS) if signs is None else [n for n in MRI_SIGNS if n in set(signs)]
+    if signs is not None and len(names) != len(set(signs)):
+        raise ValueError(f"unknown MRI signs {sorted(set(signs) - set(MRI_SIGNS))}; known: {list(MRI_SIGNS)}")
     patterns = np.array(list(itertools.product((0, 1), repeat=len(names))), dtype=bool)
     if coupling > 0:
-        w1 = _pattern_likelihood(patterns, 1, coupling)
-        w0 = _pattern_likelihood(patterns, 0, coupling)
+        w1 = _pattern_likelihood(patterns, 1, coupling, names)
+        w0 = _pattern_likelihood(patterns, 0, coupling, names)
     else:
         p1 = np.array([MRI_SIGNS[n][0] for n in names])
         p0 = np.array([MRI_SIGNS[n][1] for n in names])
