@@ -5,7 +5,7 @@ with MODE ``scratch`` (scratch_ce only), ``mae`` (MAE + probes + mae_ce), ``both
 (the cnn3d baseline, ``baselines.cnn3d`` and ``finetune.translate``); the JSON
 holds ``--set``-style overrides of the demo preset (``"_pool": N`` pre-trains on the first N unlabelled
 volumes, ``"_labels": N`` trains each fold on N of its labelled training cases, stratified, the same for both
-methods, ``"_fitseeds": K`` averages K training seeds per fold). Each cohort is a synthetic cohort directory (``endodistill synth --seed 10 ...``): choose on seeds
+methods, ``"_fitseeds": K`` averages K training seeds per fold, ``"_maeseed": K`` pre-trains from another seed). Each cohort is a synthetic cohort directory (``endodistill synth --seed 10 ...``): choose on seeds
 you do not report. It uses the package's own networks, augmentation, optimiser groups and schedule in a
 plain loop (no Lightning, no KD: the task-loss methods only), the run's split rule, and prints pooled
 out-of-fold AUCs per cohort and their mean. This is how the numbers in configs/demo.yaml were measured.
@@ -199,6 +199,8 @@ if __name__ == "__main__":
     n_fitseeds = over.pop("_fitseeds", 1)
     # "_translate": V sets mae.translate and finetune.translate (random translations of up to V voxels).
     translate = over.pop("_translate", 0)
+    # "_maeseed": K pre-trains (and draws the untrained encoder) from another seed: MAE-to-MAE noise.
+    mae_seed = 1000 + 7919 * int(over.pop("_maeseed", 0))
     if translate:
         over.update({"mae.translate": translate, "finetune.translate": translate})
     cfg = cfg_of(over)
@@ -209,12 +211,12 @@ if __name__ == "__main__":
         if what in ("mae", "both", "probe"):
             u = D["u"] if pool_n is None else D["u"][:pool_n]
             t = time.time()
-            mae, ml = train_mae(cfg, torch.from_numpy(u), 1000 + D["seed"])
+            mae, ml = train_mae(cfg, torch.from_numpy(u), mae_seed + D["seed"])
             r["mae_s"] = round(time.time() - t, 1)
             r["mae_loss"] = [round(ml[0], 4), round(ml[-1], 4)]
             x = torch.from_numpy(D["x"])
             rnd = build_mae(cfg)  # same shape, untrained (seeded)
-            torch.manual_seed(1000 + D["seed"])
+            torch.manual_seed(mae_seed + D["seed"])
             rnd = build_mae(cfg)
             rnd.eval()
             for kind in ("mean", "cls", "flat"):
