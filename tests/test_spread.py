@@ -71,6 +71,7 @@ def test_spread_run_matches_one_process_run(spread_run: tuple[Path, str], tiny_r
     assert spread["processes"] == 2 and spread["engine"] == "torchrun"
     assert spread["trained_by_rank"] == expected
     assert spread["skipped_by_rank"] == {"0": [], "1": []}
+    assert spread["teacher_by_rank"] == {"0": [], "1": []}  # a hold-out teacher: rank 0 trains it
     # Each fit ran once: one Lightning log version per unit, one progress line, on the expected rank.
     seen = [FIT_LINE.match(line) for line in stdout.splitlines()]
     ran = sorted((f"fold_{int(m[1]) - 1}/{m[2]}", int(m[3])) for m in seen if m)
@@ -157,3 +158,35 @@ def test_spread_config_checks(monkeypatch: pytest.MonkeyPatch) -> None:
     assert start_spread(load_config("tiny", {"trainer": {"spread_fits": True}})) is None
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert start_spread(load_config("tiny", {"trainer": {"spread_fits": True}})) is None
+
+
+@pytest.mark.timeout(400)
+def test_spread_teacher_ensemble_matches_one_process(
+    tiny_run_args: list[str], tiny_run_env: dict[str, str], tmp_path: Path
+) -> None:
+    # A cross-validated teacher of 2 folds x 2 networks: its 4 fits are spread too (fit i on rank i % 2).
+    short = [
+        *("--set", "teacher.folds=2", "--set", "teacher.targets=oof", "--set", "teacher.ensemble=2"),
+        # One method that learns from the teacher's outputs (KD), so its fits read the gathered teacher.
+        *("--set", "protocol.methods={scratch_kd_ce: {init: scratch, schedule: {kind: exp, alpha: 0.85}}}"),
+        *("--set", "protocol.full_method=scratch_kd_ce"),
+        *("--set", "protocol.final_model=false", "--set", "baselines.enabled=false"),
+    ]
+    cmd = [sys.executable, "-m", "endodistill", "run", *tiny_run_args, *short]
+    runs = {}
+    for n in (1, 2):
+        runs[n] = tmp_path / f"run{n}"
+        proc = subprocess.run(
+            [*cmd, "--processes", str(n), "--out", str(runs[n])],
+            env=tiny_run_env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("teacher/predictions.csv", "teacher/outputs.safetensors", "oof_predictions.csv"):
+        assert (runs[2] / name).read_bytes() == (runs[1] / name).read_bytes(), name
+    spread = json.loads((runs[2] / "timings.json").read_text())["spread"]
+    assert spread["teacher_by_rank"] == {"0": ["fold_0", "fold_1"], "1": ["fold_0_m1", "fold_1_m1"]}
+    for unit in ("fold_0", "fold_0_m1", "fold_1", "fold_1_m1"):  # each trained once
+        assert [p.name for p in (runs[2] / "teacher" / unit / "logs").iterdir()] == ["version_0"], unit

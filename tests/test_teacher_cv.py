@@ -228,3 +228,78 @@ def test_cv_teacher_resumes_exactly(cv_run: dict, tmp_path: Path, monkeypatch: p
     assert resumed == cv_run["metrics"]
     for name in ("predictions.csv", "clip_baseline_predictions.csv", "outputs.safetensors"):
         assert (tmp_path / "teacher" / name).read_bytes() == (cv_run["run"] / "teacher" / name).read_bytes()
+
+
+@pytest.fixture(scope="module")
+def ensemble_run(tiny_cohort: Path, cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    from endodistill.train.data import load_cohort
+    from endodistill.train.seeding import configure_torch
+    from endodistill.train.teacher import train_teacher
+
+    cfg = _cfg(tiny_cohort, cache_dir, ensemble=2)
+    configure_torch(cfg)
+    data = load_cohort(cfg, cfg.data.manifest)
+    run = tmp_path_factory.mktemp("teacher_ensemble")
+    metrics = train_teacher(cfg, data, run, echo=lambda s: None)
+    return {"cfg": cfg, "data": data, "run": run, "metrics": metrics}
+
+
+def test_ensemble_members_share_folds_and_average_logits(ensemble_run: dict, cv_run: dict) -> None:
+    from endodistill.infer.teacher_model import teacher_member_dirs
+    from endodistill.models.teacher import build_teacher, teacher_in_channels
+    from endodistill.models.weights import load_weights
+    from endodistill.train.teacher import teacher_forward, teacher_inputs
+
+    cfg, data, run = ensemble_run["cfg"], ensemble_run["data"], ensemble_run["run"]
+    fits = json.loads((run / "teacher" / "done.json").read_text())["fits"]
+    assert sorted(fits) == ["fold_0", "fold_0_m1", "fold_1", "fold_1_m1", "fold_2", "fold_2_m1"]
+    single = json.loads((cv_run["run"] / "teacher" / "done.json").read_text())["fits"]
+    for f in range(3):
+        a, b = fits[f"fold_{f}"], fits[f"fold_{f}_m1"]
+        assert a["test_subjects"] == b["test_subjects"] == single[f"fold_{f}"]["test_subjects"]
+        assert a["seed"] == single[f"fold_{f}"]["seed"] != b["seed"]  # member 0 is the plain teacher's fit
+    members = teacher_member_dirs(run)
+    assert [m.name for m in members] == sorted(fits, key=lambda n: (int(n.split("_")[1]), n))
+    # A held-out clip's probability is the softmax of its fold's members' mean logits.
+    x = teacher_inputs(data.tvus, cfg)
+    rows = _rows(run / "teacher" / "predictions.csv")
+    by_path = {Path(p).name: i for i, p in enumerate(data.tvus.paths)}
+    for f in range(3):
+        logits = []
+        for unit in (f"fold_{f}", f"fold_{f}_m1"):
+            net = build_teacher(cfg.teacher, cfg.task.num_classes, teacher_in_channels(cfg))
+            net.load_state_dict(load_weights(run / "teacher" / unit / "model.safetensors"))
+            logits.append(teacher_forward(net.eval(), x, cfg)[0])
+        probs = torch.stack(logits).mean(0).softmax(1)[:, cfg.task.positive_class]
+        mine = [r for r in rows if r["fold"] == str(f)]
+        assert mine
+        for r in mine:
+            assert float(r["prob"]) == pytest.approx(float(probs[by_path[r["path"]]]), abs=1e-5)
+    assert ensemble_run["metrics"]["scheme"] == "3-fold cross-validation, 2 networks per fold"
+
+
+def test_ensemble_fits_shared_out_then_gathered_equal_one_process(ensemble_run: dict, tmp_path: Path) -> None:
+    from endodistill.train.teacher import train_teacher, train_teacher_share
+
+    cfg, data = ensemble_run["cfg"], ensemble_run["data"]
+    # What the two ranks of a spread run do: each trains its share (fit i on rank i % 2) into the run.
+    even = train_teacher_share(cfg, data, tmp_path, lambda i: i % 2 == 0)
+    odd = train_teacher_share(cfg, data, tmp_path, lambda i: i % 2 == 1)
+    assert even == ["fold_0", "fold_1", "fold_2"] and odd == ["fold_0_m1", "fold_1_m1", "fold_2_m1"]
+    stamps = {u: (tmp_path / "teacher" / u / "done.json").stat().st_mtime_ns for u in even + odd}
+    metrics = train_teacher(cfg, data, tmp_path, echo=lambda s: None, reuse_fits=True)
+    assert all((tmp_path / "teacher" / u / "done.json").stat().st_mtime_ns == t for u, t in stamps.items())
+    assert {k: v for k, v in metrics.items() if k != "timing"} == {
+        k: v for k, v in ensemble_run["metrics"].items() if k != "timing"
+    }
+    for name in ("predictions.csv", "outputs.safetensors"):
+        assert (tmp_path / "teacher" / name).read_bytes() == (
+            ensemble_run["run"] / "teacher" / name
+        ).read_bytes()
+
+
+def test_ensemble_needs_cross_validation() -> None:
+    from endodistill.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="needs cross-validation"):
+        load_config("tiny", {"teacher": {"ensemble": 2, "folds": 1, "targets": "in_sample"}})

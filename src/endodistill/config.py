@@ -133,6 +133,16 @@ class TeacherConfig(_Strict):
     weight_decay: float = Field(1e-4, ge=0)
     folds: int = Field(1, ge=1)
     holdout_fraction: float = Field(0.25, gt=0, lt=1)
+    ensemble: int = Field(
+        1,
+        ge=1,
+        le=6,
+        description=(
+            "Teacher networks trained per cross-validation fold, each from its own seed (same folds, same clips): "
+            "held-out predictions and KD targets are the mean of the members' logits; the deployable teacher "
+            "holds every member. Under cross-validation only (folds > 1 or targets oof)."
+        ),
+    )
     targets: Literal["in_sample", "oof"] = "in_sample"
     augment: bool = True
     # Subtract each pixel's temporal mean from the clip: static anatomy out, motion (the sliding sign) in.
@@ -181,6 +191,10 @@ class TeacherConfig(_Strict):
             raise ValueError("teacher.motion 'flow' is a motion input: it needs motion_input true")
         if self.flow_size is not None and min(self.flow_size) < 4:
             raise ValueError(f"teacher.flow_size must be at least 4 x 4, got {list(self.flow_size)}")
+        if self.ensemble > 1 and self.folds == 1 and self.targets != "oof":
+            raise ValueError(
+                "teacher.ensemble > 1 needs cross-validation: set teacher.folds > 1 or targets oof"
+            )
         return self
 
 

@@ -87,6 +87,17 @@ def fold_name(fold: int) -> str:
     return f"fold_{fold}"
 
 
+def teacher_member_name(fold: int, member: int = 0) -> str:
+    """``fold_K`` (member 0) or ``fold_K_mJ``: the unit of one teacher network of fold K under RUN_DIR/teacher."""
+    return fold_name(fold) if member == 0 else f"{fold_name(fold)}_m{member}"
+
+
+def teacher_member_key(name: str) -> tuple[int, int]:
+    """``(fold, member)`` of a :func:`teacher_member_name` (the order of a teacher ensemble's members)."""
+    parts = name.split("_")
+    return int(parts[1]), int(parts[2][1:]) if len(parts) > 2 else 0
+
+
 def fit_name(fold: int, method: str) -> str:
     """``fold_K/METHOD``: a cross-validation fit's name (timings, spread records, progress)."""
     return f"{fold_name(fold)}/{method}"
@@ -320,6 +331,8 @@ class SpreadInfo(_Fixed):
     assignment: str | None = None
     trained_by_rank: dict[str, list[str]] | None = None
     skipped_by_rank: dict[str, list[str]] | None = None
+    # The teacher's cross-validation fits (units under RUN_DIR/teacher) each rank trained or found done.
+    teacher_by_rank: dict[str, list[str]] | None = None
     # Wall-clock seconds from the start of the spread fits to the last rank's end (the stage timings add up the
     # fits' own times instead).
     wall_seconds: float | None = None

@@ -111,7 +111,7 @@ def run_units(cfg: Config, data: Any, k: int, methods: list[str]) -> list[tuple[
     clips = int((data.tvus.labels >= 0).sum())
     t = cfg.teacher
     tk = t.folds if t.folds > 1 else 2
-    units = [("teacher", tk * _steps(clips * (tk - 1) / tk, t.batch_size, t.epochs))]
+    units = [("teacher", tk * t.ensemble * _steps(clips * (tk - 1) / tk, t.batch_size, t.epochs))]
     if t.targets == "in_sample":
         units[0] = ("teacher", units[0][1] + _steps(clips, t.batch_size, t.epochs))
     if needs_mae(cfg, methods):

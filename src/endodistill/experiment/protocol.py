@@ -38,7 +38,7 @@ from endodistill.experiment.aggregate import (
 from endodistill.experiment.final import final_model, teacher_model
 from endodistill.experiment.provenance import load_or_make_splits, manifest_path, record_run, start_run
 from endodistill.experiment.runner import FitProgress, cv_fit, echo, mae_diagnostic, mae_encoder
-from endodistill.experiment.spread import Spread, run_share, run_worker, start_spread
+from endodistill.experiment.spread import Spread, run_share, run_teacher_share, run_worker, start_spread
 from endodistill.report import format_ablation_table, write_report
 from endodistill.train.baselines import run_baselines
 from endodistill.train.data import load_cohort
@@ -140,7 +140,11 @@ def _run_units_in_order(
     """The run after its data: teacher, MAE, the fits, the final model, baselines, results and report."""
     t1 = time.perf_counter()
     reused = resume and rundir.is_done(run_dir / rundir.TEACHER)
-    teacher_metrics = train_teacher(cfg, data, run_dir, resume, echo)
+    if spread is not None:  # the teacher's fits too are spread: this rank's share, then the others'
+        spread.arrive("data")
+        run_teacher_share(cfg, data, run_dir, resume, spread)
+        spread.wait("teacher")
+    teacher_metrics = train_teacher(cfg, data, run_dir, resume, echo, reuse_fits=spread is not None)
     teacher = load_teacher_outputs(run_dir)
     teacher_info = teacher_model(cfg, run_dir, teacher_metrics, data.fingerprint, resume)
     progress.stage("teacher", time.perf_counter() - t1, reused)
@@ -187,6 +191,9 @@ def _run_units_in_order(
             assignment=f"round robin: fit i of the fold x method loop on rank i % {spread.world}",
             trained_by_rank={r: v["trained"] for r, v in by_rank.items()},
             skipped_by_rank={r: v["skipped"] for r, v in by_rank.items()},
+            teacher_by_rank={
+                str(r): json.loads(spread.get(f"teacher_units/{r}")) for r in range(spread.world)
+            },
             wall_seconds=round(time.perf_counter() - t_fits, 3),
         )
 

@@ -46,7 +46,7 @@ from endodistill.experiment.provenance import load_or_make_splits, manifest_path
 from endodistill.experiment.runner import FitProgress, cv_fit
 from endodistill.train.data import load_cohort
 from endodistill.train.seeding import configure_torch
-from endodistill.train.teacher import load_teacher_outputs
+from endodistill.train.teacher import load_teacher_outputs, train_teacher_share
 
 T = TypeVar("T")
 
@@ -399,11 +399,23 @@ def run_share(
     spread.arrive("fits")
 
 
+def run_teacher_share(cfg: Config, data: Any, run_dir: Path, resume: bool, spread: Spread) -> None:
+    """Train this rank's share of the teacher's cross-validation fits (fit i on rank i % world), then arrive
+    at the ``teacher`` barrier; rank 0 waits there and gathers them (:func:`train_teacher` ``reuse_fits``)."""
+    units: list[str] = []
+    if not (resume and rundir.is_done(run_dir / rundir.TEACHER)):
+        spread.check_abort()
+        units = train_teacher_share(cfg, data, run_dir, spread.owns, resume)
+    spread.set(f"teacher_units/{spread.rank}", json.dumps(units))
+    spread.arrive("teacher")
+
+
 def run_worker(cfg: Config, run_dir: Path, resume: bool, spread: Spread) -> dict[str, Any]:
-    """A rank other than 0: wait for rank 0's teacher and MAE, load them from the run directory, run its fits."""
+    """A rank other than 0: its share of the teacher's fits, then (once rank 0 has gathered the teacher and
+    trained the MAE) it loads them from the run directory and runs its share of the fits."""
     plan.check_mae_config(cfg)
     configure_torch(cfg)
-    spread.wait("ready", ranks=[0])  # as long as rank 0 is alive: the teacher may train for hours
+    spread.wait("data", ranks=[0])  # as long as rank 0 is alive: a cohort may take long to preprocess
     saved = load_config(run_dir / rundir.CONFIG)
     # Rank 0 resolved the manifest (possibly a cohort it generated into the run directory) and checked that a
     # resumed run has the same configuration; the fits read the manifest from config.yaml.
@@ -412,6 +424,8 @@ def run_worker(cfg: Config, run_dir: Path, resume: bool, spread: Spread) -> dict
     data = load_cohort(cfg, manifest_path(cfg, run_dir))
     lab = data.labelled
     splits = load_or_make_splits(cfg, run_dir, lab.subjects, lab.labels.tolist())
+    run_teacher_share(cfg, data, run_dir, resume, spread)
+    spread.wait("ready", ranks=[0])  # rank 0 gathers the teacher and trains the MAE: that may take hours
     teacher = load_teacher_outputs(run_dir)
     methods = list(cfg.protocol.methods)
 

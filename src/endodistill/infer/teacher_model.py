@@ -87,7 +87,7 @@ def teacher_member_dirs(run_dir: Path) -> list[Path]:
         return [tdir / "full"]
     folds = sorted(
         (p for p in tdir.glob("fold_*") if (p / rundir.WEIGHTS).is_file()),
-        key=lambda p: int(p.name.split("_")[1]),
+        key=lambda p: rundir.teacher_member_key(p.name),
     )
     if folds:
         return folds

@@ -382,13 +382,94 @@ def _shuffled_labels(data: CohortData, seed: int) -> CohortData:
     return dataclasses.replace(data, tvus=clips)
 
 
+def uses_cv(cfg: Config) -> bool:
+    """Whether the teacher is cross-validated (``folds`` > 1, or cross-fitted ``oof`` targets)."""
+    return cfg.teacher.folds > 1 or cfg.teacher.targets == "oof"
+
+
+def _fit_data(cfg: Config, data: CohortData) -> CohortData:
+    """What the teacher's fits train on: the cohort, or its shuffled-label control."""
+    return _shuffled_labels(data, cfg.seed) if cfg.teacher.shuffle_labels else data
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherCVFit:
+    """One fit of the teacher's cross-validation: ensemble member ``member`` of fold ``fold``."""
+
+    index: int  # position in the fold x member loop (a spread run's rank i % world trains fit i)
+    fold: int
+    member: int
+    train: np.ndarray  # clip indices
+    test: np.ndarray
+    seed: int
+    unit: str  # the fit's directory under RUN_DIR/teacher
+    where: str  # its name in messages
+
+
+def teacher_cv_fits(cfg: Config, data: CohortData) -> list[TeacherCVFit]:
+    """The teacher's cross-validation fits, fold by fold, ``teacher.ensemble`` members each.
+
+    Member 0 of fold ``f`` keeps the seed and the unit (``fold_f``) of a teacher without an ensemble, so
+    ``ensemble: 1`` trains exactly what it did before the option existed.
+    """
+    tv = data.tvus
+    lab = np.flatnonzero(tv.labels >= 0)
+    folds = _cv_folds(cfg, [tv.subjects[i] for i in lab], tv.labels[lab])
+    fits: list[TeacherCVFit] = []
+    for f, test_subjects in enumerate(folds):
+        test_set = set(test_subjects)
+        te = np.array([i for i in lab if tv.subjects[i] in test_set], dtype=np.int64)
+        tr = np.array([i for i in lab if tv.subjects[i] not in test_set], dtype=np.int64)
+        for m in range(cfg.teacher.ensemble):
+            fits.append(
+                TeacherCVFit(
+                    index=len(fits),
+                    fold=f,
+                    member=m,
+                    train=tr,
+                    test=te,
+                    seed=fit_seed(cfg.seed, "teacher", f, "cv" if m == 0 else f"cv member {m}"),
+                    unit=rundir.teacher_member_name(f, m),
+                    where=f"teacher fold {f}" + (f" member {m}" if m else ""),
+                )
+            )
+    return fits
+
+
+def train_teacher_share(
+    cfg: Config, data: CohortData, run_dir: Path, owns: Callable[[int], bool], resume: bool = False
+) -> list[str]:
+    """Train the teacher's cross-validation fits ``i`` with ``owns(i)`` (a spread run's share of them).
+
+    The fits land in their unit directories; :func:`train_teacher` with ``reuse_fits`` then reloads them.
+
+    Returns:
+        The units this call trained or found done.
+    """
+    if not uses_cv(cfg):
+        return []  # one hold-out fit (and maybe a full one): nothing to spread
+    fit_data = _fit_data(cfg, data)
+    out = Path(run_dir) / "teacher"
+    done = []
+    for fit in teacher_cv_fits(cfg, data):
+        if owns(fit.index):
+            fit_teacher(cfg, fit_data, fit.train, out / fit.unit, fit.seed, fit.where, resume, fit.test)
+            done.append(fit.unit)
+    return done
+
+
 def _cv_folds(cfg: Config, subjects: list[str], labels: np.ndarray) -> list[list[str]]:
     k = cfg.teacher.folds if cfg.teacher.folds > 1 else max(2, round(1 / cfg.teacher.holdout_fraction))
     return stratified_group_folds(subjects, labels.tolist(), k, cfg.seed)
 
 
 def train_teacher(
-    cfg: Config, data: CohortData, run_dir: Path, resume: bool = False, echo: Callable[[str], None] = print
+    cfg: Config,
+    data: CohortData,
+    run_dir: Path,
+    resume: bool = False,
+    echo: Callable[[str], None] = print,
+    reuse_fits: bool = False,
 ) -> dict[str, Any]:
     """Train, evaluate and freeze the teacher; store its outputs on every clip in ``RUN_DIR/teacher``.
 
@@ -398,6 +479,8 @@ def train_teacher(
         run_dir: the run directory.
         resume: reuse finished sub-fits and continue interrupted ones.
         echo: where progress lines go.
+        reuse_fits: reload the cross-validation fits that are done (other processes of a spread run trained
+            them, :func:`train_teacher_share`) even in a fresh run.
 
     Returns:
         The teacher's metrics (also in ``teacher/metrics.json``), with ``timing`` and ``fits``.
@@ -423,46 +506,53 @@ def train_teacher(
         )
     subj = [tv.subjects[i] for i in lab]
     x_eval = teacher_inputs(tv, cfg)
-    fit_data = _shuffled_labels(data, cfg.seed) if cfg.teacher.shuffle_labels else data
+    fit_data = _fit_data(cfg, data)
     n = len(tv)
     fits: dict[str, Any] = {}
     heldout_probs = np.full((n, k), np.nan)
     heldout_fold = np.full(n, -1)
-    use_cv = cfg.teacher.folds > 1 or cfg.teacher.targets == "oof"
+    use_cv = uses_cv(cfg)
     oof_logits = torch.zeros(n, k)
     oof_feats: Tensor | None = None
     unl = np.flatnonzero(tv.labels < 0)
     if use_cv:
-        folds = _cv_folds(cfg, subj, tv.labels[lab])
-        scheme = f"{len(folds)}-fold cross-validation"
+        cv = teacher_cv_fits(cfg, data)
+        n_folds = max(fit.fold for fit in cv) + 1
+        scheme = f"{n_folds}-fold cross-validation"
+        if cfg.teacher.ensemble > 1:
+            scheme += f", {cfg.teacher.ensemble} networks per fold"
         unl_logits, unl_feats = [], []
-        for f, test_subjects in enumerate(folds):
-            test_set = set(test_subjects)
-            te = np.array([i for i in lab if tv.subjects[i] in test_set], dtype=np.int64)
-            tr = np.array([i for i in lab if tv.subjects[i] not in test_set], dtype=np.int64)
-            seed = fit_seed(cfg.seed, "teacher", f, "cv")
+        for f in range(n_folds):
+            members = [fit for fit in cv if fit.fold == f]
+            te = members[0].test
             t1 = time.perf_counter()
-            net, info = fit_teacher(
-                cfg, fit_data, tr, out / rundir.fold_name(f), seed, f"teacher fold {f}", resume, te
+            outs, unl_outs = [], []
+            for fit in members:
+                net, info = fit_teacher(
+                    cfg, fit_data, fit.train, out / fit.unit, fit.seed, fit.where, resume or reuse_fits, te
+                )
+                outs.append(teacher_forward(net, x_eval[te], cfg))
+                if unl.size:
+                    unl_outs.append(teacher_forward(net, x_eval[unl], cfg))
+                fits[fit.unit] = {
+                    **{kk: v for kk, v in info.items() if kk != "history"},
+                    "test_subjects": sorted(tv.subjects[i] for i in te),
+                }
+            # The fold's members as one model: the mean of their logits (and features).
+            logits, feats = (
+                torch.stack([o[0] for o in outs]).mean(0),
+                torch.stack([o[1] for o in outs]).mean(0),
             )
-            logits, feats = teacher_forward(net, x_eval[te], cfg)
             if oof_feats is None:
                 oof_feats = torch.zeros(n, feats.shape[1])
             oof_logits[te], oof_feats[te] = logits, feats
             heldout_probs[te] = logits.softmax(1).numpy()
             heldout_fold[te] = f
-            if unl.size:
-                lu, fu = teacher_forward(net, x_eval[unl], cfg)
-                unl_logits.append(lu)
-                unl_feats.append(fu)
+            if unl_outs:
+                unl_logits.append(torch.stack([o[0] for o in unl_outs]).mean(0))
+                unl_feats.append(torch.stack([o[1] for o in unl_outs]).mean(0))
             a = auc_score(tv.labels[te], heldout_probs[te], pos)
-            fits[rundir.fold_name(f)] = {
-                **{kk: v for kk, v in info.items() if kk != "history"},
-                "test_subjects": sorted(test_set),
-            }
-            echo(
-                f"[teacher fold {f + 1}/{len(folds)}] held-out AUC {a:.3f} ({time.perf_counter() - t1:.1f} s)"
-            )
+            echo(f"[teacher fold {f + 1}/{n_folds}] held-out AUC {a:.3f} ({time.perf_counter() - t1:.1f} s)")
         if unl.size and oof_feats is not None:
             # Unlabelled clips were in no training fold: average the fold teachers.
             oof_logits[unl] = torch.stack(unl_logits).mean(0)
