@@ -43,16 +43,24 @@ def table(timings: dict[str, Any], wall: float, generation: float) -> tuple[str,
     rows: dict[str, dict[str, float]] = {"cohort generation": {"wall": generation}}
     for stage, secs in timings["stages"].items():
         rows.setdefault(stage if stage != "data" else "preprocessing + splits", {"wall": secs})
-    spread_wall = (timings.get("spread") or {}).get("wall_seconds")
-    if spread_wall is not None:  # fits in several processes: their stage time is a sum, not wall time
-        fit_wall = float(timings["stages"].get("cross_validation", 0.0))
-        rows["cross_validation"] = {"wall": float(spread_wall), "fit_wall": fit_wall}
+    spread = timings.get("spread") or {}
+    # Stages in several processes: rank 0's wall time, not the sum of their fits' times (kept as fit_wall for
+    # the overhead column).
+    for stage, key in (("cross_validation", "wall_seconds"), ("teacher", "teacher_wall_seconds")):
+        if spread.get(key) is not None:
+            rows[stage] = {"wall": float(spread[key]), "fit_wall": 0.0}
     for fit, t in timings["fits"].items():
         row = rows.setdefault(_stage_of(fit), {"wall": 0.0})
         for p in PARTS:
             row[p] = row.get(p, 0.0) + float(t.get(p, 0.0))
         row["fits"] = row.get("fits", 0) + 1
-    accounted = sum(r["wall"] for r in rows.values())
+        if "fit_wall" in row:
+            row["fit_wall"] += float(t.get("wall", 0.0))
+    side = spread.get("baselines_rank")
+    if side is not None:  # computed by another rank while rank 0 trained the MAE: not part of rank 0's time
+        for stage in [k for k in rows if k.startswith("baseline_")]:
+            rows[f"{stage} (rank {side}, alongside)"] = {**rows.pop(stage), "side": 1.0}
+    accounted = sum(r["wall"] for r in rows.values() if not r.get("side"))
     rows["report + examples + rest"] = {"wall": max(0.0, wall - accounted)}
     order = [
         "cohort generation",

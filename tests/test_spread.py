@@ -75,7 +75,8 @@ def test_spread_run_matches_one_process_run(spread_run: tuple[Path, str], tiny_r
     # Each fit ran once: one Lightning log version per unit, one progress line, on the expected rank.
     seen = [FIT_LINE.match(line) for line in stdout.splitlines()]
     ran = sorted((f"fold_{int(m[1]) - 1}/{m[2]}", int(m[3])) for m in seen if m)
-    assert ran == sorted((u, i % 2) for i, u in enumerate(fits))
+    odd = [line for line in stdout.splitlines() if "[fold " in line and not FIT_LINE.match(line)]
+    assert ran == sorted((u, i % 2) for i, u in enumerate(fits)), odd
     for u in fits:
         assert [p.name for p in (out / "folds" / u / "logs").iterdir()] == ["version_0"], u
     # The stage timings still sum every fit's own time (from the units' done.json), whichever rank ran it.
@@ -83,6 +84,9 @@ def test_spread_run_matches_one_process_run(spread_run: tuple[Path, str], tiny_r
     fit_walls = [json.loads((out / "folds" / u / "done.json").read_text())["timing"]["wall"] for u in fits]
     assert stages["cross_validation"] == pytest.approx(sum(fit_walls), abs=1e-2)
     assert "[rank 1/2] trained 7 fits, 0 already done" in stdout
+    # Rank 1 computed the baselines (while rank 0 trained the MAE); rank 0 reloaded them.
+    assert spread["baselines_rank"] == 1
+    assert any(line.startswith("[baselines]") and line.endswith("(rank 1)") for line in stdout.splitlines())
 
 
 @pytest.mark.timeout(300)

@@ -336,6 +336,11 @@ class SpreadInfo(_Fixed):
     # Wall-clock seconds from the start of the spread fits to the last rank's end (the stage timings add up the
     # fits' own times instead).
     wall_seconds: float | None = None
+    # Rank 0's wall-clock seconds for the teacher stage: its share of the fits, the wait for the others', the
+    # gathering (the "teacher" stage timing is the gathering alone).
+    teacher_wall_seconds: float | None = None
+    # The rank that computed the reference baselines, alongside rank 0's MAE (their stage timings overlap).
+    baselines_rank: int | None = None
 
 
 class Timings(_Fixed):

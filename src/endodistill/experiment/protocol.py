@@ -38,7 +38,14 @@ from endodistill.experiment.aggregate import (
 from endodistill.experiment.final import final_model, teacher_model
 from endodistill.experiment.provenance import load_or_make_splits, manifest_path, record_run, start_run
 from endodistill.experiment.runner import FitProgress, cv_fit, echo, mae_diagnostic, mae_encoder
-from endodistill.experiment.spread import Spread, run_share, run_teacher_share, run_worker, start_spread
+from endodistill.experiment.spread import (
+    BASELINES_RANK,
+    Spread,
+    run_share,
+    run_teacher_share,
+    run_worker,
+    start_spread,
+)
 from endodistill.report import format_ablation_table, write_report
 from endodistill.train.baselines import run_baselines
 from endodistill.train.data import load_cohort
@@ -145,6 +152,7 @@ def _run_units_in_order(
         run_teacher_share(cfg, data, run_dir, resume, spread)
         spread.wait("teacher")
     teacher_metrics = train_teacher(cfg, data, run_dir, resume, echo, reuse_fits=spread is not None)
+    t_teacher = time.perf_counter() - t1
     teacher = load_teacher_outputs(run_dir)
     teacher_info = teacher_model(cfg, run_dir, teacher_metrics, data.fingerprint, resume)
     progress.stage("teacher", time.perf_counter() - t1, reused)
@@ -195,6 +203,8 @@ def _run_units_in_order(
                 str(r): json.loads(spread.get(f"teacher_units/{r}")) for r in range(spread.world)
             },
             wall_seconds=round(time.perf_counter() - t_fits, 3),
+            teacher_wall_seconds=round(t_teacher, 3),
+            baselines_rank=BASELINES_RANK if cfg.baselines.enabled else None,
         )
 
     rows = oof_rows(cfg, splits, methods, run_dir)
@@ -250,7 +260,11 @@ def _run_units_in_order(
     if cfg.baselines.enabled:
         t1 = time.perf_counter()
         reused = resume and rundir.is_done(run_dir / rundir.BASELINES)
-        baselines, baseline_seconds = run_baselines(cfg, data, splits, run_dir, resume, rows, echo)
+        if spread is not None:  # another rank computed them alongside the MAE
+            spread.wait("baselines", ranks=[BASELINES_RANK])
+        baselines, baseline_seconds = run_baselines(
+            cfg, data, splits, run_dir, resume, rows, echo, reuse=spread is not None
+        )
         progress.stage("baselines", time.perf_counter() - t1, reused)
         if baselines:
             results["baselines"] = baselines
@@ -276,8 +290,8 @@ def _run_units_in_order(
     html, _md = write_report(run_dir)
     echo("")
     echo(format_ablation_table(written))
-    t_total = sum(timings.values())
-    if spread_info.wall_seconds is not None:  # the fits ran side by side: their wall time, not their sum
-        t_total += spread_info.wall_seconds - timings.get("cross_validation", 0.0)
+    # The stages' own times add up to the run's (also across a resume); in a spread run they overlap, so its
+    # total is this process's wall time.
+    t_total = sum(timings.values()) if spread is None else time.perf_counter() - t_start
     echo(f"\nteacher AUC {fmt_auc(teacher_metrics.get('auc'))}; report: {html}; total {fmt_seconds(t_total)}")
     return written

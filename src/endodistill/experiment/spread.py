@@ -22,6 +22,7 @@ offer no "wait for rank 0, then split a list" primitive without a process group 
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -44,6 +45,7 @@ from endodistill.errors import ConfigError, EndodistillError, InputError
 from endodistill.experiment import plan
 from endodistill.experiment.provenance import load_or_make_splits, manifest_path
 from endodistill.experiment.runner import FitProgress, cv_fit
+from endodistill.train.baselines import run_baselines
 from endodistill.train.data import load_cohort
 from endodistill.train.seeding import configure_torch
 from endodistill.train.teacher import load_teacher_outputs, train_teacher_share
@@ -354,6 +356,11 @@ def start_spread(cfg: Config) -> Spread | None:
     if not cfg.trainer.spread_fits or world <= 1:
         return None
     rank = int(env.get("RANK", "0") or 0)
+    # The ranks share torchrun's stdout: one write per line keeps their lines whole (a block-buffered pipe
+    # flushes 8 KiB at a time, more than a pipe writes atomically, and two ranks' lines then cut into each other).
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(line_buffering=True)
     _pin_device(cfg, int(env.get("LOCAL_RANK", "0") or 0))
     try:
         store, rank, world = next(dist.rendezvous("env://", timeout=timedelta(minutes=30)))
@@ -410,6 +417,23 @@ def run_teacher_share(cfg: Config, data: Any, run_dir: Path, resume: bool, sprea
     spread.arrive("teacher")
 
 
+BASELINES_RANK = 1  # the rank that computes the reference baselines while rank 0 trains the MAE
+
+
+def run_baselines_share(
+    cfg: Config, data: Any, splits: list[dict[str, list[str]]], run_dir: Path, resume: bool, spread: Spread
+) -> None:
+    """On rank :data:`BASELINES_RANK`: the reference baselines (they need only the data and the folds), into
+    ``RUN_DIR/baselines``, then the ``baselines`` barrier; rank 0 waits there and reloads them at the end."""
+    if spread.rank != BASELINES_RANK:
+        return
+    if cfg.baselines.enabled:
+        spread.check_abort()
+        tag = f" (rank {spread.rank})"
+        run_baselines(cfg, data, splits, run_dir, resume, (), lambda m: print(m + tag, flush=True))
+    spread.arrive("baselines")
+
+
 def run_worker(cfg: Config, run_dir: Path, resume: bool, spread: Spread) -> dict[str, Any]:
     """A rank other than 0: its share of the teacher's fits, then (once rank 0 has gathered the teacher and
     trained the MAE) it loads them from the run directory and runs its share of the fits."""
@@ -425,6 +449,7 @@ def run_worker(cfg: Config, run_dir: Path, resume: bool, spread: Spread) -> dict
     lab = data.labelled
     splits = load_or_make_splits(cfg, run_dir, lab.subjects, lab.labels.tolist())
     run_teacher_share(cfg, data, run_dir, resume, spread)
+    run_baselines_share(cfg, data, splits, run_dir, resume, spread)
     spread.wait("ready", ranks=[0])  # rank 0 gathers the teacher and trains the MAE: that may take hours
     teacher = load_teacher_outputs(run_dir)
     methods = list(cfg.protocol.methods)

@@ -585,6 +585,7 @@ def run_baselines(
     resume: bool,
     method_rows: Sequence[Mapping[str, Any]] = (),
     echo: Callable[[str], None] = lambda _m: None,
+    reuse: bool = False,
 ) -> tuple[dict[str, Any], dict[str, float]]:
     """Compute (or, on resume, reload) the baselines into ``RUN_DIR/baselines`` and summarise them.
 
@@ -596,6 +597,8 @@ def run_baselines(
         resume: reuse ``baselines/oof_predictions.csv`` and ``baselines/done.json`` when both are there.
         method_rows: the methods' OOF rows (for the full method vs baseline comparisons).
         echo: progress messages.
+        reuse: reload them when they are done even in a fresh run (another process of a spread run computed
+            them while this one trained the MAE).
 
     Returns:
         ``(results["baselines"], {"baseline_NAME": seconds})``; empty when the task is not binary (the
@@ -606,7 +609,7 @@ def run_baselines(
         return {}, {}
     unit = Path(run_dir) / UNIT
     oof = unit / "oof_predictions.csv"
-    done = read_done(unit) if resume else None
+    done = read_done(unit) if resume or reuse else None
     if done is not None and oof.is_file():
         computed = {**done, "rows": read_oof_csv(oof)}
     else:
