@@ -71,18 +71,21 @@ def table(timings: dict[str, Any], wall: float, generation: float) -> tuple[str,
         "final_model",
     ]
     rows = {k: rows[k] for k in sorted(rows, key=lambda k: order.index(k) if k in order else len(order))}
-    head = f"{'stage':<26}{'wall s':>8}{'fits':>6}" + "".join(f"{p:>11}" for p in PARTS) + f"{'overhead':>10}"
+    w = max(26, *(len(k) + 2 for k in rows))
+    head = (
+        f"{'stage':<{w}}{'wall s':>8}{'fits':>6}" + "".join(f"{p:>11}" for p in PARTS) + f"{'overhead':>10}"
+    )
     lines = [head, "-" * len(head)]
     for name, r in rows.items():
         cells = "".join(f"{r[p]:>11.1f}" if p in r else f"{'':>11}" for p in PARTS)
         # Fit wall time over model-step time (in spread fits: the fits' own wall times, added up).
         ovh = f"{r.get('fit_wall', r['wall']) / r['step']:>10.2f}" if r.get("step") else f"{'':>10}"
         fits = f"{int(r['fits']):>6d}" if "fits" in r else f"{'':>6}"
-        lines.append(f"{name:<26}{r['wall']:>8.1f}{fits}{cells}{ovh}")
+        lines.append(f"{name:<{w}}{r['wall']:>8.1f}{fits}{cells}{ovh}")
     step = timings.get("step_seconds") or 0.0
     lines.append("-" * len(head))
     lines.append(
-        f"{'total':<26}{wall:>8.1f}   model steps {step:.1f} s; protocol overhead (fit wall / steps) "
+        f"{'total':<{w}}{wall:>8.1f}   model steps {step:.1f} s; protocol overhead (fit wall / steps) "
         f"{timings.get('overhead')}; whole demo / steps {wall / step if step else float('nan'):.2f}"
     )
     return "\n".join(lines), rows
