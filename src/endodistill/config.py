@@ -185,13 +185,18 @@ class TeacherConfig(_Strict):
         ),
     )
 
+    @property
+    def cross_validated(self) -> bool:
+        """Whether the teacher is cross-validated (``folds`` > 1, or cross-fitted ``oof`` targets)."""
+        return self.folds > 1 or self.targets == "oof"
+
     @model_validator(mode="after")
-    def _check_flow(self) -> TeacherConfig:
+    def _check_inputs(self) -> TeacherConfig:
         if self.motion == "flow" and not self.motion_input:
             raise ValueError("teacher.motion 'flow' is a motion input: it needs motion_input true")
         if self.flow_size is not None and min(self.flow_size) < 4:
             raise ValueError(f"teacher.flow_size must be at least 4 x 4, got {list(self.flow_size)}")
-        if self.ensemble > 1 and self.folds == 1 and self.targets != "oof":
+        if self.ensemble > 1 and not self.cross_validated:
             raise ValueError(
                 "teacher.ensemble > 1 needs cross-validation: set teacher.folds > 1 or targets oof"
             )

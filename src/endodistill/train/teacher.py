@@ -382,11 +382,6 @@ def _shuffled_labels(data: CohortData, seed: int) -> CohortData:
     return dataclasses.replace(data, tvus=clips)
 
 
-def uses_cv(cfg: Config) -> bool:
-    """Whether the teacher is cross-validated (``folds`` > 1, or cross-fitted ``oof`` targets)."""
-    return cfg.teacher.folds > 1 or cfg.teacher.targets == "oof"
-
-
 def _fit_data(cfg: Config, data: CohortData) -> CohortData:
     """What the teacher's fits train on: the cohort, or its shuffled-label control."""
     return _shuffled_labels(data, cfg.seed) if cfg.teacher.shuffle_labels else data
@@ -446,7 +441,7 @@ def train_teacher_share(
     Returns:
         The units this call trained or found done.
     """
-    if not uses_cv(cfg):
+    if not cfg.teacher.cross_validated:
         return []  # one hold-out fit (and maybe a full one): nothing to spread
     fit_data = _fit_data(cfg, data)
     out = Path(run_dir) / "teacher"
@@ -511,7 +506,7 @@ def train_teacher(
     fits: dict[str, Any] = {}
     heldout_probs = np.full((n, k), np.nan)
     heldout_fold = np.full(n, -1)
-    use_cv = uses_cv(cfg)
+    use_cv = cfg.teacher.cross_validated
     oof_logits = torch.zeros(n, k)
     oof_feats: Tensor | None = None
     unl = np.flatnonzero(tv.labels < 0)
