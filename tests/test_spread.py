@@ -31,6 +31,34 @@ def _fits(run: Path) -> list[str]:
     return [f"fold_{f}/{m}" for f in range(folds) for m in methods]
 
 
+def _ranks(run: Path, fits: list[str]) -> list[int]:
+    """The rank ``plan.fit_ranks`` gives each of ``fits`` (the run's loop) over 2 processes."""
+    from endodistill.experiment.plan import cv_fits, fit_ranks
+
+    cfg = load_config(run / "config.yaml")
+    loop = cv_fits(len(json.loads((run / "splits.json").read_text())), list(cfg.protocol.methods))
+    assert [f.name for f in loop] == fits
+    return fit_ranks(cfg, loop, 2)
+
+
+def test_fits_are_dealt_round_robin_with_the_joint_fits_first() -> None:
+    from endodistill.experiment.plan import JOINT_FIT_COST, cv_fits, fit_ranks
+
+    cfg = load_config("demo")
+    fits = cv_fits(5, list(cfg.protocol.methods))  # five student methods and joint: 30 fits
+    students = [f for f in fits if f.method != "joint"]
+    assert fit_ranks(cfg, students, 3) == [i % 3 for i in range(len(students))]
+    ranks = fit_ranks(cfg, fits, 2)
+    load = [
+        sum(JOINT_FIT_COST if f.method == "joint" else 1.0 for f, r in zip(fits, ranks) if r == k)
+        for k in (0, 1)
+    ]
+    # A plain round robin puts all five joint fits on rank 1 (16.75 against 15 student fits' time).
+    joint_ranks = [r for f, r in zip(fits, ranks) if f.method == "joint"]
+    assert sorted(joint_ranks) == [0, 0, 0, 1, 1]
+    assert max(load) - min(load) <= 1.0 and max(load) < 10 + 5 * JOINT_FIT_COST
+
+
 def _comparable(run: Path) -> dict:
     results = json.loads((run / "results.json").read_text())
     results.pop("timings")
@@ -67,7 +95,8 @@ def test_spread_run_matches_one_process_run(spread_run: tuple[Path, str], tiny_r
     assert json.loads((ref / "results.json").read_text())["fit_processes"] == 1
 
     fits = _fits(out)
-    expected = {str(r): [u for i, u in enumerate(fits) if i % 2 == r] for r in (0, 1)}
+    ranks = _ranks(out, fits)
+    expected = {str(r): [u for u, ur in zip(fits, ranks, strict=True) if ur == r] for r in (0, 1)}
     spread = json.loads((out / "timings.json").read_text())["spread"]
     assert spread["processes"] == 2 and spread["engine"] == "torchrun"
     assert spread["trained_by_rank"] == expected
@@ -81,7 +110,7 @@ def test_spread_run_matches_one_process_run(spread_run: tuple[Path, str], tiny_r
     tagged = [FIT_LINE.match(line) for line in stdout.splitlines()]
     whole = [m for m in tagged if m]
     assert len(whole) >= len(fits) - 2  # at most one pair of lines cut into each other
-    assert all(int(m[3]) == fits.index(f"fold_{int(m[1]) - 1}/{m[2]}") % 2 for m in whole)
+    assert all(int(m[3]) == ranks[fits.index(f"fold_{int(m[1]) - 1}/{m[2]}")] for m in whole)
     for u in fits:
         assert [p.name for p in (out / "folds" / u / "logs").iterdir()] == ["version_0"], u
     # The stage timings still sum every fit's own time (from the units' done.json), whichever rank ran it.

@@ -188,7 +188,8 @@ def _run_units_in_order(
         spread.arrive("ready")
         t_fits = time.perf_counter()
         echo(
-            f"[spread] {k * len(methods)} fits over {spread.world} processes (fit i on rank i % {spread.world})"
+            f"[spread] {k * len(methods)} fits over {spread.world} processes "
+            "(round robin, the longer joint fits dealt first)"
         )
         run_share(cfg, data, teacher, splits, methods, run_dir, resume, encoder_of, spread)
         spread.wait("fits")
@@ -196,7 +197,10 @@ def _run_units_in_order(
         spread_info = rundir.SpreadInfo(
             processes=spread.world,
             engine="torchrun",
-            assignment=f"round robin: fit i of the fold x method loop on rank i % {spread.world}",
+            assignment=(
+                f"longest first over {spread.world} ranks (joint fits weigh {plan.JOINT_FIT_COST}, the others "
+                f"1): fit i on rank i % {spread.world} when all weigh the same"
+            ),
             trained_by_rank={r: v["trained"] for r, v in by_rank.items()},
             skipped_by_rank={r: v["skipped"] for r, v in by_rank.items()},
             teacher_by_rank={

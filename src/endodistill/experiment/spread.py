@@ -6,8 +6,9 @@
 
 The engine is torchrun: it launches one process per device (on one or several nodes), restarts nothing, and
 serves the rendezvous store that the processes share. Rank 0 runs everything before the cross-validation fits
-(teacher, MAE encoders) while the others wait; then fit ``i`` of the ``(fold, method)`` loop runs on rank
-``i % world`` (static round robin), each in one process on one device, into the same run directory; rank 0
+(teacher, MAE encoders) while the others wait; then the ``(fold, method)`` fits are dealt out in advance
+(:func:`~endodistill.experiment.plan.fit_ranks`: round robin, the longer joint fits first), each in one
+process on one device, into the same run directory; rank 0
 waits for every rank and writes ``results.json`` and the report as in a one-process run.
 
 No process group is created: a default process group would make Lightning's one-device fits believe they
@@ -391,11 +392,12 @@ def run_share(
     trained: list[str] = []
     skipped: list[str] = []
     fits = plan.cv_fits(len(splits), methods)
-    progress = FitProgress(sum(1 for fit in fits if spread.owns(fit.index)), f"rank {spread.rank} fits")
+    mine = [
+        fit for fit, r in zip(fits, plan.fit_ranks(cfg, fits, spread.world), strict=True) if r == spread.rank
+    ]
+    progress = FitProgress(len(mine), f"rank {spread.rank} fits")
     try:
-        for fit in fits:
-            if not spread.owns(fit.index):
-                continue
+        for fit in mine:
             spread.check_abort()  # another rank failed: stop at this fit boundary
             (skipped if resume and rundir.fit_reusable(fit.unit(run_dir)) else trained).append(fit.name)
             tag = f" (rank {spread.rank})"
