@@ -302,3 +302,29 @@ def test_protocol_with_joint_keeps_the_five_methods(
     meta = json.loads((run / "model" / "metadata.json").read_text())
     assert meta["kind"] == "joint" and 0 <= meta["tvus_threshold"] <= 1
     assert "Joint model joint on TVUS clips" in (run / "report.md").read_text()
+
+
+def test_joint_lr_sets_the_joint_fits_peak_rate_only(tiny_cohort: Path, tmp_path: Path, monkeypatch) -> None:
+    import endodistill.train.finetune as finetune
+    import endodistill.train.joint as joint
+    from endodistill.data.splits import make_cv_splits
+
+    peaks: list[float] = []
+    orig = finetune.layer_decay_groups
+
+    def spy(net, weight_decay, lr, layer_decay):
+        peaks.append(lr)
+        return orig(net, weight_decay, lr, layer_decay)
+
+    monkeypatch.setattr(finetune, "layer_decay_groups", spy)
+    cfg, data = _data(
+        _cfg(tiny_cohort, finetune={"epochs": 1, "lr": 1e-3}, joint={"lr": 0.0123}), tiny_cohort, tmp_path
+    )
+    assert load_config("tiny").joint.lr is None  # unset: the student's rate
+    split = make_cv_splits(
+        data.labelled.subjects, data.labelled.labels.tolist(), cfg.protocol.folds, cfg.seed, 0.2
+    )[0]
+    joint.joint_fit(
+        cfg, "joint", data, split, joint.clip_folds(cfg, data)[0], tmp_path / "joint", 1, "fold 0"
+    )
+    assert peaks == [0.0123]  # not finetune.lr (1e-3)

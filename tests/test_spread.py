@@ -42,21 +42,20 @@ def _ranks(run: Path, fits: list[str]) -> list[int]:
 
 
 def test_fits_are_dealt_round_robin_with_the_joint_fits_first() -> None:
-    from endodistill.experiment.plan import JOINT_FIT_COST, cv_fits, fit_ranks
+    from endodistill.experiment.plan import cv_fits, fit_cost, fit_ranks
 
     cfg = load_config("demo")
     fits = cv_fits(5, list(cfg.protocol.methods))  # five student methods and joint: 30 fits
     students = [f for f in fits if f.method != "joint"]
     assert fit_ranks(cfg, students, 3) == [i % 3 for i in range(len(students))]
     ranks = fit_ranks(cfg, fits, 2)
-    load = [
-        sum(JOINT_FIT_COST if f.method == "joint" else 1.0 for f, r in zip(fits, ranks) if r == k)
-        for k in (0, 1)
-    ]
-    # A plain round robin puts all five joint fits on rank 1 (16.75 against 15 student fits' time).
+    load = [sum(fit_cost(cfg, f.method) for f, r in zip(fits, ranks) if r == k) for k in (0, 1)]
+    # A plain round robin puts all five joint fits on rank 1: 10 student fits + 5 joint fits (2.7 each
+    # at twice the students' epochs) against 15 student fits.
+    assert fit_cost(cfg, "joint") == pytest.approx(1.35 * 40 / 20)
     joint_ranks = [r for f, r in zip(fits, ranks) if f.method == "joint"]
     assert sorted(joint_ranks) == [0, 0, 0, 1, 1]
-    assert max(load) - min(load) <= 1.0 and max(load) < 10 + 5 * JOINT_FIT_COST
+    assert max(load) - min(load) <= 1.0 and max(load) < 10 + 5 * fit_cost(cfg, "joint")
 
 
 def _comparable(run: Path) -> dict:

@@ -343,6 +343,7 @@ class JointConfig(_Strict):
     )
     clip_weight: float = Field(1.0, ge=0, description="Weight of the TVUS cross-entropy (the MRI's is 1).")
     epochs: int | None = Field(None, ge=1, description="Epochs of a joint fit; None: finetune.epochs.")
+    lr: float | None = Field(None, gt=0, description="Peak learning rate of a joint fit; None: finetune.lr.")
     pool: Literal["cls", "mean"] = Field(
         "cls",
         description=(

@@ -15,6 +15,7 @@ import numpy as np
 
 from endodistill import rundir
 from endodistill.config import Config, ConfigError
+from endodistill.train.joint import joint_epochs
 from endodistill.train.seeding import fit_seed
 
 
@@ -42,9 +43,16 @@ def cv_fits(n_folds: int, methods: list[str]) -> list[CVFit]:
     return [CVFit(i, f, m) for i, (f, m) in enumerate(pairs)]
 
 
-# A joint fit's time over a student fit's: 6.1-6.3 s against 4.6 s on the 2-core demo (session 7, bench_demo);
-# it also trains on the fold's clips. The only cost that differs between the fits of one loop.
-JOINT_FIT_COST = 1.35
+# A joint epoch's time over a student epoch's: 6.1-6.3 s against 4.6 s per fit at the same epochs on the
+# 2-core demo (session 7, bench_demo); it also trains on the fold's clips.
+JOINT_EPOCH_COST = 1.35
+
+
+def fit_cost(cfg: Config, method: str) -> float:
+    """A fit's time in student fits: the joint model's by its epoch cost and ``joint.epochs``, else 1."""
+    if cfg.protocol.methods[method].kind != "joint":
+        return 1.0
+    return JOINT_EPOCH_COST * joint_epochs(cfg) / cfg.finetune.epochs
 
 
 def fit_ranks(cfg: Config, fits: list[CVFit], world: int) -> list[int]:
@@ -54,7 +62,7 @@ def fit_ranks(cfg: Config, fits: list[CVFit], world: int) -> list[int]:
     they no longer all fall on one rank whenever the method count is a multiple of the world (six methods,
     two ranks). Fixed by the config alone, so every rank computes the same assignment.
     """
-    costs = [JOINT_FIT_COST if cfg.protocol.methods[f.method].kind == "joint" else 1.0 for f in fits]
+    costs = [fit_cost(cfg, f.method) for f in fits]
     load = [0.0] * world
     ranks = [0] * len(fits)
     for i in sorted(range(len(fits)), key=lambda i: -costs[i]):  # stable: equal costs keep their order

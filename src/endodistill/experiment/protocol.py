@@ -198,8 +198,8 @@ def _run_units_in_order(
             processes=spread.world,
             engine="torchrun",
             assignment=(
-                f"longest first over {spread.world} ranks (joint fits weigh {plan.JOINT_FIT_COST}, the others "
-                f"1): fit i on rank i % {spread.world} when all weigh the same"
+                f"longest first over {spread.world} ranks (plan.fit_cost; joint epochs weigh "
+                f"{plan.JOINT_EPOCH_COST} student epochs): fit i on rank i % {spread.world} when all weigh the same"
             ),
             trained_by_rank={r: v["trained"] for r, v in by_rank.items()},
             skipped_by_rank={r: v["skipped"] for r, v in by_rank.items()},

@@ -152,9 +152,14 @@ class StudentModule(StageModule):
         self.best = dict(state.get("best", self.best))
         self.best_state = state.get("best_state")
 
+    def peak_lr(self) -> float:
+        """The schedule's peak learning rate (``finetune.lr``)."""
+        return self.cfg.finetune.lr
+
     def optimiser(self) -> torch.optim.Optimizer:
         f = self.cfg.finetune
-        return adamw(layer_decay_groups(self.net, f.weight_decay, f.lr, f.layer_decay), lr=f.lr)
+        lr = self.peak_lr()
+        return adamw(layer_decay_groups(self.net, f.weight_decay, lr, f.layer_decay), lr=lr)
 
 
 def _layer_id(name: str, num_layers: int) -> int:

@@ -24,8 +24,8 @@ Design (ours; the follow-up paper's details are not public, see :mod:`endodistil
   (the head's input) of its MRI cases and that of its clips, averaged over those classes.
 * **Initialisation.** ``init: mae`` loads the MRI patch embedding, cls token, blocks and final norm from
   the run's MAE encoder (the clip tokenizer and the head start at random); ``init: scratch`` none.
-* **Optimisation and selection.** The student's: AdamW with its learning rate, weight decay and
-  layer-wise decay (the clip tokenizer at the full rate), warm-up + cosine, ``joint.epochs`` epochs;
+* **Optimisation and selection.** The student's: AdamW with its weight decay and layer-wise decay (the clip
+  tokenizer at the full rate) at ``joint.lr`` (else the student's), warm-up + cosine, ``joint.epochs`` epochs;
   selection on the inner validation split's MRI AUC (the target task), else the last epoch.
 """
 
@@ -149,6 +149,9 @@ class JointModule(StudentModule):
         super().__init__(*args, **kw)
         self.clip_class_weights: Tensor | None
         self.register_buffer("clip_class_weights", clip_class_weights, persistent=False)
+
+    def peak_lr(self) -> float:
+        return self.cfg.joint.lr or self.cfg.finetune.lr
 
     def kd_weight(self) -> float:
         """No distillation in the joint method (the history's ``kd_weight`` column is 0)."""
