@@ -8,8 +8,8 @@ The engine is torchrun: it launches one process per device (on one or several no
 serves the rendezvous store that the processes share. Rank 0 runs everything before the cross-validation fits
 (teacher, MAE encoders) while the others wait; then the ``(fold, method)`` fits are dealt out in advance
 (:func:`~endodistill.experiment.plan.fit_ranks`: round robin, the longer joint fits first), each in one
-process on one device, into the same run directory; rank 0
-waits for every rank and writes ``results.json`` and the report as in a one-process run.
+process on one device, into the same run directory; rank 0 waits for every rank and writes ``results.json``
+and the report as in a one-process run.
 
 No process group is created: a default process group would make Lightning's one-device fits believe they
 are distributed. The processes only coordinate through torchrun's key-value store (``env://`` rendezvous), and
