@@ -151,6 +151,7 @@ class JointModule(StudentModule):
         self.register_buffer("clip_class_weights", clip_class_weights, persistent=False)
 
     def peak_lr(self) -> float:
+        """``joint.lr``, else the student's ``finetune.lr``."""
         return self.cfg.joint.lr or self.cfg.finetune.lr
 
     def kd_weight(self) -> float:
