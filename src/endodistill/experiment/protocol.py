@@ -189,7 +189,7 @@ def _run_units_in_order(
         t_fits = time.perf_counter()
         echo(
             f"[spread] {k * len(methods)} fits over {spread.world} processes "
-            "(round robin, the longer joint fits dealt first)"
+            "(dealt out longest first; equally long fits round robin)"
         )
         run_share(cfg, data, teacher, splits, methods, run_dir, resume, encoder_of, spread)
         spread.wait("fits")

@@ -172,7 +172,8 @@ class Spread:
         return self._op(lambda s: s.get(key)).decode("utf-8")
 
     def owns(self, index: int) -> bool:
-        """Whether item ``index`` of the fixed list of fits is this process's (static round robin)."""
+        """Whether item ``index`` of a fixed list of equally long fits (the teacher's) is this process's: the
+        round robin that :func:`~endodistill.experiment.plan.fit_ranks` also gives fits of equal cost."""
         return index % self.world == self.rank
 
     # -- failure
