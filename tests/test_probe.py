@@ -1,4 +1,4 @@
-"""The MAE linear-probe diagnostic: same-shape random encoder, training-part-only choices."""
+"""The MAE linear-probe diagnostic: same-shape untrained encoders, training-part-only choices."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import numpy as np
 import torch
 
 from endodistill.config import load_config
+from endodistill.evaluate.delong import delong_auc_ci
 from endodistill.models.student import build_mae, mae_encoder_state
 from endodistill.models.weights import save_weights
-from endodistill.train.probe import encoder_features, mae_probe, probe_oof
+from endodistill.train.probe import encoder_features, mae_probe, probe_oof, untrained_seed
 from endodistill.train.seeding import seed_all
 
 
@@ -65,8 +66,8 @@ def test_probe_trains_only_on_the_given_training_parts() -> None:
     assert not np.array_equal(a, probe_oof(x, y, folds))  # and it did train on fewer cases
 
 
-def test_mae_probe_compares_against_the_same_shaped_untrained_encoder(tmp_path: Path) -> None:
-    cfg = load_config("tiny")
+def test_mae_probe_compares_against_the_same_shaped_untrained_encoders(tmp_path: Path) -> None:
+    cfg = load_config("tiny", ["mae.probe_draws=3"])
     seed = 123
     seed_all(seed)
     untrained = build_mae(cfg)
@@ -79,11 +80,18 @@ def test_mae_probe_compares_against_the_same_shaped_untrained_encoder(tmp_path: 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(24, 1, *cfg.mri.size, generator=g)
     y = np.tile([0, 1], 12)
-    out = mae_probe(cfg, x, y, _folds(24, 3), enc, seed)
+    folds = _folds(24, 3)
+    out = mae_probe(cfg, x, y, folds, enc, seed)
     assert {"flat_probe_auc", "flat_random_probe_auc"} <= out.keys()
-    assert {"probe_auc", "probe_auc_ci95", "random_probe_auc", "random_probe_auc_ci95"} <= out.keys()
-    # The random encoder is the MAE's own initialisation (same shapes, same seed): its features equal
-    # those of a freshly seeded build, and the probe on them reproduces random_probe_auc.
+    assert {
+        "probe_auc",
+        "probe_auc_ci95",
+        "random_probe_auc",
+        "random_probe_auc_ci95",
+        "gain_ci95",
+    } <= out.keys()
+    # The first untrained encoder is the MAE's own initialisation (same shapes, same seed): its features
+    # equal those of a freshly seeded build, and the probe on them is the first draw.
     seed_all(seed)
     again = build_mae(cfg)
     assert {k: v.shape for k, v in again.state_dict().items()} == {
@@ -91,8 +99,41 @@ def test_mae_probe_compares_against_the_same_shaped_untrained_encoder(tmp_path: 
     }
     f_untrained = encoder_features(untrained, x, "mean")
     np.testing.assert_array_equal(f_untrained, encoder_features(again, x, "mean"))
-    from endodistill.evaluate.delong import delong_auc_ci
-
-    auc = delong_auc_ci(y, probe_oof(f_untrained, y, _folds(24, 3), seed=seed))[0]
-    assert out["random_probe_auc"] == auc
+    # Every draw is an encoder of the MAE's shape from its own seed; the reference is their mean.
+    draws = []
+    for k in range(3):
+        seed_all(untrained_seed(seed, k))
+        draw = build_mae(cfg)
+        assert {n: v.shape for n, v in draw.state_dict().items()} == {
+            n: v.shape for n, v in trained.state_dict().items()
+        }
+        draws.append(delong_auc_ci(y, probe_oof(encoder_features(draw, x, "mean"), y, folds, seed=seed))[0])
+    assert untrained_seed(seed, 0) == seed and len({untrained_seed(seed, k) for k in range(3)}) == 3
+    assert out["random_probe_aucs"] == draws
+    assert out["random_probe_auc"] == np.mean(draws)
+    assert out["random_probe_sd"] == np.std(draws, ddof=1)
     assert out["gain"] == out["probe_auc"] - out["random_probe_auc"]
+    lo, hi = out["gain_ci95"]
+    assert lo < out["gain"] < hi
+    lo, hi = out["random_probe_auc_ci95"]
+    assert lo < out["random_probe_auc"] < hi
+
+
+def test_one_untrained_draw_is_the_maes_initialisation_with_its_delong_interval(tmp_path: Path) -> None:
+    cfg = load_config("tiny", ["mae.probe_draws=1"])
+    seed = 7
+    seed_all(seed)
+    untrained = build_mae(cfg)
+    enc = tmp_path / "encoder.safetensors"
+    save_weights(enc, mae_encoder_state(untrained))
+    x = torch.randn(24, 1, *cfg.mri.size, generator=torch.Generator().manual_seed(1))
+    y = np.tile([0, 1], 12)
+    out = mae_probe(cfg, x, y, _folds(24, 3), enc, seed)
+    auc, lo, hi = delong_auc_ci(
+        y, probe_oof(encoder_features(untrained, x, "mean"), y, _folds(24, 3), seed=seed)
+    )
+    # One draw: no spread between initialisations, so the interval is the draw's own DeLong interval, and an
+    # "MAE" that is its own initialisation gains exactly nothing.
+    assert out["random_probe_auc"] == auc and out["random_probe_sd"] == 0.0
+    np.testing.assert_allclose(out["random_probe_auc_ci95"], [lo, hi], atol=1e-12)
+    assert out["gain"] == 0.0

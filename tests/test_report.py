@@ -384,6 +384,9 @@ def _with_extras(run: Path) -> dict:
         "probe_auc": 0.6312345678901,
         "probe_auc_ci95": [0.5512345678901, 0.7112345678901],
         "random_probe_auc": 0.5512345678901,
+        "random_probe_draws": 8,
+        "gain": 0.0800000000001,
+        "gain_ci95": [0.0100000000001, 0.1500000000001],
     }
     results["teacher"].update(
         cv_auc=0.9612345678901,
@@ -411,8 +414,8 @@ def test_report_shows_baselines_and_diagnostics_apart_from_the_methods(
     assert f"{auc:.3f} [{lo:.3f}, {hi:.3f}]" in lines[i + 1]
     assert "retroflexion 0.961, elevated_fornix 0.441" in table
     assert (
-        "MAE linear probe AUC 0.631 [0.551, 0.711] vs the same probe on a randomly initialised encoder 0.551"
-        in table
+        "MAE linear probe AUC 0.631 [0.551, 0.711] vs the same probe on the mean of 8 untrained encoders of "
+        "the same shape 0.551; gain 0.080 [0.010, 0.150]" in table
     )
     teacher_line = (
         "Teacher cross-validated AUC 0.961 [0.931, 0.991]; simple clip baseline 0.921 [0.881, 0.961]"

@@ -185,9 +185,12 @@ def mae_diagnostic(
     seconds = time.perf_counter() - t0
     lo, hi = info["probe_auc_ci95"]
     rlo, rhi = info["random_probe_auc_ci95"]
+    glo, ghi = info["gain_ci95"]
     echo(
-        f"[mae] linear probe AUC {info['probe_auc']:.3f} [{lo:.3f}, {hi:.3f}] vs the same encoder before "
-        f"pre-training {info['random_probe_auc']:.3f} [{rlo:.3f}, {rhi:.3f}] ({seconds:.1f} s)"
+        f"[mae] linear probe AUC {info['probe_auc']:.3f} [{lo:.3f}, {hi:.3f}] vs "
+        f"{info['random_probe_draws']} untrained encoders of its shape {info['random_probe_auc']:.3f} "
+        f"[{rlo:.3f}, {rhi:.3f}] (sd {info['random_probe_sd']:.3f}): gain {info['gain']:+.3f} "
+        f"[{glo:+.3f}, {ghi:+.3f}] ({seconds:.1f} s)"
     )
     return info
 

@@ -239,9 +239,18 @@ def diagnostic_lines(results: Mapping[str, Any]) -> list[str]:
     if isinstance(mae, Mapping) and num(mae.get("probe_auc")) is not None:
         line = "MAE linear probe AUC " + fmt_ci(mae.get("probe_auc"), mae.get("probe_auc_ci95"))
         if num(mae.get("random_probe_auc")) is not None:
-            line += " vs the same probe on a randomly initialised encoder " + fmt_ci(
+            draws = mae.get("random_probe_draws")
+            # Runs before probe_draws compared with one untrained encoder, the MAE's own initialisation.
+            what = (
+                f"the mean of {draws} untrained encoders"
+                if num(draws) not in (None, 1)
+                else "an untrained encoder"
+            )
+            line += f" vs the same probe on {what} of the same shape " + fmt_ci(
                 mae.get("random_probe_auc"), mae.get("random_probe_auc_ci95")
             )
+            if num(mae.get("gain")) is not None:
+                line += "; gain " + fmt_ci(mae.get("gain"), mae.get("gain_ci95"))
         lines.append(line)
     teacher = results.get("teacher")
     if isinstance(teacher, Mapping) and num(teacher.get("cv_auc")) is not None:

@@ -2,15 +2,21 @@
 
 The MAE encoder's pooled features of every labelled volume are scored by an L2 logistic regression on the
 run's own cross-validation folds (C by inner cross-validation on each training part only), and so are the
-features of the SAME encoder before pre-training (built from the MAE fit's seed, so it is the very network
-the MAE started from). The difference of the two pooled out-of-fold AUCs is what pre-training added to the
-features, before any fine-tuning; both get DeLong 95% CIs. It takes seconds.
+features of untrained encoders of the same shape: the very network the MAE started from (built from the MAE
+fit's seed) and ``mae.probe_draws - 1`` more, each from its own seed. One untrained encoder is a noisy
+reference: its probe AUC varies with the initialisation by 0.05-0.06 (standard deviation over 8 draws on demo
+cohorts 10-12), as much as the margin it is compared with, so the reference is the mean over the draws. The
+difference of the MAE's pooled out-of-fold AUC and that mean is what pre-training added to the features,
+before any fine-tuning. The MAE's probe gets a DeLong 95% CI; the mean over draws and the gain get one from
+the draws' joint DeLong covariance (the same cases score every encoder) plus the spread between draws
+(``sd**2 / draws``: the initialisation is a random effect of its own). It takes seconds.
 
 The probe reads the mean of the patch tokens, the usual MAE linear probe (a global representation in which
 the label should be linearly readable), whatever the student's head reads. The same probe on all patch
-tokens flattened is reported beside it (``flat_*``): it mostly measures the voxels themselves, since an
-untrained encoder's tokens are close to a random projection of its patches (demo seeds 10-12: flat probe
-0.718 after pre-training against 0.742 before, mean-of-tokens probe 0.687 against 0.609).
+tokens flattened is reported beside it (``flat_*``, against the MAE's own initialisation only: it is the
+slow one): it mostly measures the voxels themselves, since an untrained encoder's tokens are close to a
+random projection of its patches (demo seeds 10-12: flat probe 0.718 after pre-training against 0.742
+before, mean-of-tokens probe 0.687 against 0.609).
 """
 
 from __future__ import annotations
@@ -21,15 +27,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy import stats
 from sklearn.linear_model import LogisticRegressionCV
 from sklearn.model_selection import StratifiedKFold
 from torch import Tensor
 
 from endodistill.config import Config
-from endodistill.evaluate.delong import delong_auc_ci
+from endodistill.evaluate.delong import delong_auc_ci, delong_covariance
 from endodistill.models.student import build_mae, build_student, load_mae_encoder
 from endodistill.models.weights import load_weights
-from endodistill.train.seeding import seed_all
+from endodistill.train.seeding import fit_seed, seed_all
 
 # Inner-CV grid of the probe's inverse regularisation strength (features are standardised first).
 PROBE_CS = tuple(float(c) for c in np.logspace(-3, 2, 8))
@@ -114,6 +121,16 @@ def _auc_ci(labels: np.ndarray, probs: np.ndarray) -> tuple[float, list[float]]:
     return float(auc), [float(lo), float(hi)]
 
 
+def _interval(centre: float, var: float) -> list[float]:
+    half = float(stats.norm.ppf(0.975)) * float(np.sqrt(max(var, 0.0)))
+    return [float(np.clip(centre - half, 0.0, 1.0)), float(np.clip(centre + half, 0.0, 1.0))]
+
+
+def untrained_seed(mae_seed: int, draw: int) -> int:
+    """The seed of untrained encoder ``draw``: the MAE's own for draw 0, then one of its own per draw."""
+    return int(mae_seed) if draw == 0 else fit_seed(mae_seed, "probe_untrained", draw)
+
+
 def mae_probe(
     cfg: Config,
     labelled_x: Tensor,
@@ -123,33 +140,59 @@ def mae_probe(
     mae_seed: int,
     trains: Sequence[np.ndarray] | None = None,
 ) -> dict[str, Any]:
-    """Linear-probe AUC of the pre-trained MAE encoder against the same encoder before pre-training.
+    """Linear-probe AUC of the pre-trained MAE encoder against untrained encoders of the same shape.
 
     Args:
-        cfg: the run configuration (``student`` and ``mae`` build the encoder).
+        cfg: the run configuration (``student`` and ``mae`` build the encoder; ``mae.probe_draws``).
         labelled_x: the labelled volumes ``(N, 1, ...)``.
         labels: their labels (binary, 1 = ``cfg.task.positive_class``).
         folds: test indices of the run's folds.
         encoder_path: ``encoder.safetensors`` of the MAE (ViT key names).
-        mae_seed: the MAE fit's seed (its initial weights are the random encoder's).
+        mae_seed: the MAE fit's seed (its initial weights are the first untrained encoder's).
         trains: training indices of the run's folds (default: all cases outside each test fold).
 
     Returns:
-        ``probe_auc``, ``probe_auc_ci95``, ``random_probe_auc``, ``random_probe_auc_ci95``, ``features``.
+        ``probe_auc`` and ``random_probe_auc`` (the mean over the untrained draws) with ``*_ci95``,
+        ``random_probe_aucs`` (per draw, the MAE's own initialisation first), ``random_probe_sd``, ``gain``
+        with ``gain_ci95``, the flat-token probes ``flat_probe_auc`` / ``flat_random_probe_auc`` (the MAE's
+        initialisation) with CIs, and what the features are.
     """
     y = np.asarray(labels, dtype=np.int64)
-    seed_all(mae_seed)  # pretrain_mae seeds the same way before building its MAE
-    random_encoder = build_mae(cfg)
+    draws = int(cfg.mae.probe_draws)
+    inner_seed = mae_seed % 2**31  # the same inner folds for every encoder: the comparison is paired
     student = build_student(cfg)
     load_mae_encoder(student, load_weights(encoder_path), source=encoder_path)
     out: dict[str, Any] = {
         "features": "mean of the patch tokens",
         "flat_features": "all patch tokens, flattened",
+        "random_probe_draws": draws,
     }
-    for name, enc in (("probe", student), ("random_probe", random_encoder)):
-        for prefix, pool in (("", "mean"), ("flat_", "flat")):
-            feats = encoder_features(enc, labelled_x, pool)
-            oof = probe_oof(feats, y, folds, seed=mae_seed % 2**31, trains=trains)
-            out[f"{prefix}{name}_auc"], out[f"{prefix}{name}_auc_ci95"] = _auc_ci(y, oof)
+
+    def oof(enc: Any, pool: str) -> np.ndarray:
+        return probe_oof(encoder_features(enc, labelled_x, pool), y, folds, seed=inner_seed, trains=trains)
+
+    mean_oofs = [oof(student, "mean")]
+    out["probe_auc"], out["probe_auc_ci95"] = _auc_ci(y, mean_oofs[0])
+    out["flat_probe_auc"], out["flat_probe_auc_ci95"] = _auc_ci(y, oof(student, "flat"))
+    for draw in range(draws):
+        seed_all(untrained_seed(mae_seed, draw))  # draw 0: pretrain_mae seeds the same way before its build
+        untrained = build_mae(cfg)
+        mean_oofs.append(oof(untrained, "mean"))
+        if draw == 0:
+            out["flat_random_probe_auc"], out["flat_random_probe_auc_ci95"] = _auc_ci(
+                y, oof(untrained, "flat")
+            )
+    aucs, cov = delong_covariance(y, np.stack(mean_oofs))
+    rand = aucs[1:]
+    sd = float(np.std(rand, ddof=1)) if draws > 1 else 0.0
+    between = sd**2 / draws
+    w_mean = np.r_[0.0, np.full(draws, 1.0 / draws)]
+    w_gain = np.r_[1.0, np.full(draws, -1.0 / draws)]
+    out["random_probe_aucs"] = [float(a) for a in rand]
+    out["random_probe_sd"] = sd
+    out["random_probe_auc"] = float(rand.mean())
+    out["random_probe_auc_ci95"] = _interval(out["random_probe_auc"], float(w_mean @ cov @ w_mean) + between)
     out["gain"] = out["probe_auc"] - out["random_probe_auc"]
+    half = float(stats.norm.ppf(0.975)) * float(np.sqrt(max(float(w_gain @ cov @ w_gain) + between, 0.0)))
+    out["gain_ci95"] = [out["gain"] - half, out["gain"] + half]
     return out
