@@ -137,3 +137,14 @@ def test_one_untrained_draw_is_the_maes_initialisation_with_its_delong_interval(
     assert out["random_probe_auc"] == auc and out["random_probe_sd"] == 0.0
     np.testing.assert_allclose(out["random_probe_auc_ci95"], [lo, hi], atol=1e-12)
     assert out["gain"] == 0.0
+
+
+def test_the_probes_newton_solver_finds_the_fit_lbfgs_finds() -> None:
+    # The narrow (mean-of-tokens) probe solves by Newton-Cholesky, the wide one by L-BFGS: same model.
+    rng = np.random.default_rng(3)
+    y = np.tile([0, 1], 40)
+    z = rng.normal(size=(80, 4)) + 0.8 * y[:, None] * (np.arange(4) < 1)
+    x = z @ rng.normal(size=(4, 16)) + 0.05 * rng.normal(size=(80, 16))
+    newton = probe_oof(x, y, _folds(80))
+    np.testing.assert_allclose(newton, probe_oof(x, y, _folds(80), solver="newton-cholesky"))
+    np.testing.assert_allclose(newton, probe_oof(x, y, _folds(80), solver="lbfgs"), atol=0.02)

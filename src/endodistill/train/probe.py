@@ -70,12 +70,20 @@ def encoder_features(encoder: Any, x: Tensor, pool: str, batch_size: int = 64) -
     return torch.cat(out).numpy().astype(np.float64)
 
 
+# Up to this many features the probe solves each fit by Newton's method on the Cholesky factor of the
+# Hessian (exact, a few iterations): 3x faster than L-BFGS on the 48 mean-of-tokens features of the demo
+# (benchmarks/bench_speedups.py, "probe" row). Its cost grows with the cube of the width, so the 3,072
+# flat-token features keep L-BFGS.
+NEWTON_MAX_FEATURES = 256
+
+
 def probe_oof(
     features: np.ndarray,
     labels: np.ndarray,
     folds: Sequence[np.ndarray],
     seed: int = 0,
     trains: Sequence[np.ndarray] | None = None,
+    solver: str | None = None,
 ) -> np.ndarray:
     """Out-of-fold probabilities of an L2 logistic-regression probe, every choice made on training parts.
 
@@ -86,6 +94,8 @@ def probe_oof(
         seed: seed of the inner stratified folds.
         trains: the training indices of each fold (default: every case outside its test fold); fewer
             under ``protocol.train_fraction``.
+        solver: scikit-learn's solver; default ``newton-cholesky`` up to :data:`NEWTON_MAX_FEATURES`
+            features, else ``lbfgs``.
 
     Returns:
         ``(N,)`` probability of class 1, each from the probe fitted without its fold.
@@ -96,6 +106,8 @@ def probe_oof(
     are subject-level here.
     """
     oof = np.full(len(labels), np.nan)
+    if solver is None:
+        solver = "newton-cholesky" if features.shape[1] <= NEWTON_MAX_FEATURES else "lbfgs"
     for f, test in enumerate(folds):
         train = np.setdiff1d(np.arange(len(labels)), test) if trains is None else np.asarray(trains[f])
         mu = features[train].mean(0)
@@ -110,6 +122,7 @@ def probe_oof(
             # The L2 path scikit-learn 1.10 makes the default, said explicitly (same fit, no FutureWarning).
             l1_ratios=(0.0,),
             use_legacy_attributes=False,
+            solver=solver,
         )
         clf.fit((features[train] - mu) / sd, y)
         oof[test] = clf.predict_proba((features[test] - mu) / sd)[:, 1]
