@@ -257,8 +257,8 @@ class MAEConfig(_Strict):
         description=(
             "Untrained encoders of the MAE's shape its linear probe is compared with (the first is the MAE's own "
             "initialisation, the others are drawn from their own seeds); mae.random_probe_auc is their mean. One "
-            "draw's probe AUC varies by 0.05-0.06 (standard deviation) between initialisations on the demo "
-            "cohorts, more than the margin it is compared with; the mean of 8 has about 0.02."
+            "draw's probe AUC varies by 0.03-0.06 (standard deviation) between initialisations on the demo "
+            "cohorts, comparable to the margin it is compared with; the mean of 8 has 0.01-0.02."
         ),
     )
     # Share of the unlabelled pool the MAE sees (a seeded subset; the pool study). Epochs are scaled by
