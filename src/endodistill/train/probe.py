@@ -134,9 +134,11 @@ def _auc_ci(labels: np.ndarray, probs: np.ndarray) -> tuple[float, list[float]]:
     return float(auc), [float(lo), float(hi)]
 
 
-def _interval(centre: float, var: float) -> list[float]:
+def _interval(centre: float, var: float, clip: bool = True) -> list[float]:
+    """Normal 95% interval of ``centre`` with variance ``var``, clipped to [0, 1] (an AUC) unless ``clip`` is off."""
     half = float(stats.norm.ppf(0.975)) * float(np.sqrt(max(var, 0.0)))
-    return [float(np.clip(centre - half, 0.0, 1.0)), float(np.clip(centre + half, 0.0, 1.0))]
+    lo, hi = centre - half, centre + half
+    return [float(np.clip(lo, 0.0, 1.0)), float(np.clip(hi, 0.0, 1.0))] if clip else [lo, hi]
 
 
 def untrained_seed(mae_seed: int, draw: int) -> int:
@@ -206,6 +208,5 @@ def mae_probe(
     out["random_probe_auc"] = float(rand.mean())
     out["random_probe_auc_ci95"] = _interval(out["random_probe_auc"], float(w_mean @ cov @ w_mean) + between)
     out["gain"] = out["probe_auc"] - out["random_probe_auc"]
-    half = float(stats.norm.ppf(0.975)) * float(np.sqrt(max(float(w_gain @ cov @ w_gain) + between, 0.0)))
-    out["gain_ci95"] = [out["gain"] - half, out["gain"] + half]
+    out["gain_ci95"] = _interval(out["gain"], float(w_gain @ cov @ w_gain) + between, clip=False)
     return out
