@@ -1,8 +1,10 @@
 """The recipe search of issue 12: student / MAE settings scored on a cohort's own 5 folds, outside the protocol.
 
 Run: ``.venv/bin/python -m benchmarks.recipe_search '{"student.pool": "flat"}' COHORT_DIR[,COHORT_DIR...] MODE``
-with MODE ``scratch`` (scratch_ce only), ``mae`` (MAE + probes + mae_ce), ``both``, ``probe`` or ``cnn3d``
-(the cnn3d baseline, ``baselines.cnn3d`` and ``finetune.translate``); the JSON
+with MODE ``scratch`` (scratch_ce only), ``mae`` (MAE + probes + mae_ce), ``both``, ``probe``, ``cnn3d``
+(the cnn3d baseline, ``baselines.cnn3d`` and ``finetune.translate``) or ``draws`` (the package's
+mean-of-tokens probe on ``mae.probe_draws`` untrained encoders from their own seeds, and on the first one with
+as many inner-CV seeds: how much the untrained reference varies); the JSON
 holds ``--set``-style overrides of the demo preset (``"_pool": N`` pre-trains on the first N unlabelled
 volumes, ``"_labels": N`` trains each fold on N of its labelled training cases, stratified, the same for both
 methods, ``"_fitseeds": K`` averages K training seeds per fold, ``"_maeseed": K`` pre-trains from another seed). Each cohort is a synthetic cohort directory (``endodistill synth --seed 10 ...``): choose on seeds
@@ -188,6 +190,30 @@ def cv(cfg, D, fitseed=0, enc_state=None, ls=0.0, n_labels=None):
     return roc_auc_score(y, oof), (time.time() - t) / 5, float(np.mean(L))
 
 
+def untrained_spread(cfg, D, seed):
+    """The package's mean-of-tokens probe on ``mae.probe_draws`` untrained encoders (the run's seeds for them),
+    and on the first one with as many inner-CV seeds: how much one untrained reference varies."""
+    from endodistill.train.probe import encoder_features, probe_oof, untrained_seed
+
+    folds = [np.flatnonzero(D["folds"] == f) for f in range(5)]
+    x = torch.from_numpy(D["x"])
+
+    def auc(draw, inner):
+        torch.manual_seed(untrained_seed(seed, draw))
+        f = encoder_features(build_mae(cfg), x, "mean")
+        return roc_auc_score(D["y"], probe_oof(f, D["y"], folds, seed=inner))
+
+    n = cfg.mae.probe_draws
+    draws = [auc(k, 0) for k in range(n)]
+    inner = [auc(0, k) for k in range(n)]
+    return {
+        "draws": [round(a, 3) for a in draws],
+        "draws_mean": round(float(np.mean(draws)), 3),
+        "draws_sd": round(float(np.std(draws, ddof=1)), 3),
+        "inner_sd": round(float(np.std(inner, ddof=1)), 3),
+    }
+
+
 if __name__ == "__main__":
     over = json.loads(sys.argv[1])
     seeds = sys.argv[2].split(",")
@@ -223,6 +249,8 @@ if __name__ == "__main__":
                 r[f"probe_{kind}"] = round(probe(feats(mae, x, kind), D["y"], D["folds"]), 3)
                 r[f"rand_{kind}"] = round(probe(feats(rnd, x, kind), D["y"], D["folds"]), 3)
             enc = mae_encoder_state(mae)
+        if what == "draws":
+            r.update(untrained_spread(cfg, D, mae_seed + D["seed"]))
         if what == "cnn3d":
             r["cnn3d"] = round(float(np.mean([cv_cnn3d(cfg, D, k) for k in range(n_fitseeds)])), 3)
         if what in ("scratch", "both"):

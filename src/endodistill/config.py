@@ -257,7 +257,7 @@ class MAEConfig(_Strict):
         description=(
             "Untrained encoders of the MAE's shape its linear probe is compared with (the first is the MAE's own "
             "initialisation, the others are drawn from their own seeds); mae.random_probe_auc is their mean. One "
-            "draw's probe AUC varies by 0.03-0.06 (standard deviation) between initialisations on the demo "
+            "draw's probe AUC varies by 0.03-0.05 (standard deviation) between initialisations on the demo "
             "cohorts, comparable to the margin it is compared with; the mean of 8 has 0.01-0.02."
         ),
     )

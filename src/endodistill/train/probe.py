@@ -4,7 +4,7 @@ The MAE encoder's pooled features of every labelled volume are scored by an L2 l
 run's own cross-validation folds (C by inner cross-validation on each training part only), and so are the
 features of untrained encoders of the same shape: the very network the MAE started from (built from the MAE
 fit's seed) and ``mae.probe_draws - 1`` more, each from its own seed. One untrained encoder is a noisy
-reference: its probe AUC varies with the initialisation by 0.03-0.06 (standard deviation over 8 draws on demo
+reference: its probe AUC varies with the initialisation by 0.03-0.05 (standard deviation over 8 draws on demo
 cohorts 10-12), comparable to the margin it is compared with, so the reference is the mean over the draws. The
 difference of the MAE's pooled out-of-fold AUC and that mean is what pre-training added to the features,
 before any fine-tuning. The MAE's probe gets a DeLong 95% CI; the mean over draws and the gain get one from
