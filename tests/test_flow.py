@@ -71,6 +71,10 @@ def test_flow_config_is_validated() -> None:
         load_config("tiny", {"teacher": {"motion": "flow", "motion_input": False}})
     with pytest.raises(Exception, match="flow_size"):
         load_config("tiny", {"teacher": {"motion": "flow", "flow_size": [2, 2]}})
+    with pytest.raises(Exception, match="clip_features"):
+        load_config("tiny", {"teacher": {"clip_features": "coupling"}})
+    assert load_config("tiny", {"teacher": {"motion": "flow"}}).teacher.clip_feature_set == "coupling"
+    assert load_config("tiny", {}).teacher.clip_feature_set == "grey"
 
 
 def test_teacher_trains_on_flow(tiny_cohort: Path, tmp_path: Path) -> None:
@@ -105,8 +109,8 @@ def test_teacher_trains_on_flow(tiny_cohort: Path, tmp_path: Path) -> None:
     torch.testing.assert_close(z.pow(2).mean(dim=(1, 2, 3, 4)), torch.ones(2))
     m = train_teacher(cfg, data, tmp_path / "run", echo=lambda s: None)
     assert m["scheme"].startswith("2-fold") and m["cv_auc"] is not None
-    # The clip baseline still reads the grey frames.
-    assert m["clip_baseline"]["auc"] is not None
+    # With flow the clip baseline reads the coupling map of the same displacement fields.
+    assert m["clip_baseline"]["auc"] is not None and m["clip_baseline"]["feature_set"] == "coupling"
     # Both AUCs are those of their stored out-of-fold predictions on every labelled clip.
     for name, auc in (
         ("predictions.csv", m["cv_auc"]),

@@ -143,6 +143,49 @@ def test_clip_baseline_is_deterministic_and_finds_planted_signal() -> None:
     assert a["auc"] > 0.75 and a["auc_ci95"][0] < a["auc"] < a["auc_ci95"][1]
 
 
+def _two_region_displacement(follow: float, amp: float, angle: float, phase: float) -> np.ndarray:
+    """Displacement fields (1, 2, 8, 12, 12): the left half moves with the manoeuvre, the right half follows
+    with ``follow`` of it, the bottom two rows lie outside the fan (nothing moves)."""
+    t = np.arange(8)
+    press = amp * 0.5 * (1 - np.cos(2 * np.pi * 1.3 * t / 8 + phase))
+    direction = np.array([np.sin(angle), np.cos(angle)])
+    d = np.zeros((1, 2, 8, 12, 12))
+    for c in range(2):
+        d[0, c, :, :10, :6] = (press * direction[c])[:, None, None]
+        d[0, c, :, :10, 6:] = (follow * press * direction[c])[:, None, None]
+    return d
+
+
+def test_coupling_map_shows_how_much_of_the_motion_each_side_follows() -> None:
+    import torch
+
+    from endodistill.train.clip_baseline import clip_coupling_features, coupling_map
+
+    d = _two_region_displacement(0.3, amp=8.0, angle=0.2, phase=0.5)
+    motion = torch.from_numpy(d[:, :, 1:] - d[:, :, :-1])
+    g = coupling_map(motion)[0].numpy()
+    np.testing.assert_allclose(g[:10, :6], 1.0, atol=1e-9)
+    np.testing.assert_allclose(g[:10, 6:], 0.3, atol=1e-9)
+    np.testing.assert_allclose(g[10:], 0.0, atol=1e-9)
+    # Independent of the pressure's amplitude, direction, phase and sign: only the share matters.
+    for amp, angle, phase in ((2.0, -0.4, 2.0), (-11.0, 0.1, 4.0)):
+        other = _two_region_displacement(0.3, amp, angle, phase)
+        np.testing.assert_allclose(clip_coupling_features(other), clip_coupling_features(d), atol=1e-9)
+    # The pixels outside the fan (still) are left out of the percentiles: 60 of 120 moving pixels follow
+    # with 0.3, so the 10th and 25th percentiles are 0.3 and the median lies between the two sides.
+    f = clip_coupling_features(d)
+    assert f.shape == (1, 3)
+    np.testing.assert_allclose(f[0, :2], 0.3, atol=1e-9)
+    assert 0.3 <= f[0, 2] <= 1.0
+    # A gliding rectum (little follows) has lower low percentiles than a tethered one.
+    glide, tether = (clip_coupling_features(_two_region_displacement(r, 8.0, 0.2, 0.5)) for r in (0.05, 0.9))
+    assert glide[0, 0] < 0.1 < 0.85 < tether[0, 0]
+    # A clip where nothing moves gives zeros, not NaN.
+    np.testing.assert_array_equal(clip_coupling_features(np.zeros((1, 2, 4, 6, 6))), np.zeros((1, 3)))
+    with pytest.raises(ValueError, match="displacement"):
+        clip_coupling_features(np.zeros((1, 1, 4, 6, 6)))
+
+
 def test_motion_features_see_where_the_clip_moves() -> None:
     from endodistill.train.clip_baseline import clip_motion_features
 

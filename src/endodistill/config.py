@@ -170,6 +170,14 @@ class TeacherConfig(_Strict):
     hflip: bool = False
     # Report a logistic regression on motion features of the same clips, on the same folds, next to the teacher.
     clip_baseline: bool = True
+    clip_features: Literal["auto", "grey", "coupling"] = Field(
+        "auto",
+        description=(
+            "Features of the clip baseline: 'grey' pooled temporal std and frame differences of the grey "
+            "frames; 'coupling' percentiles of the coupling map of the teacher's optical flow (each pixel's "
+            "share of the clip's dominant motion; needs motion 'flow'); 'auto' coupling with flow, else grey."
+        ),
+    )
     # Train the teacher on labels permuted among the labelled clips (a control of the kd_controls study:
     # a teacher that knows nothing of the sign). Evaluation still uses the true labels.
     shuffle_labels: bool = False
@@ -186,6 +194,13 @@ class TeacherConfig(_Strict):
     )
 
     @property
+    def clip_feature_set(self) -> str:
+        """The clip baseline's features with ``auto`` resolved: ``coupling`` on optical flow, else ``grey``."""
+        if self.clip_features == "auto":
+            return "coupling" if self.motion == "flow" else "grey"
+        return self.clip_features
+
+    @property
     def cross_validated(self) -> bool:
         """Whether the teacher is cross-validated (``folds`` > 1, or cross-fitted ``oof`` targets)."""
         return self.folds > 1 or self.targets == "oof"
@@ -194,6 +209,10 @@ class TeacherConfig(_Strict):
     def _check_inputs(self) -> TeacherConfig:
         if self.motion == "flow" and not self.motion_input:
             raise ValueError("teacher.motion 'flow' is a motion input: it needs motion_input true")
+        if self.clip_features == "coupling" and self.motion != "flow":
+            raise ValueError(
+                "teacher.clip_features 'coupling' reads optical flow: it needs teacher.motion 'flow'"
+            )
         if self.flow_size is not None and min(self.flow_size) < 4:
             raise ValueError(f"teacher.flow_size must be at least 4 x 4, got {list(self.flow_size)}")
         if self.ensemble > 1 and not self.cross_validated:

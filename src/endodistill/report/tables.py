@@ -257,7 +257,8 @@ def diagnostic_lines(results: Mapping[str, Any]) -> list[str]:
         line = "Teacher cross-validated AUC " + fmt_ci(teacher.get("cv_auc"), teacher.get("cv_auc_ci95"))
         clip = teacher.get("clip_baseline")
         if isinstance(clip, Mapping) and num(clip.get("auc")) is not None:
-            line += "; simple clip baseline " + fmt_ci(clip.get("auc"), clip.get("auc_ci95"))
+            what = f" ({clip['feature_set']} features)" if isinstance(clip.get("feature_set"), str) else ""
+            line += f"; simple clip baseline{what} " + fmt_ci(clip.get("auc"), clip.get("auc_ci95"))
         lines.append(line)
     tvus = results.get("tvus")
     if isinstance(tvus, Mapping):

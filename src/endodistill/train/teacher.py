@@ -37,7 +37,13 @@ from endodistill.evaluate.stats import nan_to_none
 from endodistill.models.teacher import TeacherNet, build_teacher, normalise_clips, teacher_in_channels
 from endodistill.models.weights import load_weights, save_weights
 from endodistill.train.batches import PlannedBatches
-from endodistill.train.clip_baseline import GRID, clip_motion_features, features_name
+from endodistill.train.clip_baseline import (
+    GRID,
+    clip_coupling_features,
+    clip_motion_features,
+    coupling_name,
+    features_name,
+)
 from endodistill.train.data import ClipSet, CohortData
 from endodistill.train.fit import FitPlan, FitSpec, run_fit
 from endodistill.train.inference import inference_device
@@ -632,8 +638,16 @@ def train_teacher(
     t_base = time.perf_counter()
     if cfg.teacher.clip_baseline:
         # The same clips, frames and folds as the teacher; each fold's choices see its training part only.
+        feature_set = cfg.teacher.clip_feature_set
+        if feature_set == "coupling":
+            clip_x, clip_name = clip_coupling_features(teacher_inputs(tv, cfg)), coupling_name()
+        else:
+            clip_x, clip_name = (
+                clip_motion_features(tv.eval_tensor(cfg.tvus.frames), GRID),
+                features_name(GRID),
+            )
         base = cross_validated_logreg(
-            clip_motion_features(tv.eval_tensor(cfg.tvus.frames), GRID),
+            clip_x,
             tv.labels,
             tv.subjects,
             heldout_fold,
@@ -642,7 +656,7 @@ def train_teacher(
             cfg.seed,
         )
         base_probs = base.pop("probs")
-        metrics["clip_baseline"] = {**base, "features": features_name(GRID)}
+        metrics["clip_baseline"] = {**base, "feature_set": feature_set, "features": clip_name}
         _write_predictions(
             out / "clip_baseline_predictions.csv",
             [{**r, "prob": float(base_probs[i, pos])} for r, i in zip(rows, held)],
@@ -673,7 +687,8 @@ def train_teacher(
     echo(f"[teacher] {what} {_auc_text(metrics)} ({scheme}), targets: {cfg.teacher.targets}")
     if "clip_baseline" in metrics:
         echo(
-            f"[teacher] clip baseline (motion features + logistic regression, same folds) AUC "
+            f"[teacher] clip baseline ({metrics['clip_baseline']['feature_set']} motion features + logistic "
+            f"regression, same folds) AUC "
             f"{_auc_text(metrics['clip_baseline'])}"
         )
     return metrics
