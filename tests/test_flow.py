@@ -75,6 +75,8 @@ def test_flow_config_is_validated() -> None:
         load_config("tiny", {"teacher": {"clip_features": "coupling"}})
     assert load_config("tiny", {"teacher": {"motion": "flow"}}).teacher.clip_feature_set == "coupling"
     assert load_config("tiny", {}).teacher.clip_feature_set == "grey"
+    with pytest.raises(Exception, match=r"tvus\.frames >= 2"):
+        load_config("tiny", {"tvus": {"frames": 1}})
 
 
 def test_teacher_trains_on_flow(tiny_cohort: Path, tmp_path: Path) -> None:

@@ -96,6 +96,16 @@ def test_clip_baseline_is_reported_on_the_same_folds(cv_run: dict) -> None:
     auc, lo, hi = delong_auc_ci([int(r["label"]) for r in rows], [float(r["prob"]) for r in rows])
     assert b["auc"] == pytest.approx(auc, abs=1e-6) and b["auc_ci95"] == pytest.approx([lo, hi], abs=1e-6)
     assert len(b["fold_aucs"]) == len(b["fold_c"]) == 3
+    # The paired test of the teacher against the baseline, on the same held-out clips.
+    from endodistill.evaluate.delong import delong_test
+
+    t = delong_test(
+        [int(r["label"]) for r in rows],
+        [float(r["prob"]) for r in teacher_rows],
+        [float(r["prob"]) for r in rows],
+    )
+    assert b["teacher_minus_baseline"] == pytest.approx(t["diff"], abs=1e-9)
+    assert b["p_vs_teacher"] == pytest.approx(t["p"], abs=1e-9)
 
 
 def _planted_problem(seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray]:

@@ -542,6 +542,9 @@ class Config(_Strict):
         for ax, (s, p) in enumerate(zip(self.mri.size, self.student.patch_size)):
             if s % p:
                 raise ValueError(f"mri.size[{ax}]={s} is not a multiple of student.patch_size[{ax}]={p}")
+        if self.teacher.motion_input and self.tvus.frames < 2:
+            # Motion is a change between frames: one frame has none (the teacher would see zeros or nothing).
+            raise ValueError(f"teacher.motion_input needs tvus.frames >= 2, got {self.tvus.frames}")
         if any(m.kind == "joint" for m in self.protocol.methods.values()):
             frames = joint_clip_frames(self)
             tub = self.joint.tubelet_frames or frames

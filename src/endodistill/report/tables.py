@@ -259,6 +259,8 @@ def diagnostic_lines(results: Mapping[str, Any]) -> list[str]:
         if isinstance(clip, Mapping) and num(clip.get("auc")) is not None:
             what = f" ({clip['feature_set']} features)" if isinstance(clip.get("feature_set"), str) else ""
             line += f"; simple clip baseline{what} " + fmt_ci(clip.get("auc"), clip.get("auc_ci95"))
+            if num(clip.get("p_vs_teacher")) is not None:
+                line += f" (paired DeLong p = {float(clip['p_vs_teacher']):.3g})"
         lines.append(line)
     tvus = results.get("tvus")
     if isinstance(tvus, Mapping):

@@ -85,15 +85,15 @@ def clip_coupling_features(
     """Percentiles of the coupling map of clips given as displacement fields ``(N, 2, T, H, W)``.
 
     Args:
-        displacement: each frame's displacement from the first (the teacher's flow input), T >= 3.
+        displacement: each frame's displacement from the first (the teacher's flow input), T >= 2.
         quantiles: which percentiles (fractions in [0, 1]) of the map over the pixels that move.
 
     Returns:
         ``(N, len(quantiles))`` float64.
     """
     d = torch.as_tensor(np.asarray(displacement) if not isinstance(displacement, Tensor) else displacement)
-    if d.dim() != 5 or d.shape[1] != 2 or d.shape[2] < 3:
-        raise ValueError(f"displacement must be (N, 2, T, H, W) with T >= 3, got {tuple(d.shape)}")
+    if d.dim() != 5 or d.shape[1] != 2 or d.shape[2] < 2:
+        raise ValueError(f"displacement must be (N, 2, T, H, W) with T >= 2, got {tuple(d.shape)}")
     motion = (d[:, :, 1:] - d[:, :, :-1]).double()
     g = coupling_map(motion).flatten(1)
     moving = motion.pow(2).sum(dim=(1, 2)).flatten(1) > _STILL

@@ -32,6 +32,7 @@ from endodistill.config import Config
 from endodistill.data.preprocess import sample_frames
 from endodistill.data.splits import holdout_split, stratified_group_folds
 from endodistill.errors import InputError
+from endodistill.evaluate.delong import delong_test
 from endodistill.evaluate.metrics import auc_score, binary_metrics, multiclass_auc
 from endodistill.evaluate.stats import nan_to_none
 from endodistill.models.teacher import TeacherNet, build_teacher, normalise_clips, teacher_in_channels
@@ -657,6 +658,11 @@ def train_teacher(
         )
         base_probs = base.pop("probs")
         metrics["clip_baseline"] = {**base, "feature_set": feature_set, "features": clip_name}
+        if k == 2 and held.size and len(np.unique(y_held)) == 2:
+            # Both scored every held-out clip: DeLong's paired test says whether the gap is more than noise.
+            t = delong_test((y_held == pos).astype(int), p_held[:, pos], base_probs[held, pos])
+            metrics["clip_baseline"]["teacher_minus_baseline"] = t["diff"]
+            metrics["clip_baseline"]["p_vs_teacher"] = t["p"]
         _write_predictions(
             out / "clip_baseline_predictions.csv",
             [{**r, "prob": float(base_probs[i, pos])} for r, i in zip(rows, held)],
@@ -689,9 +695,17 @@ def train_teacher(
         echo(
             f"[teacher] clip baseline ({metrics['clip_baseline']['feature_set']} motion features + logistic "
             f"regression, same folds) AUC "
-            f"{_auc_text(metrics['clip_baseline'])}"
+            f"{_auc_text(metrics['clip_baseline'])}{_paired_text(metrics['clip_baseline'])}"
         )
     return metrics
+
+
+def _paired_text(base: dict[str, Any]) -> str:
+    """``; teacher - baseline +0.012, DeLong p 0.41`` when the paired test was run, else empty."""
+    d, p = base.get("teacher_minus_baseline"), base.get("p_vs_teacher")
+    if d is None or p is None:
+        return ""
+    return f"; teacher - baseline {d:+.3f}, paired DeLong p {p:.2g}"
 
 
 def _auc_text(m: dict[str, Any]) -> str:
