@@ -183,7 +183,8 @@ def test_coupling_map_shows_how_much_of_the_motion_each_side_follows() -> None:
         np.testing.assert_allclose(clip_coupling_features(other), clip_coupling_features(d), atol=1e-9)
     # The pixels outside the fan (still) are left out of the percentiles: 60 of 120 moving pixels follow
     # with 0.3, so the 10th and 25th percentiles are 0.3 and the median lies between the two sides.
-    f = clip_coupling_features(d)
+    assert clip_coupling_features(d).shape == (1, 1)  # the default: the 25th percentile
+    f = clip_coupling_features(d, (0.1, 0.25, 0.5))
     assert f.shape == (1, 3)
     np.testing.assert_allclose(f[0, :2], 0.3, atol=1e-9)
     assert 0.3 <= f[0, 2] <= 1.0
@@ -191,7 +192,9 @@ def test_coupling_map_shows_how_much_of_the_motion_each_side_follows() -> None:
     glide, tether = (clip_coupling_features(_two_region_displacement(r, 8.0, 0.2, 0.5)) for r in (0.05, 0.9))
     assert glide[0, 0] < 0.1 < 0.85 < tether[0, 0]
     # A clip where nothing moves gives zeros, not NaN.
-    np.testing.assert_array_equal(clip_coupling_features(np.zeros((1, 2, 4, 6, 6))), np.zeros((1, 3)))
+    np.testing.assert_array_equal(
+        clip_coupling_features(np.zeros((1, 2, 4, 6, 6)), (0.1, 0.5)), np.zeros((1, 2))
+    )
     with pytest.raises(ValueError, match="displacement"):
         clip_coupling_features(np.zeros((1, 1, 4, 6, 6)))
 
