@@ -391,7 +391,13 @@ def _with_extras(run: Path) -> dict:
     results["teacher"].update(
         cv_auc=0.9612345678901,
         cv_auc_ci95=[0.9312345678901, 0.9912345678901],
-        clip_baseline={"auc": 0.9212345678901, "auc_ci95": [0.8812345678901, 0.9612345678901]},
+        clip_baseline={
+            "auc": 0.9212345678901,
+            "auc_ci95": [0.8812345678901, 0.9612345678901],
+            "feature_set": "coupling",
+            "teacher_minus_baseline": 0.0400000000001,
+            "p_vs_teacher": 0.04123456,
+        },
     )
     (run / "results.json").write_text(json.dumps(nan_to_none(results)))
     return results
@@ -418,7 +424,8 @@ def test_report_shows_baselines_and_diagnostics_apart_from_the_methods(
         "the same shape 0.551; gain 0.080 [0.010, 0.150]" in table
     )
     teacher_line = (
-        "Teacher cross-validated AUC 0.961 [0.931, 0.991]; simple clip baseline 0.921 [0.881, 0.961]"
+        "Teacher cross-validated AUC 0.961 [0.931, 0.991]; simple clip baseline (coupling features) 0.921 "
+        "[0.881, 0.961]; teacher minus baseline +0.040, paired DeLong p = 0.0412"
     )
     assert teacher_line in table
     assert "ceilings" in lines[-1]

@@ -259,8 +259,9 @@ def diagnostic_lines(results: Mapping[str, Any]) -> list[str]:
         if isinstance(clip, Mapping) and num(clip.get("auc")) is not None:
             what = f" ({clip['feature_set']} features)" if isinstance(clip.get("feature_set"), str) else ""
             line += f"; simple clip baseline{what} " + fmt_ci(clip.get("auc"), clip.get("auc_ci95"))
-            if num(clip.get("p_vs_teacher")) is not None:
-                line += f" (paired DeLong p = {float(clip['p_vs_teacher']):.3g})"
+            d, p = num(clip.get("teacher_minus_baseline")), num(clip.get("p_vs_teacher"))
+            if d is not None and p is not None:
+                line += f"; teacher minus baseline {float(d):+.3f}, paired DeLong p = {float(p):.3g}"
         lines.append(line)
     tvus = results.get("tvus")
     if isinstance(tvus, Mapping):
