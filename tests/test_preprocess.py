@@ -269,3 +269,26 @@ def test_real_clips_to_model_ready_tensors(real_data: Path) -> None:
     ruq = load_clip(real_data / "us_sonocrop_pocus/ruq-simple.mp4", max_frames=60)
     _, y1, x0, x1 = sector_bbox(ruq.frames)
     assert 60 < x0 < 200 and 600 < x1 < 720 and y1 > 400
+
+
+def test_real_clips_give_a_coupling_map(real_data: Path) -> None:
+    # The clip baseline's statistic on real ultrasound (freehand abdominal and echo clips, no sliding sign):
+    # the flow, its coupling map and percentile come out finite, in range and the same on a rerun.
+    import torch
+
+    from endodistill.data.preprocess import clip_displacement
+    from endodistill.train.clip_baseline import clip_coupling_features, coupling_map
+
+    cfg = load_config("demo")
+    size = tuple(cfg.teacher.flow_size)
+    for rel in ("us_sonocrop_pocus/ruq-simple.mp4", "us_gdcm_echo_multiframe_dicom/US-PAL-8-10x-echo.dcm"):
+        clip = load_clip(real_data / rel, max_frames=24)
+        d = clip_displacement(clip, cfg.tvus, size)
+        ev = sample_frames(d, cfg.tvus.frames, train=False, rng=np.random.default_rng(0))
+        x = torch.from_numpy(np.ascontiguousarray(ev.transpose(1, 0, 2, 3)))[None]
+        g = coupling_map(x[:, :, 1:] - x[:, :, :-1])
+        assert g.shape == (1, *size) and torch.isfinite(g).all(), rel
+        assert g.abs().max() < 50, rel  # scaled by the 90th percentile of its magnitude
+        f = clip_coupling_features(x)
+        assert f.shape == (1, 1) and np.isfinite(f).all() and -1.0 <= f[0, 0] <= 1.5, rel
+        np.testing.assert_array_equal(clip_coupling_features(x), f)
