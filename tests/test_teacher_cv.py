@@ -359,3 +359,32 @@ def test_ensemble_needs_cross_validation() -> None:
 
     with pytest.raises(ConfigError, match="needs cross-validation"):
         load_config("tiny", {"teacher": {"ensemble": 2, "folds": 1, "targets": "in_sample"}})
+
+
+def test_examples_show_the_coupling_map_with_flow(tmp_path: Path) -> None:
+    import torch
+
+    from endodistill.config import load_config
+    from endodistill.experiment.aggregate import write_examples
+    from endodistill.train.data import ClipSet, CohortData, VolumeSet
+
+    cfg = load_config("tiny", {"teacher": {"motion": "flow", "flow_size": [12, 12]}, "tvus": {"frames": 8}})
+    # One clip per class: the rectum side follows with 0.9 (obliterated) or 0.05 (gliding) of the motion.
+    flows = [_two_region_displacement(r, 8.0, 0.2, 0.5)[0].transpose(1, 0, 2, 3) for r in (0.05, 0.9)]
+    tv = ClipSet(
+        clips=[np.zeros((8, 16, 16), np.float32)] * 2,
+        labels=np.array([0, 1]),
+        subjects=["T0", "T1"],
+        paths=["a.mp4", "b.mp4"],
+        flows=[f.astype(np.float32) for f in flows],
+    )
+    mri = VolumeSet(
+        x=torch.zeros(2, 1, 4, 8, 8), labels=np.array([0, 1]), subjects=["M0", "M1"], paths=["", ""]
+    )
+    data = CohortData(manifest=tmp_path / "m.csv", labelled=mri, unlabelled=mri, tvus=tv, cohort={}, files=[])
+    written = {p.name for p in write_examples(cfg, data, tmp_path)}
+    assert {"tvus_class0_T0_coupling.png", "tvus_class1_T1_coupling.png"} <= written
+    assert all((tmp_path / "examples" / n).stat().st_size > 0 for n in written)
+    # Without flow: the frames only.
+    grey = {p.name for p in write_examples(load_config("tiny"), data, tmp_path / "grey")}
+    assert not any(n.endswith("_coupling.png") for n in grey)

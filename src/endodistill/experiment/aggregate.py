@@ -18,6 +18,7 @@ from endodistill.config import Config
 from endodistill.evaluate.metrics import multiclass_auc
 from endodistill.evaluate.stats import compare_methods, fold_spread, summarise_method
 from endodistill.experiment import plan
+from endodistill.train.clip_baseline import COUPLING_QUANTILES, clip_coupling_features, coupling_map
 from endodistill.train.finetune import read_predictions
 from endodistill.utils import atomic_path, atomic_write_csv
 
@@ -130,15 +131,24 @@ def collect_timings(
 
 
 def write_examples(cfg: Config, data: Any, run_dir: Path) -> list[Path]:
-    """A central sagittal MRI slice and a middle TVUS frame of one subject of each class (preprocessed)."""
+    """A central sagittal MRI slice and a middle TVUS frame of one subject of each class (preprocessed), and
+    with optical flow that clip's coupling map (what the clip baseline reads)."""
     out_dir = run_dir / rundir.EXAMPLES
     written = []
     names = cfg.task.class_names
 
-    def save(img: np.ndarray, title: str, name: str, origin: Literal["upper", "lower"]) -> None:
+    def save(
+        img: np.ndarray,
+        title: str,
+        name: str,
+        origin: Literal["upper", "lower"],
+        cmap: str = "gray",
+        vmin: float | None = None,
+        vmax: float | None = None,
+    ) -> None:
         fig = Figure(figsize=(2.6, 2.6), dpi=80)
         ax = fig.add_subplot()
-        ax.imshow(img, cmap="gray", origin=origin)
+        ax.imshow(img, cmap=cmap, origin=origin, vmin=vmin, vmax=vmax)
         ax.set_title(title, fontsize=7)
         ax.axis("off")
         path = out_dir / name
@@ -172,4 +182,20 @@ def write_examples(cfg: Config, data: Any, run_dir: Path) -> list[Path]:
                 f"{cfg.task.teacher_modality}_class{k}_{s}.png",
                 "upper",
             )
+            if data.tvus.flows is not None and cfg.teacher.motion == "flow":
+                # The same flow and frames as the teacher and the clip baseline: bright where tissue moves
+                # with the uterus, dark where it stays behind (the rectum gliding: POD open).
+                disp = data.tvus.eval_flow_tensor(cfg.tvus.frames)[i : i + 1]
+                g = coupling_map((disp[:, :, 1:] - disp[:, :, :-1]).double())[0].numpy()
+                stat = clip_coupling_features(disp)[0]
+                pct = ", ".join(f"p{100 * q:g} {v:.2f}" for q, v in zip(COUPLING_QUANTILES, stat))
+                save(
+                    g,
+                    f"{s}: coupling map ({pct})",
+                    f"{cfg.task.teacher_modality}_class{k}_{s}_coupling.png",
+                    "upper",
+                    cmap="magma",
+                    vmin=0.0,
+                    vmax=1.2,
+                )
     return written
