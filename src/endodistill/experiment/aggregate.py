@@ -191,7 +191,7 @@ def write_examples(cfg: Config, data: Any, run_dir: Path) -> list[Path]:
                 pct = ", ".join(f"p{100 * q:g} {v:.2f}" for q, v in zip(COUPLING_QUANTILES, stat))
                 save(
                     g,
-                    f"{s}: coupling map ({pct})",
+                    f"{s} ({names[k]}): coupling map, {pct}",
                     f"{cfg.task.teacher_modality}_class{k}_{s}_coupling.png",
                     "upper",
                     cmap="magma",
