@@ -28,7 +28,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 from scipy.ndimage import gaussian_filter, map_coordinates
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold
@@ -46,8 +45,10 @@ from endodistill.data.preprocess import (
 from endodistill.data.video import load_clip
 from endodistill.train.clip_baseline import (
     GRID,
-    clip_coupling_features,
     clip_motion_features,
+    coupling_map,
+    coupling_percentiles,
+    displacement_motion,
 )
 from endodistill.train.logreg_cv import cross_validated_logreg
 
@@ -105,14 +106,16 @@ def main(cohorts: list[str], flow_overrides: dict) -> None:
             rp = (float(r["rectum_row"]), float(r["rectum_col"]))
             ratio.append(landmark_ratio(d, box, up, rp))
             ev = sample_frames(d, cfg.tvus.frames, train=False, rng=np.random.default_rng(0))
-            ev_t = torch.from_numpy(np.ascontiguousarray(ev.transpose(1, 0, 2, 3)))[None]
+            # The map once per clip; every percentile set is read from it.
+            motion = displacement_motion(np.ascontiguousarray(ev.transpose(1, 0, 2, 3))[None])
+            g = coupling_map(motion)
             for k, qs in CANDIDATES.items():
-                cands[k].append(clip_coupling_features(ev_t, qs)[0])
+                cands[k].append(coupling_percentiles(motion, g, qs)[0])
             frames = sample_frames(
                 preprocess_clip(clip, cfg.tvus), cfg.tvus.frames, train=False, rng=np.random.default_rng(0)
             )
             grey.append(clip_motion_features(frames[None, None], GRID)[0])
-            feats.append(clip_coupling_features(ev_t, SINGLE)[0])
+            feats.append(coupling_percentiles(motion, g, SINGLE)[0])
             y.append(int(r["label"]))
             f.append(float(r["sliding"]))
         y_a, f_a, ratio_a, feats_a = np.array(y), np.array(f), np.array(ratio), np.array(feats)

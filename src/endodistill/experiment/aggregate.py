@@ -18,7 +18,12 @@ from endodistill.config import Config
 from endodistill.evaluate.metrics import multiclass_auc
 from endodistill.evaluate.stats import compare_methods, fold_spread, summarise_method
 from endodistill.experiment import plan
-from endodistill.train.clip_baseline import COUPLING_QUANTILES, clip_coupling_features, coupling_map
+from endodistill.train.clip_baseline import (
+    COUPLING_QUANTILES,
+    coupling_map,
+    coupling_percentiles,
+    displacement_motion,
+)
 from endodistill.train.finetune import read_predictions
 from endodistill.utils import atomic_path, atomic_write_csv
 
@@ -185,12 +190,12 @@ def write_examples(cfg: Config, data: Any, run_dir: Path) -> list[Path]:
             if data.tvus.flows is not None and cfg.teacher.motion == "flow":
                 # The same flow and frames as the teacher and the clip baseline: bright where tissue moves
                 # with the uterus, dark where it stays behind (the rectum gliding: POD open).
-                disp = data.tvus.eval_flow_tensor(cfg.tvus.frames)[i : i + 1]
-                g = coupling_map((disp[:, :, 1:] - disp[:, :, :-1]).double())[0].numpy()
-                stat = clip_coupling_features(disp)[0]
+                motion = displacement_motion(data.tvus.eval_flow_tensor(cfg.tvus.frames)[i : i + 1])
+                g = coupling_map(motion)
+                stat = coupling_percentiles(motion, g)[0]
                 pct = ", ".join(f"p{100 * q:g} {v:.2f}" for q, v in zip(COUPLING_QUANTILES, stat))
                 save(
-                    g,
+                    g[0].numpy(),
                     f"{s} ({names[k]}): coupling map, {pct}",
                     f"{cfg.task.teacher_modality}_class{k}_{s}_coupling.png",
                     "upper",

@@ -80,6 +80,37 @@ def coupling_map(motion: Tensor) -> Tensor:
     return (g / scale).reshape(b, h, w)
 
 
+def displacement_motion(displacement: Tensor | np.ndarray) -> Tensor:
+    """Motion between consecutive frames ``(N, 2, T - 1, H, W)`` (float64) of displacement fields ``(N, 2, T, H, W)``.
+
+    Raises:
+        ValueError: not ``(N, 2, T, H, W)`` with T >= 2.
+    """
+    d = torch.as_tensor(displacement)
+    if d.dim() != 5 or d.shape[1] != 2 or d.shape[2] < 2:
+        raise ValueError(f"displacement must be (N, 2, T, H, W) with T >= 2, got {tuple(d.shape)}")
+    return (d[:, :, 1:] - d[:, :, :-1]).double()
+
+
+def coupling_percentiles(
+    motion: Tensor, g: Tensor, quantiles: tuple[float, ...] = COUPLING_QUANTILES
+) -> np.ndarray:
+    """Percentiles ``(N, len(quantiles))`` of coupling maps ``g`` (N, H, W) over the pixels that move.
+
+    Args:
+        motion: the motion the maps were computed from, ``(N, 2, T, H, W)`` (which pixels move).
+        g: :func:`coupling_map` of ``motion``.
+        quantiles: fractions in [0, 1]; a clip where nothing moves gives zeros.
+    """
+    flat = g.flatten(1)
+    moving = motion.pow(2).sum(dim=(1, 2)).flatten(1) > _STILL
+    q = torch.tensor(quantiles, dtype=flat.dtype)
+    rows = [
+        torch.quantile(gi[mi], q) if bool(mi.any()) else torch.zeros_like(q) for gi, mi in zip(flat, moving)
+    ]
+    return torch.stack(rows).double().numpy()
+
+
 def clip_coupling_features(
     displacement: Tensor | np.ndarray, quantiles: tuple[float, ...] = COUPLING_QUANTILES
 ) -> np.ndarray:
@@ -92,15 +123,8 @@ def clip_coupling_features(
     Returns:
         ``(N, len(quantiles))`` float64.
     """
-    d = torch.as_tensor(np.asarray(displacement) if not isinstance(displacement, Tensor) else displacement)
-    if d.dim() != 5 or d.shape[1] != 2 or d.shape[2] < 2:
-        raise ValueError(f"displacement must be (N, 2, T, H, W) with T >= 2, got {tuple(d.shape)}")
-    motion = (d[:, :, 1:] - d[:, :, :-1]).double()
-    g = coupling_map(motion).flatten(1)
-    moving = motion.pow(2).sum(dim=(1, 2)).flatten(1) > _STILL
-    q = torch.tensor(quantiles, dtype=torch.float64)
-    rows = [torch.quantile(gi[mi], q) if bool(mi.any()) else torch.zeros_like(q) for gi, mi in zip(g, moving)]
-    return torch.stack(rows).numpy()
+    motion = displacement_motion(displacement)
+    return coupling_percentiles(motion, coupling_map(motion), quantiles)
 
 
 def clip_motion_features(clips: Tensor | np.ndarray, grid: int = 4) -> np.ndarray:
