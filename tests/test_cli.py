@@ -25,6 +25,16 @@ def test_help_lists_commands() -> None:
         assert cmd in r.stdout
 
 
+def test_study_help_names_every_study() -> None:
+    from endodistill.experiment.study_plan import STUDIES
+
+    r = _run("study", "--help")
+    assert r.returncode == 0
+    text = " ".join(r.stdout.split())  # rich wraps the help over lines and boxes
+    names = set(re.findall(r"[a-z_]+", text.split("Arguments")[1].split("Options")[0]))
+    assert set(STUDIES) <= names, set(STUDIES) - names
+
+
 def test_bad_config_is_one_line_exit_2(tmp_path: Path) -> None:
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("finetune:\n  epochz: 3\n")

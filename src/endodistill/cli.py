@@ -254,7 +254,10 @@ def run(
 
 @app.command()
 def study(
-    name: Annotated[str, typer.Argument(help="alpha, mask_ratio, kd_controls, pairing, pool or grid.")],
+    # The names as a literal: importing experiment.study_plan here would load pydantic for every command.
+    name: Annotated[
+        str, typer.Argument(help="alpha, mask_ratio, kd_controls, pairing, pool, labels or grid.")
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Study directory.")],
     config: ConfigOpt = "demo",
     set_: SetOpt = None,
