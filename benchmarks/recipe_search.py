@@ -7,12 +7,13 @@ mean-of-tokens probe on ``mae.probe_draws`` untrained encoders from their own se
 as many inner-CV seeds: how much the untrained reference varies); the JSON
 holds ``--set``-style overrides of the demo preset (``"_pool": N`` pre-trains on the first N unlabelled
 volumes, ``"_labels": N`` trains each fold on N of its labelled training cases, stratified, the same for both
-methods, ``"_fitseeds": K`` averages K training seeds per fold, ``"_maeseed": K`` pre-trains from another seed). Each cohort is a synthetic cohort directory (``endodistill synth --seed 10 ...``): choose on seeds
+methods, ``"_fitseeds": K`` averages K training seeds per fold, ``"_maeseed": K`` pre-trains from another seed, ``"_tta": V`` also scores test-time views, ``"_ema"`` an average of the weights: see below). Each cohort is a synthetic cohort directory (``endodistill synth --seed 10 ...``): choose on seeds
 you do not report. It uses the package's own networks, augmentation, optimiser groups and schedule in a
 plain loop (no Lightning, no KD: the task-loss methods only), the run's split rule, and prints pooled
 out-of-fold AUCs per cohort and their mean. This is how the numbers in configs/demo.yaml were measured.
 """
 
+import itertools
 import json
 import sys
 import time
@@ -34,6 +35,7 @@ from endodistill.train.optim import adamw, param_groups, warmup_cosine
 from endodistill.train.pretrain import augment_volumes
 
 torch.set_num_threads(1)
+AVERAGE = None
 
 
 def load(cohort):
@@ -130,6 +132,16 @@ def fit_student(cfg, x, y, seed, enc_state=None, ls=0.0):
     yt = torch.from_numpy(y)
     losses = []
     net.train()
+    # "_ema": an average of the weights along the fit is what is scored (torch.optim.swa_utils): a decay
+    # in (0, 1) for an exponential moving average of every step, or "swa" for the plain mean of the steps
+    # of the second half of the epochs.
+    avg = None
+    if AVERAGE == "swa":
+        avg = torch.optim.swa_utils.AveragedModel(net)
+    elif AVERAGE:
+        avg = torch.optim.swa_utils.AveragedModel(
+            net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(float(AVERAGE))
+        )
     for _epoch in range(f.epochs):
         perm = rng.permutation(n)
         el = 0
@@ -141,8 +153,12 @@ def fit_student(cfg, x, y, seed, enc_state=None, ls=0.0):
             loss.backward()
             opt.step()
             sched.step()
+            if avg is not None and (AVERAGE != "swa" or _epoch >= f.epochs // 2):
+                avg.update_parameters(net)
             el += float(loss.detach()) * len(idx)
         losses.append(el / n)
+    if avg is not None:
+        net = avg.module
     net.eval()
     return net, losses
 
@@ -161,24 +177,43 @@ def label_subset(y, tr, n, seed):
     return keep
 
 
-def cv_cnn3d(cfg, D, fitseed=0):
+def tta_views(x, t):
+    """Test-time views of ``x``: ``x`` itself first, then every shift by ``-t``, 0 or ``t`` voxels per axis
+    (edge-replicated, as training translates), each with and without the left-right flip: 54 views for
+    ``t`` > 0; ``t`` 0: ``x`` alone."""
+    if not t:
+        return [x]
+    xp = torch.nn.functional.pad(x, (t,) * 6, mode="replicate")
+    sx, sy, sz = x.shape[2:]
+    offsets = [(0, 0, 0)] + [o for o in itertools.product((-t, 0, t), repeat=3) if o != (0, 0, 0)]
+    views = []
+    for i, j, m in offsets:
+        v = xp[:, :, t + i : t + i + sx, t + j : t + j + sy, t + m : t + m + sz]
+        views += [v, v.flip(2)]
+    return views
+
+
+def cv_cnn3d(cfg, D, fitseed=0, tta=0):
     """The cnn3d baseline (the package's train_cnn3d) on the cohort's folds: pooled out-of-fold AUC."""
     from endodistill.train.baselines import train_cnn3d
 
     x = torch.from_numpy(D["x"])
     y = D["y"]
-    oof = np.zeros(len(y))
+    oof, oof_t = np.zeros(len(y)), np.zeros(len(y))
     for f in range(5):
         tr, te = D["folds"] != f, D["folds"] == f
-        oof[te] = train_cnn3d(cfg, x[tr], y[tr], x[te], fitseed * 100 + f)[:, 1]
-    return roc_auc_score(y, oof)
+        views = tta_views(x[te], tta)
+        p = train_cnn3d(cfg, x[tr], y[tr], torch.cat(views), fitseed * 100 + f)[:, 1]
+        p = p.reshape(len(views), -1)
+        oof[te], oof_t[te] = p[0], p.mean(0)  # views[0] is x itself
+    return roc_auc_score(y, oof), roc_auc_score(y, oof_t)
 
 
-def cv(cfg, D, fitseed=0, enc_state=None, ls=0.0, n_labels=None):
+def cv(cfg, D, fitseed=0, enc_state=None, ls=0.0, n_labels=None, tta=0):
     x = torch.from_numpy(D["x"])
     y = D["y"]
     folds = D["folds"]
-    oof = np.zeros(len(y))
+    oof, oof_t = np.zeros(len(y)), np.zeros(len(y))
     t = time.time()
     L = []
     for f in range(5):
@@ -186,8 +221,12 @@ def cv(cfg, D, fitseed=0, enc_state=None, ls=0.0, n_labels=None):
         net, losses = fit_student(cfg, x[tr], y[tr], fitseed * 100 + f, enc_state, ls)
         with torch.no_grad():
             oof[te] = net(x[te]).softmax(1)[:, 1].numpy()
+            if tta:
+                views = tta_views(x[te], tta)
+                oof_t[te] = np.mean([net(v).softmax(1)[:, 1].numpy() for v in views], axis=0)
         L.append(losses[-1])
-    return roc_auc_score(y, oof), (time.time() - t) / 5, float(np.mean(L))
+    auc_t = roc_auc_score(y, oof_t) if tta else None
+    return roc_auc_score(y, oof), (time.time() - t) / 5, float(np.mean(L)), auc_t
 
 
 def untrained_spread(cfg, D, seed):
@@ -227,6 +266,10 @@ if __name__ == "__main__":
     translate = over.pop("_translate", 0)
     # "_maeseed": K pre-trains (and draws the untrained encoder) from another seed: MAE-to-MAE noise.
     mae_seed = 1000 + 7919 * int(over.pop("_maeseed", 0))
+    # "_tta": V also scores every fit on the mean of 54 test views (with and without the left-right flip,
+    # shifted by -V, 0 or V voxels per axis), beside the plain score of the same fits.
+    tta = int(over.pop("_tta", 0))
+    AVERAGE = over.pop("_ema", None)
     if translate:
         over.update({"mae.translate": translate, "finetune.translate": translate})
     cfg = cfg_of(over)
@@ -252,15 +295,22 @@ if __name__ == "__main__":
         if what == "draws":
             r.update(untrained_spread(cfg, D, mae_seed + D["seed"]))
         if what == "cnn3d":
-            r["cnn3d"] = round(float(np.mean([cv_cnn3d(cfg, D, k) for k in range(n_fitseeds)])), 3)
+            res = [cv_cnn3d(cfg, D, k, tta) for k in range(n_fitseeds)]
+            r["cnn3d"] = round(float(np.mean([q[0] for q in res])), 3)
+            if tta:
+                r["cnn3d_tta"] = round(float(np.mean([q[1] for q in res])), 3)
         if what in ("scratch", "both"):
-            res = [cv(cfg, D, k, n_labels=n_labels) for k in range(n_fitseeds)]
+            res = [cv(cfg, D, k, n_labels=n_labels, tta=tta) for k in range(n_fitseeds)]
             r["scratch"] = round(float(np.mean([q[0] for q in res])), 3)
+            if tta:
+                r["scratch_tta"] = round(float(np.mean([q[3] for q in res])), 3)
             r["s_per_fit"] = round(float(np.mean([q[1] for q in res])), 1)
             r["s_loss"] = round(float(np.mean([q[2] for q in res])), 3)
         if what in ("mae", "both"):
-            res = [cv(cfg, D, k, enc_state=enc, n_labels=n_labels) for k in range(n_fitseeds)]
+            res = [cv(cfg, D, k, enc_state=enc, n_labels=n_labels, tta=tta) for k in range(n_fitseeds)]
             r["mae_ce"] = round(float(np.mean([q[0] for q in res])), 3)
+            if tta:
+                r["mae_ce_tta"] = round(float(np.mean([q[3] for q in res])), 3)
             r["m_loss"] = round(float(np.mean([q[2] for q in res])), 3)
         if what == "both":
             r["gain"] = round(r["mae_ce"] - r["scratch"], 3)
@@ -275,6 +325,10 @@ if __name__ == "__main__":
         over["_labels"] = n_labels
     if n_fitseeds != 1:
         over["_fitseeds"] = n_fitseeds
+    if tta:
+        over["_tta"] = tta
+    if AVERAGE:
+        over["_ema"] = AVERAGE
     print(
         json.dumps(over),
         what,

@@ -7,7 +7,8 @@ directory (``endodistill synth --preset demo --seed 10 --out ...``): choose on s
 It reads only the TVUS rows (through the package's cache, so flow fields are computed and timed as in a run),
 calls the package's own :func:`endodistill.train.teacher.train_teacher` (the demo's folds, fits, clip
 baseline) and prints per cohort the teacher's pooled out-of-fold AUC, the clip baseline's, the time to
-preprocess the clips (cold cache) and the teacher stage's wall time, then the mean AUC.
+preprocess the clips (cold cache) and the teacher stage's wall time, both AUCs in thirds of the clips by
+probe pressure, then the mean AUC.
 """
 
 import json
@@ -70,6 +71,34 @@ def first_clips(data: CohortData, n: int) -> CohortData:
     )
 
 
+def by_pressure(run: Path, cohort: str) -> str:
+    """The teacher's and the clip baseline's out-of-fold AUCs in thirds of the clips by the generator's probe
+    pressure (``latents.csv``): whether the teacher loses to its baseline on the weak manoeuvres."""
+    import csv
+
+    from sklearn.metrics import roc_auc_score
+
+    def rows(path: Path) -> dict[str, dict[str, str]]:
+        with open(path, newline="") as fh:
+            return {r["subject_id"]: r for r in csv.DictReader(fh)}
+
+    lat = {k: r for k, r in rows(Path(cohort, "latents.csv")).items() if r["modality"] == "tvus"}
+    t = rows(next(run.rglob("predictions.csv")))
+    b = rows(next(run.rglob("clip_baseline_predictions.csv")))
+    ids = sorted(t)
+    y = np.array([int(t[i]["label"]) for i in ids])
+    pt = np.array([float(t[i]["prob"]) for i in ids])
+    pb = np.array([float(b[i]["prob"]) for i in ids])
+    pr = np.array([float(lat[i]["pressure_mm"]) for i in ids])
+    out = []
+    for part in np.array_split(np.argsort(pr, kind="stable"), 3):
+        out.append(
+            f"{pr[part].min():.1f}-{pr[part].max():.1f} mm teacher {roc_auc_score(y[part], pt[part]):.3f} "
+            f"baseline {roc_auc_score(y[part], pb[part]):.3f}"
+        )
+    return "; ".join(out)
+
+
 def main(overrides: dict, cohorts: list[str]) -> None:
     # "_clips": N trains and scores on the first N clips of each cohort (generate cohorts with more clips
     # than the demo's 120 to see whether the clip count limits the teacher).
@@ -87,6 +116,7 @@ def main(overrides: dict, cohorts: list[str]) -> None:
             t0 = time.perf_counter()
             m = train_teacher(cfg, data, Path(tmp) / "run", echo=lambda s: None)
             t_fit = time.perf_counter() - t0
+            thirds = by_pressure(Path(tmp) / "run", cohort)
         base = m.get("clip_baseline", {}).get("auc")
         rows.append((m["cv_auc"], base))
         print(
@@ -94,6 +124,7 @@ def main(overrides: dict, cohorts: list[str]) -> None:
             f"clip_baseline {base:.3f} preprocess {t_pre:.1f} s teacher {t_fit:.1f} s",
             flush=True,
         )
+        print(f"  by probe pressure, weakest third first: {thirds}", flush=True)
     a = np.array(rows, dtype=float)
     if n_clips:
         overrides["_clips"] = n_clips
