@@ -2,7 +2,8 @@
 
 Run: ``.venv/bin/python -m benchmarks.teacher_search '{"teacher.motion": "flow"}' COHORT_DIR[,COHORT_DIR...]``
 where the JSON holds ``--set``-style overrides of the demo preset (``"_clips": N``: only the cohort's first N
-clips, for the clip-count curve) and each cohort is a synthetic cohort
+clips, for the clip-count curve; ``"_rank": K``: the teacher on its flow's rank-K reconstruction) and each
+cohort is a synthetic cohort
 directory (``endodistill synth --preset demo --seed 10 --out ...``): choose on seeds you do not report.
 It reads only the TVUS rows (through the package's cache, so flow fields are computed and timed as in a run),
 calls the package's own :func:`endodistill.train.teacher.train_teacher` (the demo's folds, fits, clip
@@ -99,10 +100,40 @@ def by_pressure(run: Path, cohort: str) -> str:
     return "; ".join(out)
 
 
+def use_low_rank_flow(k: int) -> None:
+    """Train and score the teacher on a rank-``k`` reconstruction of its input (each clip's pixels x (2 T)
+    motion trajectories, truncated SVD, back to unit RMS): the flow denoised to its ``k`` main motions. Patches
+    the function where it is defined (the deployable teacher that scores held-out clips imports it on use) and
+    where the training module holds it; an experiment of this script, not a package option."""
+    import endodistill.models.teacher as mt
+    import endodistill.train.teacher as tt
+
+    plain = mt.normalise_clips
+
+    def low_rank(x: torch.Tensor, cfg) -> torch.Tensor:
+        x = plain(x, cfg)
+        b, c, t, h, w = x.shape
+        m = x.permute(0, 3, 4, 1, 2).reshape(b, h * w, c * t)
+        u, s, vh = torch.linalg.svd(m, full_matrices=False)
+        x = (
+            ((u[..., :k] * s[:, None, :k]) @ vh[:, :k])
+            .reshape(b, h, w, c, t)
+            .permute(0, 3, 4, 1, 2)
+            .contiguous()
+        )
+        return x / x.pow(2).mean(dim=(1, 2, 3, 4), keepdim=True).sqrt().clamp_min(1e-6)
+
+    mt.normalise_clips = tt.normalise_clips = low_rank
+
+
 def main(overrides: dict, cohorts: list[str]) -> None:
     # "_clips": N trains and scores on the first N clips of each cohort (generate cohorts with more clips
     # than the demo's 120 to see whether the clip count limits the teacher).
     n_clips = overrides.pop("_clips", None)
+    # "_rank": K trains and scores the teacher on the rank-K reconstruction of its flow (use_low_rank_flow).
+    rank = overrides.pop("_rank", None)
+    if rank:
+        use_low_rank_flow(int(rank))
     cfg = load_config("demo", [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
     configure_torch(cfg)
     rows = []
@@ -128,6 +159,8 @@ def main(overrides: dict, cohorts: list[str]) -> None:
     a = np.array(rows, dtype=float)
     if n_clips:
         overrides["_clips"] = n_clips
+    if rank:
+        overrides["_rank"] = rank
     print(
         f"{json.dumps(overrides)} mean teacher {a[:, 0].mean():.3f} baseline {a[:, 1].mean():.3f}", flush=True
     )
