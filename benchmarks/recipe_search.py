@@ -7,7 +7,7 @@ mean-of-tokens probe on ``mae.probe_draws`` untrained encoders from their own se
 as many inner-CV seeds: how much the untrained reference varies); the JSON
 holds ``--set``-style overrides of the demo preset (``"_pool": N`` pre-trains on the first N unlabelled
 volumes, ``"_labels": N`` trains each fold on N of its labelled training cases, stratified, the same for both
-methods, ``"_fitseeds": K`` averages K training seeds per fold, ``"_maeseed": K`` pre-trains from another seed, ``"_tta": V`` also scores test-time views, ``"_ema"`` an average of the weights: see below). Each cohort is a synthetic cohort directory (``endodistill synth --seed 10 ...``): choose on seeds
+methods, ``"_fitseeds": K`` averages K training seeds per fold, ``"_maeseed": K`` pre-trains from another seed, ``"_tta": V`` also scores test-time views, ``"_ema"`` an average of the weights, ``"_keep": R`` PatchDropout: see below). Each cohort is a synthetic cohort directory (``endodistill synth --seed 10 ...``): choose on seeds
 you do not report. It uses the package's own networks, augmentation, optimiser groups and schedule in a
 plain loop (no Lightning, no KD: the task-loss methods only), the run's split rule, and prints pooled
 out-of-fold AUCs per cohort and their mean. This is how the numbers in configs/demo.yaml were measured.
@@ -36,6 +36,7 @@ from endodistill.train.pretrain import augment_volumes
 
 torch.set_num_threads(1)
 AVERAGE = None
+KEEP = None
 
 
 def load(cohort):
@@ -116,6 +117,23 @@ def probe(fx, y, folds):
     return roc_auc_score(y, oof)
 
 
+def forward_keep(net, x, keep):
+    """Training logits of a flat-head student that sees a random ``keep`` share of its patch tokens
+    (PatchDropout, Liu et al. 2022): the dropped tokens skip the blocks and reach the head as zeros, the kept
+    ones scaled by ``1 / keep`` as in inverted dropout, so the head sees every token position at test time
+    (the plain forward) at the same scale. Draws from torch's global RNG, seeded per fit."""
+    t = net.patch_embedding(x)
+    b, n, d = t.shape
+    k = max(1, round(keep * n))
+    idx = torch.rand(b, n).argsort(1)[:, :k, None].expand(-1, -1, d)
+    h = torch.cat((net.cls_token.expand(b, -1, -1), t.gather(1, idx)), 1)
+    for blk in net.blocks:
+        h = blk(h)
+    h = net.norm(h)
+    out = torch.zeros(b, n, d, dtype=h.dtype).scatter(1, idx, h[:, 1:] * (n / k))
+    return net.classification_head(out.flatten(1))
+
+
 def fit_student(cfg, x, y, seed, enc_state=None, ls=0.0):
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -148,7 +166,8 @@ def fit_student(cfg, x, y, seed, enc_state=None, ls=0.0):
         for i in range(0, n, bs):
             idx = torch.from_numpy(perm[i : i + bs])
             xb = augment_volumes(x[idx], rng, f.translate)
-            loss = F.cross_entropy(net(xb), yt[idx], weight=cw, label_smoothing=ls)
+            logits = net(xb) if KEEP is None else forward_keep(net, xb, KEEP)
+            loss = F.cross_entropy(logits, yt[idx], weight=cw, label_smoothing=ls)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -270,6 +289,8 @@ if __name__ == "__main__":
     # shifted by -V, 0 or V voxels per axis), beside the plain score of the same fits.
     tta = int(over.pop("_tta", 0))
     AVERAGE = over.pop("_ema", None)
+    # "_keep": R trains every student on a random share R of its patch tokens (forward_keep).
+    KEEP = over.pop("_keep", None)
     if translate:
         over.update({"mae.translate": translate, "finetune.translate": translate})
     cfg = cfg_of(over)
@@ -329,6 +350,8 @@ if __name__ == "__main__":
         over["_tta"] = tta
     if AVERAGE:
         over["_ema"] = AVERAGE
+    if KEEP:
+        over["_keep"] = KEEP
     print(
         json.dumps(over),
         what,
