@@ -239,10 +239,8 @@ def cv(cfg, D, fitseed=0, enc_state=None, ls=0.0, n_labels=None, tta=0):
         tr, te = label_subset(y, folds != f, n_labels, 7 + f), folds == f
         net, losses = fit_student(cfg, x[tr], y[tr], fitseed * 100 + f, enc_state, ls)
         with torch.no_grad():
-            oof[te] = net(x[te]).softmax(1)[:, 1].numpy()
-            if tta:
-                views = tta_views(x[te], tta)
-                oof_t[te] = np.mean([net(v).softmax(1)[:, 1].numpy() for v in views], axis=0)
+            p = [net(v).softmax(1)[:, 1].numpy() for v in tta_views(x[te], tta)]
+        oof[te], oof_t[te] = p[0], np.mean(p, axis=0)  # views[0] is x itself
         L.append(losses[-1])
     auc_t = roc_auc_score(y, oof_t) if tta else None
     return roc_auc_score(y, oof), (time.time() - t) / 5, float(np.mean(L)), auc_t

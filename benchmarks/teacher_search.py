@@ -79,18 +79,16 @@ def by_pressure(run: Path, cohort: str) -> str:
 
     from sklearn.metrics import roc_auc_score
 
-    def rows(path: Path) -> dict[str, dict[str, str]]:
-        with open(path, newline="") as fh:
-            return {r["subject_id"]: r for r in csv.DictReader(fh)}
+    from endodistill.train.finetune import read_predictions
 
-    lat = {k: r for k, r in rows(Path(cohort, "latents.csv")).items() if r["modality"] == "tvus"}
-    t = rows(next(run.rglob("predictions.csv")))
-    b = rows(next(run.rglob("clip_baseline_predictions.csv")))
-    ids = sorted(t)
-    y = np.array([int(t[i]["label"]) for i in ids])
-    pt = np.array([float(t[i]["prob"]) for i in ids])
-    pb = np.array([float(b[i]["prob"]) for i in ids])
-    pr = np.array([float(lat[i]["pressure_mm"]) for i in ids])
+    with open(Path(cohort, "latents.csv"), newline="") as fh:
+        pressure = {
+            r["subject_id"]: float(r["pressure_mm"]) for r in csv.DictReader(fh) if r["modality"] == "tvus"
+        }
+    ids, y, pt = read_predictions(next(run.rglob("predictions.csv")))
+    b_ids, _, pb = read_predictions(next(run.rglob("clip_baseline_predictions.csv")))
+    pt, pb = pt[:, 1], pb[:, 1][[b_ids.index(i) for i in ids]]
+    pr = np.array([pressure[i] for i in ids])
     out = []
     for part in np.array_split(np.argsort(pr, kind="stable"), 3):
         out.append(
