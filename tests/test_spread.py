@@ -184,6 +184,40 @@ def test_barriers_abort_and_heartbeat_in_one_process() -> None:
         alive.wait("fits")
 
 
+@pytest.mark.timeout(30)
+def test_sigterm_while_acknowledging_an_abort_stops_with_the_line() -> None:
+    # The failing rank exits once acknowledged, and torchrun then SIGTERMs the rest of the node: a rank in
+    # its short wait after the acknowledgement must still leave with its own error, not die without a line.
+    import os
+    import signal
+    import threading
+    import time
+
+    from torch.distributed import HashStore
+
+    store = HashStore()
+    rank0 = Spread(store, 0, 2, poll_s=0.01, heartbeat_s=0, grace_s=5.0)
+    rank1 = Spread(store, 1, 2, poll_s=0.01, heartbeat_s=0, grace_s=0)
+    with pytest.raises(InputError), rank1:
+        raise InputError("encoder.safetensors", "weights file not found")
+    late: list[int] = []
+
+    def record(signum: int, frame: object) -> None:  # a signal outside the wait must not kill pytest
+        late.append(signum)
+
+    original = signal.signal(signal.SIGTERM, record)
+    try:
+        threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        t0 = time.monotonic()
+        with pytest.raises(SpreadError, match=r"^stopping: rank 1 failed: encoder.safetensors"):
+            rank0.check_abort()
+        assert time.monotonic() - t0 < 0.9  # the signal cut the 1 s wait short
+        assert store.check(["ack/0"]) and not late
+        assert signal.getsignal(signal.SIGTERM) is record  # the handler before the wait is back
+    finally:
+        signal.signal(signal.SIGTERM, original)
+
+
 def test_spread_config_checks(monkeypatch: pytest.MonkeyPatch) -> None:
     ddp = load_config("tiny", {"trainer": {"spread_fits": True, "devices": 2, "strategy": "ddp"}})
     with pytest.raises(ConfigError, match=r"trainer\.spread_fits: .*trainer\.devices=2"):

@@ -27,13 +27,15 @@ import io
 import json
 import logging
 import os
+import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from types import TracebackType
+from types import FrameType, TracebackType
 from typing import Any, TypeVar
 
 import torch
@@ -91,6 +93,23 @@ def one_line(e: BaseException) -> str:
         return "interrupted"
     text = str(e) if isinstance(e, EndodistillError) else f"unexpected {type(e).__name__}: {e}"
     return " ".join(text.split())[:500]
+
+
+@contextmanager
+def _raise_on_sigterm(err: BaseException) -> Iterator[None]:
+    """Within the block, SIGTERM raises ``err`` in the main thread (elsewhere the block runs unchanged)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise err
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class Spread:
@@ -187,10 +206,14 @@ class Spread:
             return
         who, _, msg = self.get("abort").partition("\t")
         self.set(f"ack/{self.rank}", "1")
+        err = SpreadError(f"stopping: rank {who} failed: {msg}")
         # The failing rank prints its own error once acknowledged; if this process ended first, torchrun
-        # would stop that one before it says why (SIGTERM to the rest of the node).
-        time.sleep(min(1.0, self.grace_s))
-        raise SpreadError(f"stopping: rank {who} failed: {msg}")
+        # would stop that one before it says why (SIGTERM to the rest of the node). When that rank exits
+        # first instead, torchrun's SIGTERM reaches this one during the wait: it then stops with its own
+        # line at once rather than dying without one.
+        with _raise_on_sigterm(err):
+            time.sleep(min(1.0, self.grace_s))
+        raise err
 
     def abort(self, message: str, grace: bool = True) -> None:
         """Tell every rank that this one failed (the first failure wins), then give the waiters a moment.
