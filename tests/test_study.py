@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from endodistill.config import load_config
+from endodistill.data.synthetic.cohort import plan_cohort
 from endodistill.errors import ConfigError, InputError
 from endodistill.experiment.study import parse_shard, plan_study, run_study, run_study_shard
 from endodistill.train.pairing import control_targets, label_matched_pairs, noisy_partners
@@ -76,6 +77,19 @@ def test_plans_of_the_built_in_studies() -> None:
     with pytest.raises(ConfigError, match="--vary"):
         plan_study("grid", cfg)
 
+
+
+def test_pairing_study_caps_the_clips_at_the_labelled_volumes_so_full_pairing_exists() -> None:
+    # The paper preset has 300 clips and 200 labelled volumes: 300 paired clips cannot exist.
+    cfg = load_config("paper")
+    plan = plan_study("pairing", cfg)
+    assert {s.overrides["data"]["synth"]["n_tvus"] for s in plan.settings} == {200}
+    full = plan.settings[-1].overrides["data"]["synth"]
+    cohort = plan_cohort("paper", paired_fraction=full["paired_fraction"], n_tvus=full["n_tvus"])
+    clips = [p for p in cohort if p.modality == "tvus"]
+    assert len(clips) == 200 and all(p.subject_id.startswith("L") for p in clips)
+    with pytest.raises(InputError, match="paired_fraction"):
+        plan_cohort("paper", paired_fraction=1.0)
 
 def test_control_targets_are_what_they_claim() -> None:
     rng = np.random.default_rng(0)

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from endodistill.config import Config, MethodConfig
+from endodistill.data.synthetic.presets import get_preset
 from endodistill.errors import ConfigError
 
 STUDIES = ("alpha", "mask_ratio", "kd_controls", "pairing", "pool", "labels", "grid")
@@ -77,6 +78,20 @@ def _upd(m: MethodConfig, **kw: Any) -> MethodConfig:
 
 def _num(v: float) -> str:
     return f"{v:g}"
+
+
+def _pairable_clips(cfg: Config) -> dict[str, Any]:
+    """A synthetic cohort's clip count capped at its labelled MRI count (``{}`` when already within it).
+
+    Every clip of a fully paired cohort belongs to a labelled MRI subject, so a preset with more clips than
+    labelled volumes (the paper's: 300 against 200) cannot be paired at 1.0; the pairing study then gives
+    every one of its settings that many clips, so they differ only in what they vary.
+    """
+    s = cfg.data.synth
+    pre = get_preset(s.preset)
+    n_l = pre.n_mri_labelled if s.n_mri_labelled is None else s.n_mri_labelled
+    n_t = pre.n_tvus if s.n_tvus is None else s.n_tvus
+    return {"n_tvus": n_l} if n_t > n_l else {}
 
 
 def _parse_value(text: str) -> Any:
@@ -173,7 +188,7 @@ def plan_study(name: str, cfg: Config, vary: Sequence[str] = ()) -> StudyPlan:
     if name == "pairing":
         # Every setting on a cohort with the planted severity (PAIRING_COUPLING): a paired subject's clip
         # then says how severe its MRI case is, which no label-matched clip can.
-        planted = {"severity_coupling": PAIRING_COUPLING}
+        planted = {"severity_coupling": PAIRING_COUPLING, **_pairable_clips(cfg)}
         settings = [
             Setting(
                 f"noise_{_num(f)}",
