@@ -7,7 +7,7 @@ mean-of-tokens probe on ``mae.probe_draws`` untrained encoders from their own se
 as many inner-CV seeds: how much the untrained reference varies); the JSON
 holds ``--set``-style overrides of the demo preset (``"_pool": N`` pre-trains on the first N unlabelled
 volumes, ``"_labels": N`` trains each fold on N of its labelled training cases, stratified, the same for both
-methods, ``"_fitseeds": K`` averages K training seeds per fold, ``"_maeseed": K`` pre-trains from another seed, ``"_tta": V`` also scores test-time views, ``"_ema"`` an average of the weights, ``"_keep": R`` PatchDropout: see below). Each cohort is a synthetic cohort directory (``endodistill synth --seed 10 ...``): choose on seeds
+methods, ``"_fitseeds": K`` averages K training seeds per fold, ``"_maeseed": K`` pre-trains from another seed, ``"_tta": V`` also scores test-time views, ``"_ema"`` an average of the weights, ``"_keep": R`` PatchDropout, ``"_lp": E`` the encoder frozen for the first E epochs: see below). Each cohort is a synthetic cohort directory (``endodistill synth --seed 10 ...``): choose on seeds
 you do not report. It uses the package's own networks, augmentation, optimiser groups and schedule in a
 plain loop (no Lightning, no KD: the task-loss methods only), the run's split rule, and prints pooled
 out-of-fold AUCs per cohort and their mean. This is how the numbers in configs/demo.yaml were measured.
@@ -37,6 +37,7 @@ from endodistill.train.pretrain import augment_volumes
 torch.set_num_threads(1)
 AVERAGE = None
 KEEP = None
+LP_EPOCHS = 0
 
 
 def load(cohort):
@@ -170,6 +171,13 @@ def fit_student(cfg, x, y, seed, enc_state=None, ls=0.0):
             loss = F.cross_entropy(logits, yt[idx], weight=cw, label_smoothing=ls)
             opt.zero_grad()
             loss.backward()
+            if _epoch < LP_EPOCHS:
+                # "_lp": linear probing, then fine-tuning (Kumar et al. 2022): the encoder (every group below
+                # the head's learning rate) holds still for the first epochs while the head fits its features;
+                # the scheduler resets the rates at its next step.
+                for g in opt.param_groups:
+                    if g.get("lr_scale", 1.0) < 1.0:
+                        g["lr"] = 0.0
             opt.step()
             sched.step()
             if avg is not None and (AVERAGE != "swa" or _epoch >= f.epochs // 2):
@@ -289,6 +297,8 @@ if __name__ == "__main__":
     AVERAGE = over.pop("_ema", None)
     # "_keep": R trains every student on a random share R of its patch tokens (forward_keep).
     KEEP = over.pop("_keep", None)
+    # "_lp": E holds the encoder still for the first E fine-tuning epochs (needs finetune.layer_decay < 1).
+    LP_EPOCHS = int(over.pop("_lp", 0))
     if translate:
         over.update({"mae.translate": translate, "finetune.translate": translate})
     cfg = cfg_of(over)
@@ -350,6 +360,8 @@ if __name__ == "__main__":
         over["_ema"] = AVERAGE
     if KEEP:
         over["_keep"] = KEEP
+    if LP_EPOCHS:
+        over["_lp"] = LP_EPOCHS
     print(
         json.dumps(over),
         what,

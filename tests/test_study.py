@@ -78,7 +78,6 @@ def test_plans_of_the_built_in_studies() -> None:
         plan_study("grid", cfg)
 
 
-
 def test_pairing_study_caps_the_clips_at_the_labelled_volumes_so_full_pairing_exists() -> None:
     # The paper preset has 300 clips and 200 labelled volumes: 300 paired clips cannot exist.
     cfg = load_config("paper")
@@ -90,6 +89,7 @@ def test_pairing_study_caps_the_clips_at_the_labelled_volumes_so_full_pairing_ex
     assert len(clips) == 200 and all(p.subject_id.startswith("L") for p in clips)
     with pytest.raises(InputError, match="paired_fraction"):
         plan_cohort("paper", paired_fraction=1.0)
+
 
 def test_control_targets_are_what_they_claim() -> None:
     rng = np.random.default_rng(0)
