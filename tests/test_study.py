@@ -45,10 +45,11 @@ def test_plans_of_the_built_in_studies() -> None:
     assert kd.settings[-1].overrides == {"teacher": {"shuffle_labels": True}}
     pairing = plan_study("pairing", cfg)
     assert [s.method.pairing_noise for s in pairing.settings[:3]] == [0.0, 0.1, 0.3]
+    # The demo's 240 clips are capped at its 200 labelled volumes in every setting (full pairing exists).
     assert pairing.settings[-1].overrides == {
-        "data": {"synth": {"severity_coupling": 0.5, "paired_fraction": 1.0}}
+        "data": {"synth": {"severity_coupling": 0.5, "n_tvus": 200, "paired_fraction": 1.0}}
     }
-    assert pairing.settings[0].overrides == {"data": {"synth": {"severity_coupling": 0.5}}}
+    assert pairing.settings[0].overrides == {"data": {"synth": {"severity_coupling": 0.5, "n_tvus": 200}}}
     assert pairing.settings[-1].method.pairing == "paired"
     pool = plan_study("pool", cfg)
     assert pool.reference == "pool_1" and pool.settings[-1].overrides == {
