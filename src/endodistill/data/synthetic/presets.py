@@ -128,7 +128,7 @@ PRESETS: dict[str, Preset] = {
     # linear probe on the 4 mm model input stayed near 0.64 AUC, with 200 it reaches about 0.70.
     # 240 clips: with 120 the teacher was short of data, not of capacity or steps (session 13, the first N
     # clips of 360-clip cohorts, benchmarks/teacher_search.py "_clips"; seeds 10-12, then 13 / 14): teacher
-    # 0.930 at 120, 0.932 at 180, 0.941 at 200, 0.951 at 240, 0.950 at 360, its clip baseline 0.949-0.959
+    # 0.930 at 120, 0.932 at 180, 0.941 at 200, 0.951 at 240, 0.950 at 360, its clip baseline 0.953-0.963
     # throughout; over the five cohorts teacher minus baseline -0.050 at 120, -0.008 at 240. The MRI side is
     # drawn from its own streams, so it does not change with the clip count.
     "demo": Preset(
